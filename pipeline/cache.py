@@ -1,0 +1,103 @@
+"""The content-addressed cache: keys, manifests, validation.
+
+An entry is a directory `<cache_dir>/<kind>/<key>/` of data files plus `manifest.json`, written last.
+The manifest names the key, the inputs that made it, the row count and a size and checksum per file.
+An entry is valid only if its manifest parses, names the expected key and every file matches; anything
+else is refused with a message saying what is wrong, never used and never silently rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import CacheError
+
+MANIFEST = "manifest.json"
+
+
+def cache_key(**parts: Any) -> str:
+    """A stable hash of named parts (JSON-serialisable)."""
+    blob = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.blake2b(blob, digest_size=16).hexdigest()
+
+
+def entry_dir(cache_dir: str | os.PathLike, kind: str, key: str) -> Path:
+    return Path(cache_dir).expanduser() / kind / key
+
+
+def file_checksum(path: Path) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def describe_files(directory: Path, names: list[str]) -> dict[str, dict[str, Any]]:
+    return {n: {"bytes": (directory / n).stat().st_size, "blake2b": file_checksum(directory / n)} for n in names}
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """Write JSON via a temporary file and rename, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(payload, fh, indent=2, sort_keys=True, default=str)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_manifest(directory: Path, key: str, kind: str, files: list[str], rows: int, **info: Any) -> dict:
+    """Checksum the data files and write the manifest last: from here on the entry is valid."""
+    manifest = {
+        "key": key,
+        "kind": kind,
+        "rows": rows,
+        "files": describe_files(directory, files),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **info,
+    }
+    write_json_atomic(directory / MANIFEST, manifest)
+    return manifest
+
+
+def read_valid_manifest(directory: Path, key: str, produce_hint: str) -> dict:
+    """The manifest of a valid entry, or CacheError saying what is wrong and what to do."""
+    path = directory / MANIFEST
+    if not directory.exists():
+        raise CacheError(f"no cache entry at {directory}. {produce_hint}")
+    if not path.is_file():
+        raise CacheError(f"cache entry {directory} is incomplete (no {MANIFEST}: it was interrupted before it "
+                         f"finished). {produce_hint}")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise CacheError(f"cache entry {directory}: {MANIFEST} is unreadable ({e}); the entry is corrupt. "
+                         "Delete the directory or rerun with --force.") from None
+    if manifest.get("key") != key:
+        raise CacheError(f"cache entry {directory}: manifest key {manifest.get('key')!r} does not match the "
+                         f"expected key {key!r}; the entry was moved or edited. Delete it or rerun with --force.")
+    for name, meta in manifest.get("files", {}).items():
+        f = directory / name
+        if not f.is_file():
+            raise CacheError(f"cache entry {directory}: file {name} listed in the manifest is missing. "
+                             "Delete the directory or rerun with --force.")
+        size = f.stat().st_size
+        if size != meta["bytes"]:
+            raise CacheError(f"cache entry {directory}: {name} has {size} bytes, the manifest says "
+                             f"{meta['bytes']} (truncated or overwritten). Delete the directory or rerun with --force.")
+        if file_checksum(f) != meta["blake2b"]:
+            raise CacheError(f"cache entry {directory}: {name} fails its checksum (corrupt). Delete the directory "
+                             "or rerun with --force.")
+    return manifest

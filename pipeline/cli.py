@@ -1,0 +1,134 @@
+"""The `dpo-pipeline` command: parse config -> run a stage. Also `python -m pipeline`.
+
+    dpo-pipeline run --config configs/demo.yaml
+    dpo-pipeline train --config my.yaml --beta 0.2 --loss_type sigmoid,sft --loss_weights 0.8,0.2
+
+Every subcommand takes `--config FILE.yaml` and one flag per config key, which overrides the file.
+User errors (bad config, bad data, missing cache) print one clear message and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from pipeline.config import SECTIONS, Config, config_fields, describe_type, field_type, load_config
+from pipeline.errors import PipelineError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+COMMANDS = {
+    "tokenize": "Stage 1: tokenize the preference data (dataset and eval_dataset) into the cache.",
+    "score-ref": "Stage 2: score the tokenized pairs with the frozen reference model into the cache.",
+    "train": "Stage 3: train the policy against the cached reference scores.",
+    "run": "All three stages in order; each is skipped when its cached output is valid.",
+    "report": "Write report.md and plots for a finished run directory.",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dpo-pipeline",
+        description="Scalable DPO on Ray: tokenize, score the reference once, train the policy alone.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, help_text in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        if name == "report":
+            p.add_argument("run_dir", help="The output_dir of a training run.")
+            continue
+        p.add_argument("--config", metavar="FILE.yaml", help="YAML file of config keys (flags override it).")
+        if name in ("tokenize", "score-ref", "run"):
+            p.add_argument("--force", action="store_true", help="Rebuild cached outputs even when valid.")
+        _add_config_flags(p)
+    return parser
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    fields = config_fields()
+    for section in SECTIONS:
+        group = p.add_argument_group(f"{section} settings")
+        for key, (sec, f) in fields.items():
+            if sec != section:
+                continue
+            default = f.default if not isinstance(f.default, tuple) else ",".join(map(str, f.default))
+            group.add_argument(f"--{key}", dest=f"cfg_{key}", metavar="V", default=argparse.SUPPRESS,
+                               help=f"{f.metadata['help']} [{describe_type(field_type(sec, key))}; "
+                                    f"default: {default}]")
+
+
+def parse_config(args: argparse.Namespace) -> Config:
+    overrides = {k[len("cfg_"):]: v for k, v in vars(args).items() if k.startswith("cfg_")}
+    return load_config(args.config, overrides)
+
+
+def init_ray() -> None:
+    """Join the cluster named by RAY_ADDRESS (as under `ray job submit`), else start a local Ray."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False,
+                 log_to_driver=True, configure_logging=False)
+
+
+# --- commands ---
+
+def cmd_tokenize(cfg: Config, force: bool) -> None:
+    from stages.stage1_tokenize import run_tokenize, write_data_report
+
+    init_ray()
+    for split, specs in (("train", cfg.data.dataset), ("eval", cfg.data.eval_dataset)):
+        if specs:
+            data = run_tokenize(cfg, specs, split, force=force)
+            write_data_report(cfg.data.output_dir, data, split)
+
+
+def cmd_not_yet(name: str) -> Callable[[Config, bool], None]:
+    def run(cfg: Config, force: bool) -> None:
+        raise PipelineError(f"`dpo-pipeline {name}` is not available in this version yet.")
+
+    return run
+
+
+def command_table() -> dict[str, Callable[[Config, bool], None]]:
+    return {
+        "tokenize": cmd_tokenize,
+        "score-ref": cmd_not_yet("score-ref"),
+        "train": cmd_not_yet("train"),
+        "run": cmd_tokenize,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "report":
+            raise PipelineError("`dpo-pipeline report` is not available in this version yet.")
+        cfg = parse_config(args)
+        command_table()[args.command](cfg, getattr(args, "force", False))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as e:  # Ray wraps errors raised in workers; show the user's problem, not a traceback
+        user_error = _user_error(e)
+        if user_error is None:
+            raise
+        print(f"error: {user_error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    return 0
+
+
+def _user_error(e: BaseException) -> PipelineError | None:
+    seen: set[int] = set()
+    current: Any = e
+    while current is not None and id(current) not in seen:
+        if isinstance(current, PipelineError):
+            return current
+        seen.add(id(current))
+        current = getattr(current, "cause", None) or current.__cause__ or current.__context__
+    return None

@@ -1,0 +1,188 @@
+"""Input preference files: expand paths, fingerprint them, and read their rows with a location each.
+
+Every row comes out as a `RawRow`: the file, the 1-based row (the line for JSON Lines) and either the
+record as a JSON string or the reason it could not be read. Parsing and validation happen later, in
+parallel, in the tokenization stage.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import DataError
+
+FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
+BUILTIN_PREFIX = "builtin:"
+
+
+@dataclass(frozen=True)
+class InputFile:
+    path: str
+    kind: str  # jsonl | json | parquet | arrow_dataset
+
+
+@dataclass(frozen=True)
+class RawRow:
+    source: str
+    row: int
+    record: str | None  # the row as a JSON object string
+    error: str | None = None
+
+
+def expand_inputs(specs: tuple[str, ...] | list[str], cache_dir: str) -> list[InputFile]:
+    """Files, globs, directories, save_to_disk directories and builtin names -> an ordered list of files."""
+    files: list[InputFile] = []
+    for spec in specs:
+        files.extend(_expand_one(spec, cache_dir))
+    seen: set[str] = set()
+    unique = []
+    for f in files:
+        if f.path not in seen:
+            seen.add(f.path)
+            unique.append(f)
+    return unique
+
+
+def _expand_one(spec: str, cache_dir: str) -> list[InputFile]:
+    if spec.startswith(BUILTIN_PREFIX):
+        from pipeline.demo_data import builtin_dataset_path
+
+        return [InputFile(str(builtin_dataset_path(spec[len(BUILTIN_PREFIX):], cache_dir)), "jsonl")]
+    path = Path(spec).expanduser()
+    if any(c in spec for c in "*?["):
+        matches = sorted(glob.glob(str(path), recursive=True))
+        if not matches:
+            raise DataError(f"{spec}: no files match this pattern")
+        out = []
+        for m in matches:
+            out.extend(_expand_one(m, cache_dir) if Path(m).is_dir() else [_file(Path(m))])
+        return out
+    if not path.exists():
+        raise DataError(f"{spec}: no such file or directory")
+    if path.is_dir():
+        if (path / "dataset_dict.json").is_file():
+            splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
+            raise DataError(f"{spec} is a DatasetDict saved with save_to_disk: name one split, e.g. "
+                            + " or ".join(str(path / s) for s in splits))
+        if (path / "state.json").is_file() and (path / "dataset_info.json").is_file():
+            return [InputFile(str(path), "arrow_dataset")]
+        found = sorted(p for p in path.rglob("*") if p.is_file() and _suffix(p) is not None)
+        if not found:
+            raise DataError(f"{spec}: directory holds no {', '.join(FILE_SUFFIXES)} files")
+        return [_file(p) for p in found]
+    return [_file(path)]
+
+
+def _suffix(path: Path) -> str | None:
+    name = path.name.lower()
+    return next((s for s in FILE_SUFFIXES if name.endswith(s)), None)
+
+
+def _file(path: Path) -> InputFile:
+    suffix = _suffix(path)
+    if suffix is None:
+        raise DataError(f"{path}: unsupported file type; expected one of {', '.join(FILE_SUFFIXES)}")
+    if not os.access(path, os.R_OK):
+        raise DataError(f"{path}: file is not readable (permission denied)")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: file is empty")
+    kind = "parquet" if suffix == ".parquet" else suffix.split(".")[1]
+    return InputFile(str(path), kind)
+
+
+def fingerprint_inputs(files: list[InputFile]) -> str:
+    """Content hash of every input file, in order (paths do not matter, bytes do)."""
+    h = hashlib.blake2b(digest_size=16)
+    for f in files:
+        paths = [Path(f.path)] if f.kind != "arrow_dataset" else sorted(
+            p for p in Path(f.path).iterdir() if p.suffix in (".arrow", ".json"))
+        for p in paths:
+            h.update(f"{f.kind}:{p.name if f.kind == 'arrow_dataset' else ''}".encode())
+            with p.open("rb") as fh:
+                for block in iter(lambda fh=fh: fh.read(1 << 22), b""):
+                    h.update(block)
+    return h.hexdigest()
+
+
+def read_rows(f: InputFile) -> Iterator[RawRow]:
+    """Rows of one input file; problems reading a row become `RawRow.error`, problems with the file raise."""
+    readers = {"jsonl": _read_jsonl, "json": _read_json, "parquet": _read_parquet,
+               "arrow_dataset": _read_arrow_dataset}
+    yield from readers[f.kind](f.path)
+
+
+def _open_bytes(path: str) -> Any:
+    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+
+
+def _read_jsonl(path: str) -> Iterator[RawRow]:
+    try:
+        with _open_bytes(path) as fh:
+            for line_no, raw in enumerate(fh, start=1):
+                if not raw.strip():
+                    continue
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    yield RawRow(path, line_no, None, f"text is not valid UTF-8 (byte {e.start} of the line)")
+                    continue
+                yield RawRow(path, line_no, text.strip())
+    except (OSError, EOFError) as e:
+        raise DataError(f"{path}: cannot read file: {e}") from None
+
+
+def _read_json(path: str) -> Iterator[RawRow]:
+    try:
+        with _open_bytes(path) as fh:
+            data = fh.read()
+    except (OSError, EOFError) as e:
+        raise DataError(f"{path}: cannot read file: {e}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: text is not valid UTF-8 (byte offset {e.start})") from None
+    stripped = text.lstrip()
+    if not stripped.startswith("["):  # JSON Lines in a .json file, as `datasets` accepts
+        for line_no, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                yield RawRow(path, line_no, line.strip())
+        return
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: broken JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    for i, row in enumerate(rows, start=1):
+        yield RawRow(path, i, json.dumps(row, ensure_ascii=False))
+
+
+def _read_parquet(path: str) -> Iterator[RawRow]:
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+        row = 0
+        for batch in parquet.iter_batches(batch_size=4096):
+            for record in batch.to_pylist():
+                row += 1
+                yield RawRow(path, row, json.dumps(record, ensure_ascii=False, default=str))
+    except (OSError, ValueError) as e:  # pyarrow raises ArrowInvalid (a ValueError) on corrupt files
+        raise DataError(f"{path}: cannot read Parquet file: {e}") from None
+
+
+def _read_arrow_dataset(path: str) -> Iterator[RawRow]:
+    from datasets import load_from_disk
+
+    try:
+        dataset = load_from_disk(path)
+    except (OSError, ValueError, FileNotFoundError) as e:
+        raise DataError(f"{path}: cannot load save_to_disk dataset: {e}") from None
+    for i, record in enumerate(dataset, start=1):
+        yield RawRow(path, i, json.dumps(record, ensure_ascii=False, default=str))

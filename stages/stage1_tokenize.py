@@ -1,0 +1,232 @@
+"""Stage 1: tokenize preference pairs with Ray Data into a cached Parquet entry.
+
+    dpo-pipeline tokenize --config configs/demo.yaml
+
+Input files are read by Ray tasks (one per file, each row tagged with file and row number), parsed and
+tokenized by an actor pool (one tokenizer per actor), then checked on the driver: malformed rows stop
+the run with their locations, dropped rows are counted by reason, duplicates of a pair are dropped.
+The kept pairs are sorted by pair_id and written under `<cache_dir>/tokenized/<key>/`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+
+from pipeline import cache, schema
+from pipeline.config import Config
+from pipeline.errors import DataError
+from pipeline.models import load_tokenizer, resolve_model, tokenizer_fingerprint
+from pipeline.sources import InputFile, expand_inputs, fingerprint_inputs, read_rows
+from pipeline.tokenization import (
+    DUPLICATE_PAIR,
+    TOKENIZATION_VERSION,
+    Drop,
+    RowError,
+    parse_record,
+    row_format,
+    tokenize_row,
+)
+
+KIND = "tokenized"
+MAX_ERRORS_SHOWN = 10
+KEPT, DROPPED, ERROR = "kept", "dropped", "error"
+
+
+@dataclass(frozen=True)
+class TokenizedData:
+    """A valid stage-1 cache entry."""
+
+    path: Path
+    key: str
+    manifest: dict[str, Any]
+
+    @property
+    def files(self) -> list[str]:
+        return [str(self.path / name) for name in sorted(self.manifest["files"])]
+
+    @property
+    def report(self) -> dict[str, Any]:
+        return self.manifest["report"]
+
+
+# --- the key: everything that changes the token ids ---
+
+def tokenized_key(cfg: Config, specs: tuple[str, ...]) -> tuple[str, list[InputFile], str, dict[str, Any]]:
+    model_dir = resolve_model(cfg.model.model, cfg.data.cache_dir)
+    tokenizer = load_tokenizer(model_dir, cfg.model.trust_remote_code)
+    files = expand_inputs(specs, cfg.data.cache_dir)
+    parts = {
+        "inputs": fingerprint_inputs(files),
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "max_length": cfg.data.max_length,
+        "truncation_mode": cfg.data.truncation_mode,
+        "version": TOKENIZATION_VERSION,
+    }
+    return cache.cache_key(**parts), files, model_dir, parts
+
+
+def find_tokenized(cfg: Config, specs: tuple[str, ...]) -> TokenizedData:
+    """The valid entry for these inputs and settings, or CacheError saying how to produce it."""
+    key, _, _, _ = tokenized_key(cfg, specs)
+    path = cache.entry_dir(cfg.data.cache_dir, KIND, key)
+    hint = f"Produce it with `dpo-pipeline tokenize` (or `dpo-pipeline run`) for dataset {list(specs)}."
+    return TokenizedData(path, key, cache.read_valid_manifest(path, key, hint))
+
+
+# --- Ray user functions: convert a batch, call pipeline/ ---
+
+def _read_file(item: dict[str, Any]) -> list[dict[str, Any]]:
+    f = InputFile(item["path"], item["kind"])
+    return [{"file_index": item["file_index"], **asdict(r), "error": r.error or ""} for r in read_rows(f)]
+
+
+class _Tokenize:
+    def __init__(self, model_dir: str, trust_remote_code: bool, max_length: int | None, truncation_mode: str):
+        self.tokenizer = load_tokenizer(model_dir, trust_remote_code)
+        self.max_length = max_length
+        self.truncation_mode = truncation_mode
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        out: dict[str, list[Any]] = {k: [] for k in ("status", "detail", "fmt", "prompt_merged",
+                                                     *schema.TOKENIZED_SCHEMA.names)}
+        for record, read_error in zip(batch["record"], batch["error"]):
+            status, detail, fmt, result = ERROR, None, "", None
+            try:
+                if read_error:
+                    raise RowError(str(read_error))
+                row = parse_record(record)
+                fmt = row_format(row)
+                result = tokenize_row(row, self.tokenizer, self.max_length, self.truncation_mode)
+                status, detail = (DROPPED, result.reason) if isinstance(result, Drop) else (KEPT, None)
+            except RowError as e:
+                detail = str(e)
+            kept = status == KEPT
+            out["status"].append(status)
+            out["detail"].append(detail)
+            out["fmt"].append(fmt)
+            out["prompt_merged"].append(bool(kept and result.prompt_merged))
+            for name in schema.TOKENIZED_SCHEMA.names:
+                default = "" if name == schema.PAIR_ID else [] if name.endswith("_ids") else 0
+                out[name].append(getattr(result, name) if kept else default)
+        out["truncated"] = [bool(t) for t in out["truncated"]]
+        return {**out, "file_index": batch["file_index"], "source": batch["source"], "row": batch["row"]}
+
+
+# --- the stage ---
+
+def run_tokenize(cfg: Config, specs: tuple[str, ...], split: str = "train", force: bool = False) -> TokenizedData:
+    key, files, model_dir, parts = tokenized_key(cfg, specs)
+    path = cache.entry_dir(cfg.data.cache_dir, KIND, key)
+    if path.exists() and not force:
+        found = TokenizedData(path, key, cache.read_valid_manifest(path, key, "Rerun with --force to rebuild it."))
+        print(f"[tokenize] {split}: reusing cached tokenized data {path} ({found.manifest['rows']} pairs); "
+              "nothing rewritten", flush=True)
+        return found
+
+    start = time.time()
+    print(f"[tokenize] {split}: {len(files)} file(s) -> {path}", flush=True)
+    items = [{"path": f.path, "kind": f.kind, "file_index": i} for i, f in enumerate(files)]
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    rows = ray.data.from_items(items).flat_map(_read_file)
+    tokenized = rows.map_batches(
+        _Tokenize,
+        fn_constructor_args=(model_dir, cfg.model.trust_remote_code, cfg.data.max_length, cfg.data.truncation_mode),
+        batch_size=256,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cpus),
+    ).materialize()
+
+    summary = tokenized.select_columns(["status", "detail", "fmt", "source", "row", "file_index", "pair_id",
+                                        "truncated", "prompt_merged"]).to_pandas()
+    summary = summary.sort_values(["file_index", "row"], kind="stable")
+    _raise_on_errors(summary)
+    dup = summary[summary.status == KEPT].duplicated("pair_id", keep="first")
+    duplicate_rows = set(zip(summary[summary.status == KEPT][dup].file_index, summary[summary.status == KEPT][dup].row))
+    report = _report(summary, len(duplicate_rows), split)
+
+    kept = tokenized.map_batches(_keep_unique, fn_kwargs={"duplicates": duplicate_rows}, batch_format="pyarrow")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=_kind_dir(cfg)))
+    try:
+        kept.sort(schema.PAIR_ID).write_parquet(str(tmp))
+        names = sorted(p.name for p in tmp.iterdir() if p.suffix == ".parquet")
+        if path.exists():  # --force: replace the old entry only once the new one is complete
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    manifest = cache.write_manifest(path, key, KIND, names, rows=report["pairs_kept"], inputs=parts,
+                                    sources=[f.path for f in files], report=report,
+                                    timings={"tokenize_s": round(time.time() - start, 2)})
+    print(f"[tokenize] {split}: {_summary_line(report)} in {time.time() - start:.1f}s", flush=True)
+    if report["prompt_boundary_merged"]:
+        print(f"[tokenize] warning: in {report['prompt_boundary_merged']} pair(s) the tokenized prompt is not a "
+              "prefix of prompt+completion (the chat template renders the prompt differently, or tokens merge "
+              "across the boundary); their completion starts where the two diverge, as in TRL.", flush=True)
+    return TokenizedData(path, key, manifest)
+
+
+def write_data_report(output_dir: str, data: TokenizedData, split: str) -> Path:
+    """`<output_dir>/data_report.json` (train) or `eval_data_report.json`: rows read, kept, dropped by reason."""
+    out = Path(output_dir).expanduser() / ("data_report.json" if split == "train" else f"{split}_data_report.json")
+    cache.write_json_atomic(out, {**data.report, "split": split, "tokenized_path": str(data.path)})
+    return out
+
+
+def _kind_dir(cfg: Config) -> Path:
+    d = Path(cfg.data.cache_dir).expanduser() / KIND
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _keep_unique(batch: pa.Table, duplicates: set[tuple[int, int]]) -> pa.Table:
+    status = batch.column("status").to_pylist()
+    where = zip(batch.column("file_index").to_pylist(), batch.column("row").to_pylist())
+    mask = [s == KEPT and w not in duplicates for s, w in zip(status, where)]
+    return batch.filter(pa.array(mask)).select(schema.TOKENIZED_SCHEMA.names).cast(schema.TOKENIZED_SCHEMA)
+
+
+def _raise_on_errors(summary: Any) -> None:
+    errors = summary[summary.status == ERROR]
+    formats = summary[summary.fmt != ""].fmt
+    if len(errors):
+        lines = [f"  {r.source}, row {r.row}: {r.detail}" for r in errors.head(MAX_ERRORS_SHOWN).itertuples()]
+        more = len(errors) - MAX_ERRORS_SHOWN
+        raise DataError(f"{len(errors)} malformed row(s) in the input; fix them and rerun:\n" + "\n".join(lines)
+                        + (f"\n  ... and {more} more" if more > 0 else ""))
+    if formats.nunique() > 1:
+        minority = formats.value_counts().idxmin()
+        first = summary[summary.fmt == minority].iloc[0]
+        raise DataError(f"the input mixes standard (text) and conversational (message list) rows: "
+                        f"{first.source}, row {first.row} is {minority} while most rows are not. Use one format.")
+
+
+def _report(summary: Any, duplicates: int, split: str) -> dict[str, Any]:
+    dropped = summary[summary.status == DROPPED].detail.value_counts().to_dict()
+    if duplicates:
+        dropped[DUPLICATE_PAIR] = duplicates
+    kept = int((summary.status == KEPT).sum()) - duplicates
+    return {
+        "split": split,
+        "rows_read": len(summary),
+        "pairs_kept": kept,
+        "dropped": {str(k): int(v) for k, v in sorted(dropped.items())},
+        "truncated_pairs": int(summary.truncated.sum()),
+        "prompt_boundary_merged": int(summary.prompt_merged.sum()),
+        "format": summary[summary.status == KEPT].fmt.iloc[0] if kept else None,
+    }
+
+
+def _summary_line(report: dict[str, Any]) -> str:
+    dropped = ", ".join(f"{n} {reason}" for reason, n in report["dropped"].items()) or "none"
+    return (f"{report['rows_read']} rows read, {report['pairs_kept']} pairs kept, dropped: {dropped}; "
+            f"{report['truncated_pairs']} truncated to max_length")

@@ -1,0 +1,111 @@
+"""Input expansion and row reading: every supported form, and a clear error for each unusable one."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.errors import DataError
+from pipeline.sources import expand_inputs, fingerprint_inputs, read_rows
+
+ROWS = [{"prompt": "q1", "chosen": "a", "rejected": "b"}, {"prompt": "q2", "chosen": "c", "rejected": "d"}]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def read_all(files):
+    return [(r.row, json.loads(r.record) if r.record else None, r.error) for f in files for r in read_rows(f)]
+
+
+def test_every_file_form(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", ROWS)
+    with gzip.open(tmp_path / "b.jsonl.gz", "wt") as fh:
+        fh.write(json.dumps(ROWS[0]) + "\n\n" + json.dumps(ROWS[1]) + "\n")
+    (tmp_path / "c.json").write_text(json.dumps(ROWS))
+    pq.write_table(pa.Table.from_pylist(ROWS), tmp_path / "d.parquet")
+    files = expand_inputs([str(tmp_path)], str(tmp_path))
+    assert [f.kind for f in files] == ["jsonl", "jsonl", "json", "parquet"]
+    rows = read_all(files)
+    assert [r[1] for r in rows] == ROWS * 4
+    assert [r[0] for r in rows] == [1, 2, 1, 3, 1, 2, 1, 2]  # gz: the blank line 2 is skipped, rows keep line numbers
+
+
+def test_glob_and_dedup(tmp_path):
+    write_jsonl(tmp_path / "x1.jsonl", ROWS)
+    write_jsonl(tmp_path / "x2.jsonl", ROWS)
+    files = expand_inputs([str(tmp_path / "x*.jsonl"), str(tmp_path / "x1.jsonl")], str(tmp_path))
+    assert [f.path.rsplit("/", 1)[1] for f in files] == ["x1.jsonl", "x2.jsonl"]
+
+
+def test_save_to_disk_dataset_and_dict(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    Dataset.from_list(ROWS).save_to_disk(tmp_path / "ds")
+    files = expand_inputs([str(tmp_path / "ds")], str(tmp_path))
+    assert files[0].kind == "arrow_dataset"
+    assert [r[1] for r in read_all(files)] == ROWS
+    DatasetDict({"train": Dataset.from_list(ROWS)}).save_to_disk(tmp_path / "dd")
+    with pytest.raises(DataError, match="DatasetDict saved with save_to_disk: name one split, e.g. .*dd/train"):
+        expand_inputs([str(tmp_path / "dd")], str(tmp_path))
+
+
+def _make(path, kind):
+    if kind == "empty":
+        (path / "empty.jsonl").write_text("")
+        return path / "empty.jsonl"
+    if kind == "csv":
+        (path / "data.csv").write_text("a,b\n")
+        return path / "data.csv"
+    if kind == "empty_dir":
+        (path / "sub").mkdir()
+        return path / "sub"
+    return path / {"missing": "missing.jsonl", "glob": "nothing*.jsonl"}[kind]
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("missing", "no such file or directory"),
+        ("empty", "file is empty"),
+        ("csv", "unsupported file type"),
+        ("empty_dir", "directory holds no"),
+        ("glob", "no files match this pattern"),
+    ],
+)
+def test_unusable_inputs(tmp_path, kind, message):
+    with pytest.raises(DataError, match=message):
+        expand_inputs([str(_make(tmp_path, kind))], str(tmp_path))
+
+
+def test_row_level_problems_keep_their_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b'{"chosen": "a", "rejected": "b"}\n{"chosen": "\xff\xfe"}\n{"chosen": \n')
+    rows = list(read_rows(expand_inputs([str(path)], str(tmp_path))[0]))
+    assert rows[1].row == 2 and "not valid UTF-8" in rows[1].error
+    assert rows[2].row == 3 and rows[2].record == '{"chosen":'  # parsed (and refused) later, in parallel
+
+
+def test_broken_json_array_and_corrupt_parquet(tmp_path):
+    (tmp_path / "a.json").write_text('[{"chosen": "a"},\n {"chosen": }]')
+    with pytest.raises(DataError, match="broken JSON at line 2"):
+        list(read_rows(expand_inputs([str(tmp_path / "a.json")], str(tmp_path))[0]))
+    (tmp_path / "b.parquet").write_bytes(b"PAR1 not really parquet")
+    with pytest.raises(DataError, match="cannot read Parquet file"):
+        list(read_rows(expand_inputs([str(tmp_path / "b.parquet")], str(tmp_path))[0]))
+
+
+def test_fingerprint_follows_content_not_path(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", ROWS)
+    shutil.copy(a, tmp_path / "copy.jsonl")
+    fp = fingerprint_inputs(expand_inputs([str(a)], str(tmp_path)))
+    assert fp == fingerprint_inputs(expand_inputs([str(tmp_path / "copy.jsonl")], str(tmp_path)))
+    write_jsonl(a, ROWS[:1])
+    assert fp != fingerprint_inputs(expand_inputs([str(a)], str(tmp_path)))
