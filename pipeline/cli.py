@@ -88,19 +88,63 @@ def cmd_tokenize(cfg: Config, force: bool) -> None:
             write_data_report(cfg.data.output_dir, data, split)
 
 
-def cmd_not_yet(name: str) -> Callable[[Config, bool], None]:
-    def run(cfg: Config, force: bool) -> None:
-        raise PipelineError(f"`dpo-pipeline {name}` is not available in this version yet.")
+def cmd_score_ref(cfg: Config, force: bool) -> None:
+    from stages.stage1_tokenize import find_tokenized
+    from stages.stage2_score_ref import run_score_ref
 
-    return run
+    init_ray()
+    for split, specs in (("train", cfg.data.dataset), ("eval", cfg.data.eval_dataset)):
+        if specs:
+            run_score_ref(cfg, find_tokenized(cfg, specs), split, force=force)
+
+
+def cmd_train(cfg: Config, force: bool) -> None:
+    from stages.stage3_train import run_train
+
+    init_ray()
+    summary = run_train(cfg)
+    print(f"[train] done: {summary['train_steps']} steps, {summary['train_samples_per_second']:.2f} pairs/s, "
+          f"model in {cfg.data.output_dir}/final", flush=True)
+
+
+def cmd_run(cfg: Config, force: bool) -> None:
+    from stages.stage1_tokenize import run_tokenize, write_data_report
+    from stages.stage2_score_ref import run_score_ref
+    from stages.stage3_train import run_train
+
+    init_ray()
+    for split, specs in (("train", cfg.data.dataset), ("eval", cfg.data.eval_dataset)):
+        if specs:
+            data = run_tokenize(cfg, specs, split, force=force)
+            write_data_report(cfg.data.output_dir, data, split)
+            run_score_ref(cfg, data, split, force=force)
+    summary = run_train(cfg)
+    print(f"[run] done: {summary['train_steps']} steps, {summary['train_samples_per_second']:.2f} pairs/s, "
+          f"model in {cfg.data.output_dir}/final", flush=True)
+    final = summary.get("final_eval")
+    if final:
+        first = _first_eval(cfg.data.output_dir)
+        print(f"held-out reward accuracy: {first['eval_rewards/accuracies']:.3f} -> "
+              f"{final['rewards/accuracies']:.3f}", flush=True)
+
+
+def _first_eval(output_dir: str) -> dict[str, Any]:
+    import json
+    from pathlib import Path
+
+    for line in (Path(output_dir).expanduser() / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "eval_loss" in record:
+            return record
+    raise PipelineError(f"no eval line in {output_dir}/metrics.jsonl")
 
 
 def command_table() -> dict[str, Callable[[Config, bool], None]]:
     return {
         "tokenize": cmd_tokenize,
-        "score-ref": cmd_not_yet("score-ref"),
-        "train": cmd_not_yet("train"),
-        "run": cmd_tokenize,
+        "score-ref": cmd_score_ref,
+        "train": cmd_train,
+        "run": cmd_run,
     }
 
 

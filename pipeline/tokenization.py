@@ -108,7 +108,7 @@ def extract_prompt(chosen: Any, rejected: Any) -> tuple[Any, Any, Any]:
     (index -1) and can move the split; here the prompt is simply empty.
     """
     idx = 0
-    for idx in range(min(len(chosen), len(rejected))):  # noqa: B007 - the loop index is the result
+    for idx in range(min(len(chosen), len(rejected))):
         if chosen[idx] != rejected[idx]:
             if idx > 0 and chosen[idx - 1] == " ":
                 idx -= 1

@@ -137,7 +137,7 @@ def run_tokenize(cfg: Config, specs: tuple[str, ...], split: str = "train", forc
     print(f"[tokenize] {split}: {len(files)} file(s) -> {path}", flush=True)
     items = [{"path": f.path, "kind": f.kind, "file_index": i} for i, f in enumerate(files)]
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    rows = ray.data.from_items(items).flat_map(_read_file)
+    rows = ray.data.from_items(items).flat_map(_read_file, num_cpus=0)  # light: never waits behind the actors
     tokenized = rows.map_batches(
         _Tokenize,
         fn_constructor_args=(model_dir, cfg.model.trust_remote_code, cfg.data.max_length, cfg.data.truncation_mode),

@@ -53,7 +53,7 @@ def test_save_to_disk_dataset_and_dict(tmp_path):
     assert files[0].kind == "arrow_dataset"
     assert [r[1] for r in read_all(files)] == ROWS
     DatasetDict({"train": Dataset.from_list(ROWS)}).save_to_disk(tmp_path / "dd")
-    with pytest.raises(DataError, match="DatasetDict saved with save_to_disk: name one split, e.g. .*dd/train"):
+    with pytest.raises(DataError, match=r"DatasetDict saved with save_to_disk: name one split, e.g. .*dd/train"):
         expand_inputs([str(tmp_path / "dd")], str(tmp_path))
 
 

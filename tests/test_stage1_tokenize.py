@@ -98,7 +98,8 @@ def test_malformed_rows_stop_the_run_with_locations(ray_session, tiny_model_dir,
     msg = str(e.value)
     assert "5 malformed row(s)" in msg
     for line, problem in [(2, "broken JSON"), (3, "missing column 'chosen'"), (4, "'chosen' is null"),
-                          (5, "'chosen' must be a string or a list of messages, got int"), (6, "text is not valid UTF-8")]:
+                          (5, "'chosen' must be a string or a list of messages, got int"),
+                          (6, "text is not valid UTF-8")]:
         assert f"{path}, row {line}: {problem}" in msg
 
 

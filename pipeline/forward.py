@@ -1,0 +1,98 @@
+"""Tokenized pairs -> one batch of 2B sequences -> per-sequence stats; shared by scoring and training.
+
+A micro-batch of B pairs becomes ONE forward of 2B right-padded sequences, chosen rows first, then
+rejected rows (TRL's DataCollatorForPreference layout), so the reference scorer and the policy see
+exactly the same tensors and the same log-prob function.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from pipeline import schema
+from pipeline.logprobs import SequenceStats, sequence_stats
+
+
+@dataclass(frozen=True)
+class PairBatch:
+    """B pairs as 2B sequences: rows [0, B) are chosen, rows [B, 2B) rejected."""
+
+    input_ids: Tensor  # (2B, T) right-padded
+    attention_mask: Tensor  # (2B, T) 1 on real tokens
+    completion_mask: Tensor  # (2B, T) 1 on completion tokens
+    shared_len: Tensor  # (2B,) LD-DPO shared length of the pair, repeated for both rows
+
+    @property
+    def num_pairs(self) -> int:
+        return self.input_ids.size(0) // 2
+
+    @property
+    def num_tokens(self) -> int:
+        """Non-pad tokens."""
+        return int(self.attention_mask.sum())
+
+
+def scored_tokens(length: int, completion_start: int) -> int:
+    """Completion tokens that get a log-prob: the first token of a sequence never does (shift)."""
+    return max(0, length - max(completion_start, 1))
+
+
+def collate_pairs(columns: dict[str, Sequence[Any]], pad_token_id: int) -> PairBatch:
+    """Columns of the tokenized schema (lists, numpy or Arrow-converted) -> a PairBatch."""
+    chosen = [list(map(int, ids)) for ids in columns[schema.CHOSEN_INPUT_IDS]]
+    rejected = [list(map(int, ids)) for ids in columns[schema.REJECTED_INPUT_IDS]]
+    starts = [int(s) for s in columns[schema.CHOSEN_COMPLETION_START]] + [
+        int(s) for s in columns[schema.REJECTED_COMPLETION_START]]
+    sequences = chosen + rejected
+    width = max(len(s) for s in sequences)
+    n = len(sequences)
+    input_ids = torch.full((n, width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((n, width), dtype=torch.long)
+    completion_mask = torch.zeros((n, width), dtype=torch.long)
+    for i, (ids, start) in enumerate(zip(sequences, starts)):
+        input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[i, : len(ids)] = 1
+        completion_mask[i, start: len(ids)] = 1
+    counts = [scored_tokens(len(ids), start) for ids, start in zip(sequences, starts)]
+    b = len(chosen)
+    shared = [min(counts[i], counts[b + i]) for i in range(b)]
+    return PairBatch(input_ids, attention_mask, completion_mask, torch.tensor(shared + shared, dtype=torch.long))
+
+
+def split_lm(model: Any) -> tuple[Callable[..., Any], Callable[[Tensor], Tensor]]:
+    """(body, lm_head) of a causal LM, a PEFT wrapper or a DeepSpeed engine around one."""
+    inner = getattr(model, "module", model)  # DeepSpeed engine
+    if hasattr(inner, "get_base_model"):  # PEFT
+        inner = inner.get_base_model()
+    body = getattr(inner, inner.base_model_prefix)
+    return body, inner.get_output_embeddings()
+
+
+def check_supported(model: Any) -> None:
+    """Refuse architectures whose logits are not a plain LM head of the final hidden state."""
+    config = model.config
+    for attr, neutral in (("final_logit_softcapping", None), ("logit_scale", 1.0)):
+        value = getattr(config, attr, neutral)
+        if value not in (neutral, None):
+            from pipeline.errors import PipelineError
+
+            raise PipelineError(f"{config.model_type} models use {attr}={value}, which the chunked log-prob "
+                                "function does not apply yet")
+
+
+def sequence_forward(model: Any, batch: PairBatch, chunk_size: int = 1024, with_metrics: bool = False,
+                     min_chunks: int = 1) -> SequenceStats:
+    """One forward of the model body over the 2B sequences, then the chunked log-prob function."""
+    body, lm_head = split_lm(model)
+    device = next(model.parameters()).device
+    input_ids = batch.input_ids.to(device)
+    hidden = body(input_ids=input_ids, attention_mask=batch.attention_mask.to(device),
+                  use_cache=False).last_hidden_state
+    return sequence_stats(hidden, lm_head, input_ids, batch.completion_mask.to(device),
+                          batch.shared_len.to(device), chunk_size=chunk_size, with_metrics=with_metrics,
+                          min_chunks=min_chunks)

@@ -1,0 +1,113 @@
+"""Training metrics under TRL 1.16's names, synced once per optimizer step.
+
+    row = batch_metric_sums(out, x, policy_stats)              # per micro-batch, local sums (K,)
+    step = torch.stack(rows_of_this_step)                       # (M, K)
+    dist.all_reduce(step)                                       # the one collective of the step
+    window.append(step)
+    logs = finalize(torch.cat(window))                          # every logging_steps steps
+
+Averaging, and how it compares with TRL: TRL's DPOTrainer computes each metric once per `compute_loss`
+call, i.e. per micro-batch, from values gathered across ranks (a token-weighted ratio for logits/*,
+entropy and mean_token_accuracy, a mean over all ranks' pairs for rewards/* and logps/*), and logs the
+plain mean of those per-micro-batch values over the logging window. `loss` comes from the HF Trainer: the
+mean over ranks and micro-batches of each micro-batch's loss. A row here holds one micro-batch's sums and
+counts; after the all-reduce it holds the same sums over all ranks, and `finalize` takes each row's ratio
+and then the mean over rows — the same numbers as TRL. (TRL's gather costs one collective per metric per
+micro-batch; the all-reduce of the (M, K) rows costs one per step.)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from pipeline.logprobs import SequenceStats
+from pipeline.losses import LossOutput, PreferenceInputs
+
+# Slots of a row: sums and the counts they are divided by.
+SLOTS = (
+    "loss",  # Σ over ranks of the micro-batch loss
+    "ranks",  # 1 per rank
+    "pairs",
+    "rewards_chosen",  # Σ β·ρ_w
+    "rewards_rejected",
+    "rewards_correct",  # pairs with β·ρ_w > β·ρ_l (strict)
+    "margins",  # Σ β·(ρ_w − ρ_l)
+    "logps_chosen",  # Σ of sequence log-probs (LD-combined when ld_alpha is set)
+    "logps_rejected",
+    "chosen_tokens",
+    "rejected_tokens",
+    "logits_chosen",  # Σ over chosen tokens of the mean-over-vocabulary logit
+    "logits_rejected",
+    "entropy",  # Σ over chosen and rejected tokens of the entropy
+    "top1_hits",  # chosen tokens whose label is the argmax
+)
+_INDEX = {name: i for i, name in enumerate(SLOTS)}
+
+
+def batch_metric_sums(out: LossOutput, x: PreferenceInputs, policy: SequenceStats) -> Tensor:
+    """One micro-batch's local sums and counts, a (len(SLOTS),) float64 tensor on the loss's device.
+
+    Args:
+        out: `dpo_loss`'s output (loss before any gradient-accumulation scaling, rewards).
+        x: the loss inputs (policy log-probs as the loss saw them).
+        policy: `sequence_stats(..., with_metrics=True)` of the 2B policy sequences, chosen first.
+    """
+    if policy.logits_sum is None or policy.entropy_sum is None or policy.top1_hits is None:
+        raise ValueError("batch_metric_sums needs sequence_stats(..., with_metrics=True)")
+    chosen_tokens, rejected_tokens = policy.tokens.chunk(2)
+    chosen_logits, rejected_logits = policy.logits_sum.chunk(2)
+    chosen_hits, _ = policy.top1_hits.chunk(2)
+    values = {
+        "loss": out.loss,
+        "ranks": 1.0,
+        "pairs": out.chosen_rewards.numel(),
+        "rewards_chosen": out.chosen_rewards.sum(),
+        "rewards_rejected": out.rejected_rewards.sum(),
+        "rewards_correct": (out.chosen_rewards > out.rejected_rewards).sum(),
+        "margins": (out.chosen_rewards - out.rejected_rewards).sum(),
+        "logps_chosen": x.policy_chosen_logps.sum(),
+        "logps_rejected": x.policy_rejected_logps.sum(),
+        "chosen_tokens": chosen_tokens.sum(),
+        "rejected_tokens": rejected_tokens.sum(),
+        "logits_chosen": chosen_logits.sum(),
+        "logits_rejected": rejected_logits.sum(),
+        "entropy": policy.entropy_sum.sum(),
+        "top1_hits": chosen_hits.sum(),
+    }
+    device = out.loss.device
+    return torch.stack([torch.as_tensor(values[name], device=device).detach().to(torch.float64)
+                        for name in SLOTS])
+
+
+def finalize(rows: Tensor) -> dict[str, float]:
+    """TRL-named metrics from rows of (all-reduced) sums: each row's ratios, then the mean over rows.
+
+    Args:
+        rows: (len(SLOTS),) or (S, len(SLOTS)), one row per micro-batch of the logging window.
+    """
+    rows = rows.detach().to(torch.float64).reshape(-1, len(SLOTS)).cpu()
+    if rows.size(0) == 0:
+        raise ValueError("finalize needs at least one row of sums")
+
+    def col(name: str) -> Tensor:
+        return rows[:, _INDEX[name]]
+
+    def ratio(num: str, den: Tensor) -> Tensor:
+        return torch.where(den > 0, col(num) / den.clamp(min=1e-300), 0.0)  # TRL logs 0 for 0 tokens
+
+    pairs, chosen_tokens = col("pairs"), col("chosen_tokens")
+    per_row = {
+        "loss": ratio("loss", col("ranks")),
+        "rewards/chosen": ratio("rewards_chosen", pairs),
+        "rewards/rejected": ratio("rewards_rejected", pairs),
+        "rewards/accuracies": ratio("rewards_correct", pairs),
+        "rewards/margins": ratio("margins", pairs),
+        "logps/chosen": ratio("logps_chosen", pairs),
+        "logps/rejected": ratio("logps_rejected", pairs),
+        "logits/chosen": ratio("logits_chosen", chosen_tokens),
+        "logits/rejected": ratio("logits_rejected", col("rejected_tokens")),
+        "entropy": ratio("entropy", chosen_tokens + col("rejected_tokens")),
+        "mean_token_accuracy": ratio("top1_hits", chosen_tokens),
+    }
+    return {name: value.mean().item() for name, value in per_row.items()}

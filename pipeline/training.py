@@ -1,0 +1,245 @@
+"""Pieces of the training worker that are not the loop itself: the pair table, the policy and its
+DeepSpeed engine, one micro-batch's loss, metric output, and the export of the final model."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from pipeline import schema
+from pipeline.config import Config
+from pipeline.forward import PairBatch, collate_pairs, sequence_forward
+from pipeline.logprobs import SequenceStats, ld_logps, lm_head_calls
+from pipeline.losses import PreferenceInputs, dpo_loss
+from pipeline.metrics import batch_metric_sums, finalize
+from pipeline.optim import decay_groups, deepspeed_config, lr_lambda, warmup_steps
+
+REF_COLUMNS = (schema.REF_CHOSEN_SHARED_LOGPS, schema.REF_CHOSEN_TAIL_LOGPS, schema.REF_REJECTED_SHARED_LOGPS,
+               schema.REF_REJECTED_TAIL_LOGPS)
+
+
+# --- data ---
+
+@dataclass(frozen=True)
+class PairTable:
+    """Tokenized pairs joined with their reference scores, sorted by pair_id (row i = schedule index i)."""
+
+    table: pa.Table
+
+    @classmethod
+    def from_batches(cls, batches: list[pa.Table]) -> PairTable:
+        table = pa.concat_tables(batches) if batches else pa.table({})
+        return cls(table.sort_by(schema.PAIR_ID).combine_chunks())
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def rows(self, idx: np.ndarray) -> dict[str, list[Any]]:
+        return self.table.take(pa.array(idx, type=pa.int64())).to_pydict()
+
+
+def load_pairs(iterator: Any) -> PairTable:
+    """All rows of a Ray Train dataset shard (not split: every rank holds the whole table)."""
+    return PairTable.from_batches(list(iterator.iter_batches(batch_size=None, batch_format="pyarrow")))
+
+
+# --- the policy ---
+
+def build_policy(cfg: Config, model_dir: str) -> torch.nn.Module:
+    from pipeline.forward import check_supported
+    from pipeline.models import load_causal_lm
+
+    torch.manual_seed(cfg.train.seed)  # LoRA initialisation
+    model = load_causal_lm(model_dir, cfg.compute_dtype, cfg.model.trust_remote_code,
+                           cfg.model.allow_pickle_weights)
+    check_supported(model)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.model.use_peft:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(r=cfg.model.lora_r, lora_alpha=cfg.model.lora_alpha, lora_dropout=cfg.model.lora_dropout,
+                          target_modules=list(cfg.model.lora_target_modules or []) or None, task_type="CAUSAL_LM")
+        if cfg.model.gradient_checkpointing:
+            model.enable_input_require_grads()
+        model = get_peft_model(model, lora)
+    model.train()
+    return model
+
+
+def build_engine(cfg: Config, model: torch.nn.Module, world_size: int, total: int) -> Any:
+    import deepspeed
+
+    ds_config = deepspeed_config(cfg, world_size)
+    ds_config["zero_allow_untested_optimizer"] = True
+    optimizer = None
+    if not cfg.scale.offload_optimizer:
+        groups = [g for g in decay_groups(model.named_parameters(), cfg.train.weight_decay) if g["params"]]
+        optimizer = torch.optim.AdamW(groups, lr=cfg.train.learning_rate, betas=(0.9, 0.999), eps=1e-8)
+    schedule = lr_lambda(cfg.train.lr_scheduler_type, warmup_steps(cfg, total), total)
+
+    def scheduler(opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+        return torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                      model_parameters=[p for p in model.parameters() if p.requires_grad],
+                                      config=ds_config, dist_init_required=False)
+    return engine
+
+
+# --- one micro-batch ---
+
+@dataclass
+class MicroResult:
+    loss: torch.Tensor
+    metric_row: torch.Tensor
+    tokens: int
+    pairs: int
+
+
+def micro_step(cfg: Config, engine: Any, pairs: PairTable, idx: np.ndarray, pad_id: int,
+               world_size: int, weight: float = 1.0) -> MicroResult:
+    """ONE forward of 2B sequences, then the combined loss; `weight` 0 marks a filler batch (eval)."""
+    rows = pairs.rows(idx)
+    batch = collate_pairs(rows, pad_id)
+    min_chunks = _agree_on_lm_head_calls(batch, world_size)
+    stats = sequence_forward(engine, batch, with_metrics=True, min_chunks=min_chunks)
+    x = preference_inputs(cfg, stats, rows, batch)
+    out = dpo_loss(cfg.loss, x)
+    return MicroResult(out.loss, batch_metric_sums(out, x, stats) * weight, batch.num_tokens, batch.num_pairs)
+
+
+def preference_inputs(cfg: Config, stats: SequenceStats, rows: dict[str, list[Any]],
+                      batch: PairBatch) -> PreferenceInputs:
+    b = batch.num_pairs
+    device = stats.logps.device
+    ref = {k: torch.tensor(rows[k], dtype=stats.logps.dtype, device=device) for k in REF_COLUMNS}
+    alpha = cfg.loss.ld_alpha
+    policy = ld_logps(stats.shared_logps, stats.tail_logps, alpha)
+    return PreferenceInputs(
+        policy_chosen_logps=policy[:b],
+        policy_rejected_logps=policy[b:],
+        ref_chosen_logps=ld_logps(ref[schema.REF_CHOSEN_SHARED_LOGPS], ref[schema.REF_CHOSEN_TAIL_LOGPS], alpha),
+        ref_rejected_logps=ld_logps(ref[schema.REF_REJECTED_SHARED_LOGPS], ref[schema.REF_REJECTED_TAIL_LOGPS],
+                                    alpha),
+        chosen_tokens=stats.tokens[:b],
+        rejected_tokens=stats.tokens[b:],
+        policy_chosen_full_logps=stats.logps[:b],
+        wpo_chosen_logps=stats.wpo_logps[:b] if stats.wpo_logps is not None else None,
+        wpo_rejected_logps=stats.wpo_logps[b:] if stats.wpo_logps is not None else None,
+    )
+
+
+def _agree_on_lm_head_calls(batch: PairBatch, world_size: int) -> int:
+    """Under ZeRO-3 each LM-head call is a collective: every rank makes as many as the busiest one."""
+    calls = lm_head_calls(batch.completion_mask)
+    if world_size == 1:
+        return calls
+    t = torch.tensor([calls], dtype=torch.long)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return int(t.item())
+
+
+def all_reduce_rows(rows: list[torch.Tensor], world_size: int) -> torch.Tensor:
+    """Stack a step's micro-batch metric rows and sum them over ranks: one collective per step."""
+    stacked = torch.stack(rows).cpu()
+    if world_size > 1:
+        torch.distributed.all_reduce(stacked)
+    return stacked
+
+
+# --- output ---
+
+class MetricsLog:
+    """metrics.jsonl (one line per logging step, each step once even after a resume), TensorBoard and a
+    console line with progress and ETA. Only rank 0 makes one."""
+
+    def __init__(self, output_dir: str, start_step: int, total_steps: int):
+        self.dir = Path(output_dir).expanduser()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.dir / "metrics.jsonl"
+        kept = []
+        if start_step > 0 and self.path.exists():  # drop lines written after the checkpoint we resume from
+            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= start_step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tb = SummaryWriter(str(self.dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+        self.total = total_steps
+        self.start_step = start_step
+        self.t0 = time.time()
+
+    def write(self, step: int, values: dict[str, float], prefix: str = "") -> None:
+        record = {"step": step, **{f"{prefix}{k}": v for k, v in values.items()}}
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        for k, v in record.items():
+            if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                self.tb.add_scalar(k.replace("eval_", "eval/", 1) if prefix else f"train/{k}", v, step)
+        self.tb.flush()
+        print(self._console(step, values, prefix), flush=True)
+
+    def _console(self, step: int, v: dict[str, float], prefix: str) -> str:
+        if prefix:
+            return (f"[eval] step {step}: loss {v['loss']:.4f} | reward acc {v['rewards/accuracies']:.3f} | "
+                    f"margin {v['rewards/margins']:.4f}")
+        done = step - self.start_step
+        rate = done / (time.time() - self.t0) if done else 0.0
+        eta = (self.total - step) / rate if rate else float("nan")
+        return (f"[train] step {step}/{self.total} ({100 * step / self.total:.0f}%) epoch {v['epoch']:.2f} | "
+                f"loss {v['loss']:.4f} | reward acc {v['rewards/accuracies']:.3f} | margin "
+                f"{v['rewards/margins']:.4f} | {v.get('pairs_per_second', 0.0):.2f} pairs/s | ETA {_eta(eta)}")
+
+    def close(self) -> None:
+        self.tb.close()
+
+
+def _eta(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    m, s = divmod(int(seconds), 60)
+    return f"{m}m{s:02d}s"
+
+
+def peak_memory_bytes() -> int:
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def eval_metrics(rows: list[torch.Tensor]) -> dict[str, float]:
+    """Exact dataset-level eval metrics: sums over every eval pair, then one ratio each."""
+    return finalize(torch.stack(rows).sum(dim=0))
+
+
+def export_model(cfg: Config, engine: Any, tokenizer: Any, out_dir: Path, rank: int) -> None:
+    """final/: a standard HF directory (ZeRO-3 parameters gathered); with LoRA the adapter, plus merged/."""
+    import deepspeed
+
+    module = engine.module
+    params = list(module.parameters())
+    gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if cfg.scale.zero_stage == 3 else None
+    with gather if gather is not None else contextlib.nullcontext():
+        if rank != 0:
+            return
+        out_dir.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+        module.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(out_dir)
+        if cfg.model.use_peft:
+            merged = module.merge_and_unload()
+            merged.save_pretrained(out_dir / "merged", safe_serialization=True)
+            tokenizer.save_pretrained(out_dir / "merged")
+    os.sync()
+

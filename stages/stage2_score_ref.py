@@ -1,0 +1,273 @@
+"""Stage 2: score the tokenized pairs once with the frozen reference model, on a Ray Data actor pool.
+
+    dpo-pipeline score-ref --config configs/demo.yaml
+
+Each actor holds one copy of the reference model. It receives blocks of pairs, sorts each block by
+length so that micro-batches of `precompute_ref_batch_size` pairs carry little padding, and runs the
+same forward and log-prob function as training, under `torch.inference_mode`.
+
+The output is sharded by pair_id hash under `<cache_dir>/reference/<key>/`. The driver writes a shard
+(temp file + rename) as soon as all its pairs are scored, so a crash or kill loses only unfinished
+shards and a rerun scores only what is missing. The manifest is written last.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+
+from pipeline import cache, schema
+from pipeline.config import Config
+from pipeline.errors import CacheError
+from pipeline.models import resolve_model, weights_fingerprint
+from stages.stage1_tokenize import TokenizedData
+
+KIND = "reference"
+LOGPROB_VERSION = 1  # bump when the shift/mask/dtype rules of pipeline.logprobs change
+SHARD_PAIRS = 4096
+BLOCK_BATCHES = 16  # micro-batches per block that an actor sorts by length
+PLAN = "plan.json"
+
+
+@dataclass(frozen=True)
+class ReferenceScores:
+    path: Path
+    key: str
+    manifest: dict[str, Any]
+
+    @property
+    def files(self) -> list[str]:
+        return [str(self.path / name) for name in sorted(self.manifest["files"])]
+
+
+def reference_key(cfg: Config, tokenized: TokenizedData) -> tuple[str, str, dict[str, Any]]:
+    """Everything that changes a reference score, and nothing a training setting touches."""
+    model_dir = resolve_model(cfg.ref_model_name, cfg.data.cache_dir)
+    parts = {
+        "tokenized": tokenized.key,  # covers tokenizer, data, max_length, truncation
+        "ref_weights": weights_fingerprint(model_dir),
+        "dtype": cfg.compute_dtype,
+        "logprob_version": LOGPROB_VERSION,
+    }
+    return cache.cache_key(**parts), model_dir, parts
+
+
+def find_reference(cfg: Config, tokenized: TokenizedData) -> ReferenceScores:
+    key, _, _ = reference_key(cfg, tokenized)
+    path = cache.entry_dir(cfg.data.cache_dir, KIND, key)
+    hint = (f"Produce it with `dpo-pipeline score-ref` (or `dpo-pipeline run`) for reference model "
+            f"{cfg.ref_model_name} and dtype {cfg.compute_dtype}.")
+    return ReferenceScores(path, key, cache.read_valid_manifest(path, key, hint))
+
+
+def shard_of(pair_ids: Any, num_shards: int) -> np.ndarray:
+    return np.array([int(p[:8], 16) % num_shards for p in pair_ids], dtype=np.int64)
+
+
+def shard_name(i: int) -> str:
+    return f"shard-{i:05d}.parquet"
+
+
+# --- the Ray user function: convert a block, call pipeline/ ---
+
+class _ScoreRef:
+    def __init__(self, model_dir: str, dtype: str, threads: int, micro_batch: int, trust_remote_code: bool,
+                 allow_pickle: bool, use_gpu: bool):
+        import torch
+
+        from pipeline.forward import check_supported
+        from pipeline.models import load_causal_lm, load_tokenizer
+
+        torch.set_num_threads(threads)
+        self.model = load_causal_lm(model_dir, dtype, trust_remote_code, allow_pickle)
+        check_supported(self.model)
+        if use_gpu:
+            self.model.to("cuda")
+        self.pad_id = load_tokenizer(model_dir, trust_remote_code).pad_token_id
+        self.micro_batch = micro_batch
+
+    def __call__(self, block: pa.Table) -> pa.Table:
+        import torch
+
+        from pipeline.forward import collate_pairs, sequence_forward
+
+        columns = block.to_pydict()
+        lengths = [max(len(c), len(r)) for c, r in zip(columns[schema.CHOSEN_INPUT_IDS],
+                                                        columns[schema.REJECTED_INPUT_IDS])]
+        order = np.argsort(lengths, kind="stable")
+        out: dict[str, list[Any]] = defaultdict(list)
+        for start in range(0, len(order), self.micro_batch):
+            idx = order[start: start + self.micro_batch]
+            sub = {k: [v[i] for i in idx] for k, v in columns.items()}
+            batch = collate_pairs(sub, self.pad_id)
+            with torch.inference_mode():
+                stats = sequence_forward(self.model, batch)
+            b = batch.num_pairs
+            for name, values in (("logps", stats.logps), ("tokens", stats.tokens),
+                                 ("shared", stats.shared_logps), ("tail", stats.tail_logps)):
+                values = values.double().cpu().numpy() if name != "tokens" else values.cpu().numpy()
+                out[f"chosen_{name}"].extend(values[:b])
+                out[f"rejected_{name}"].extend(values[b:])
+            width = batch.input_ids.size(1)
+            real = batch.attention_mask.sum(dim=1).cpu().numpy()
+            out["_tokens"].extend(real[:b] + real[b:])
+            out["_padded"].extend(2 * width - (real[:b] + real[b:]))
+            out[schema.PAIR_ID].extend(sub[schema.PAIR_ID])
+        return pa.table({
+            schema.PAIR_ID: out[schema.PAIR_ID],
+            schema.REF_CHOSEN_LOGPS: out["chosen_logps"],
+            schema.REF_REJECTED_LOGPS: out["rejected_logps"],
+            schema.CHOSEN_TOKENS: np.asarray(out["chosen_tokens"], dtype=np.int32),
+            schema.REJECTED_TOKENS: np.asarray(out["rejected_tokens"], dtype=np.int32),
+            schema.REF_CHOSEN_SHARED_LOGPS: out["chosen_shared"],
+            schema.REF_CHOSEN_TAIL_LOGPS: out["chosen_tail"],
+            schema.REF_REJECTED_SHARED_LOGPS: out["rejected_shared"],
+            schema.REF_REJECTED_TAIL_LOGPS: out["rejected_tail"],
+            "_tokens": np.asarray(out["_tokens"], dtype=np.int64),
+            "_padded": np.asarray(out["_padded"], dtype=np.int64),
+        })
+
+
+def _read_unscored(batch: dict[str, Any], num_shards: int, wanted: frozenset[int]) -> pa.Table:
+    """The pairs of one tokenized file that belong to shards still to be scored."""
+    table = pa.concat_tables([pq.read_table(p) for p in batch["path"]])
+    shards = shard_of(table.column(schema.PAIR_ID).to_pylist(), num_shards)
+    return table.filter(pa.array(np.isin(shards, list(wanted))))
+
+
+# --- the stage ---
+
+def run_score_ref(cfg: Config, tokenized: TokenizedData, split: str = "train", force: bool = False,
+                  shard_pairs: int = SHARD_PAIRS) -> ReferenceScores:
+    key, model_dir, parts = reference_key(cfg, tokenized)
+    path = cache.entry_dir(cfg.data.cache_dir, KIND, key)
+    if force and path.exists():
+        shutil.rmtree(path)
+    if (path / cache.MANIFEST).exists():
+        found = ReferenceScores(path, key, cache.read_valid_manifest(path, key, "Rerun with --force."))
+        print(f"[score-ref] {split}: reusing cached reference scores {path} ({found.manifest['rows']} pairs); "
+              "nothing rewritten", flush=True)
+        return found
+
+    pair_ids = pq.ParquetDataset(tokenized.files).read(columns=[schema.PAIR_ID]).column(schema.PAIR_ID).to_pylist()
+    num_shards = max(1, math.ceil(len(pair_ids) / shard_pairs))
+    expected = np.bincount(shard_of(pair_ids, num_shards), minlength=num_shards)
+    done = _check_plan_and_done(path, key, num_shards, expected)
+    missing = frozenset(i for i in range(num_shards) if i not in done)
+    if done:
+        print(f"[score-ref] {split}: resuming {path}: {len(done)}/{num_shards} shards already scored", flush=True)
+    else:
+        print(f"[score-ref] {split}: scoring {len(pair_ids)} pairs with {cfg.ref_model_name} -> {path}", flush=True)
+
+    start = time.time()
+    totals = {"tokens": 0, "padded": 0, "pairs": 0}
+    if missing:
+        _score_missing(cfg, tokenized, model_dir, path, num_shards, missing, expected, totals, split)
+    elapsed = time.time() - start
+    names = [shard_name(i) for i in range(num_shards)]
+    manifest = cache.write_manifest(
+        path, key, KIND, names, rows=len(pair_ids), inputs=parts, reference_model=cfg.ref_model_name,
+        split=split, shards=num_shards,
+        timings={"score_s": round(elapsed, 2), "pairs_scored_now": totals["pairs"]},
+        padding_fraction=_padding(totals),
+        versions=_versions(),
+    )
+    (path / PLAN).unlink(missing_ok=True)
+    rate = totals["pairs"] / elapsed if elapsed > 0 else 0.0
+    print(f"[score-ref] {split}: {totals['pairs']} pairs scored in {elapsed:.1f}s ({rate:.1f} pairs/s), padding "
+          f"{100 * _padding(totals):.1f}% of batch tokens", flush=True)
+    return ReferenceScores(path, key, manifest)
+
+
+def _check_plan_and_done(path: Path, key: str, num_shards: int, expected: np.ndarray) -> set[int]:
+    """Start or resume an unfinished entry; complete shards are kept only if their row counts match."""
+    plan = {"key": key, "num_shards": num_shards}
+    if not (path / PLAN).exists():
+        if path.exists() and any(path.iterdir()):
+            raise CacheError(f"cache entry {path} holds files but no {PLAN} or manifest: it was not written by this "
+                             "version. Delete it or rerun with --force.")
+        cache.write_json_atomic(path / PLAN, plan)
+        return set()
+    found = json.loads((path / PLAN).read_text())
+    if found != plan:
+        raise CacheError(f"unfinished cache entry {path} was planned as {found}, now {plan}; delete it or rerun "
+                         "with --force.")
+    done = set()
+    for i in range(num_shards):
+        f = path / shard_name(i)
+        if f.exists():
+            rows = pq.ParquetFile(f).metadata.num_rows
+            if rows != expected[i]:
+                raise CacheError(f"cache entry {path}: {f.name} has {rows} rows, expected {expected[i]}; delete "
+                                 "the entry or rerun with --force.")
+            done.add(i)
+    return done
+
+
+def _score_missing(cfg: Config, tokenized: TokenizedData, model_dir: str, path: Path, num_shards: int,
+                   missing: frozenset[int], expected: np.ndarray, totals: dict[str, int], split: str) -> None:
+    actors = cfg.scale.ref_actors
+    cpus = cfg.scale.cpus_per_ref_actor or max(1, int(ray.cluster_resources().get("CPU", 1)) // actors)
+    micro = cfg.train.ref_batch_size
+    # Reading is light; at 0 CPUs it never waits behind scoring actors that hold every core.
+    ds = ray.data.from_items([{"path": f} for f in tokenized.files]).map_batches(
+        _read_unscored, fn_kwargs={"num_shards": num_shards, "wanted": missing}, batch_size=1, num_cpus=0)
+    scored = ds.map_batches(
+        _ScoreRef,
+        fn_constructor_args=(model_dir, cfg.compute_dtype, cpus, micro, cfg.model.trust_remote_code,
+                             cfg.model.allow_pickle_weights, cfg.scale.use_gpu),
+        batch_size=micro * BLOCK_BATCHES,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=cpus,
+        num_gpus=1 if cfg.scale.use_gpu else 0,
+    )
+    pending: dict[int, list[pa.Table]] = defaultdict(list)
+    have: dict[int, int] = defaultdict(int)
+    written = 0
+    for block in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
+        totals["tokens"] += int(pa.compute.sum(block.column("_tokens")).as_py() or 0)
+        totals["padded"] += int(pa.compute.sum(block.column("_padded")).as_py() or 0)
+        totals["pairs"] += block.num_rows
+        shards = shard_of(block.column(schema.PAIR_ID).to_pylist(), num_shards)
+        for i in np.unique(shards):
+            part = block.filter(pa.array(shards == i)).select(schema.REFERENCE_SCHEMA.names)
+            pending[int(i)].append(part)
+            have[int(i)] += part.num_rows
+            if have[int(i)] == expected[i]:
+                _write_shard(path, int(i), pending.pop(int(i)))
+                written += 1
+                print(f"[score-ref] {split}: {written}/{len(missing)} shards written, {totals['pairs']} pairs "
+                      "scored", flush=True)
+
+
+def _write_shard(path: Path, i: int, parts: list[pa.Table]) -> None:
+    table = pa.concat_tables(parts).cast(schema.REFERENCE_SCHEMA).sort_by(schema.PAIR_ID)
+    tmp = path / f".{shard_name(i)}.tmp"
+    pq.write_table(table, tmp)
+    os.replace(tmp, path / shard_name(i))
+
+
+def _padding(totals: dict[str, int]) -> float:
+    batch_tokens = totals["tokens"] + totals["padded"]
+    return totals["padded"] / batch_tokens if batch_tokens else 0.0
+
+
+def _versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "ray": ray.__version__,
+            "logprob_version": str(LOGPROB_VERSION)}

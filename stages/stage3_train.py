@@ -1,0 +1,221 @@
+"""Stage 3: train the policy alone against cached reference scores, with Ray Train + DeepSpeed ZeRO.
+
+    dpo-pipeline train --config configs/demo.yaml
+
+No reference model exists here: its scores come from stage 2's cache, joined to the tokenized pairs by
+pair_id with Ray Data. Each micro-batch of B pairs is ONE forward of 2B sequences (chosen then rejected),
+then the combined loss. Metrics are all-reduced once per optimizer step. A checkpoint holds every rank's
+DeepSpeed shards plus the step; the data schedule is a pure function of (seed, step), so resuming
+continues the data order exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from pipeline import batching, schema
+from pipeline.cache import write_json_atomic
+from pipeline.config import Config
+from pipeline.errors import CacheError, ConfigError
+from pipeline.models import resolve_model
+from stages.stage1_tokenize import find_tokenized
+from stages.stage2_score_ref import ReferenceScores, find_reference
+
+STATE = "state.json"
+DS_TAG = "ds"
+
+
+# --- driver: find the cached inputs, join them, launch the workers ---
+
+def joined_dataset(tokenized_files: list[str], reference: ReferenceScores, expected: int) -> Any:
+    """Tokenized pairs joined with their reference scores by pair_id (never by row order)."""
+    tok = ray.data.read_parquet(tokenized_files)
+    ref = ray.data.read_parquet(reference.files)
+    joined = tok.join(ref, join_type="inner", num_partitions=max(1, min(16, expected // 4096 + 1)),
+                      on=(schema.PAIR_ID,)).materialize()
+    if joined.count() != expected:
+        raise CacheError(f"reference scores in {reference.path} cover {joined.count()} of {expected} tokenized "
+                         "pairs; rerun `dpo-pipeline score-ref --force`.")
+    return joined
+
+
+def run_train(cfg: Config) -> dict[str, Any]:
+    tokenized = find_tokenized(cfg, cfg.data.dataset)
+    datasets = {"train": joined_dataset(tokenized.files, find_reference(cfg, tokenized), tokenized.manifest["rows"])}
+    if cfg.data.eval_dataset:
+        eval_tok = find_tokenized(cfg, cfg.data.eval_dataset)
+        datasets["eval"] = joined_dataset(eval_tok.files, find_reference(cfg, eval_tok), eval_tok.manifest["rows"])
+
+    n_pairs = tokenized.manifest["rows"]
+    t, s = cfg.train, cfg.scale
+    g = batching.global_batch_size(s.num_workers, t.per_device_train_batch_size, t.gradient_accumulation_steps)
+    if batching.steps_per_epoch(n_pairs, g) < 1:
+        raise ConfigError(f"one optimizer step needs num_workers x per_device_train_batch_size x "
+                          f"gradient_accumulation_steps = {g} pairs, but the training data has {n_pairs}; lower "
+                          "them or add data.")
+    total = batching.total_steps(n_pairs, g, t.num_train_epochs, t.max_steps)
+    cpus = s.cpus_per_worker or max(1, int(ray.cluster_resources().get("CPU", 1)) // s.num_workers)
+    storage = s.storage_path or str(Path(cfg.data.output_dir).expanduser().resolve() / "ray")
+    print(f"[train] {n_pairs} pairs, global batch {g}, {total} steps on {s.num_workers} worker(s) x {cpus} CPU, "
+          f"ZeRO-{s.zero_stage}; checkpoints in {storage}/{s.run_name}", flush=True)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"cfg": cfg, "model_dir": resolve_model(cfg.model.model, cfg.data.cache_dir),
+                           "total_steps": total, "num_pairs": n_pairs, "cpus": cpus},
+        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
+                                     resources_per_worker={"CPU": cpus}),
+        run_config=RunConfig(name=s.run_name, storage_path=storage,
+                             failure_config=FailureConfig(max_failures=s.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=[]),  # every rank holds all pairs; the schedule splits
+    )
+    trainer.fit()
+    return json.loads((Path(cfg.data.output_dir).expanduser() / "train_summary.json").read_text())
+
+
+# --- worker ---
+
+def train_loop(config: dict[str, Any]) -> None:
+    import deepspeed  # noqa: F401  (imported before the engine to register the CPU accelerator)
+
+    from pipeline.metrics import finalize
+    from pipeline.models import load_tokenizer
+    from pipeline.training import (
+        MetricsLog,
+        all_reduce_rows,
+        build_engine,
+        build_policy,
+        eval_metrics,
+        export_model,
+        load_pairs,
+        micro_step,
+        peak_memory_bytes,
+    )
+
+    cfg: Config = config["cfg"]
+    total, cpus = config["total_steps"], config["cpus"]
+    ray.data.DataContext.get_current().enable_progress_bars = False  # the [train] lines are the progress
+    torch.set_num_threads(cpus)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    t = cfg.train
+    out_dir = Path(cfg.data.output_dir).expanduser()
+
+    # --- setup: data, policy, engine, resume ---
+    train_pairs = load_pairs(ray.train.get_dataset_shard("train"))
+    eval_shard = ray.train.get_dataset_shard("eval") if cfg.data.eval_dataset else None
+    eval_pairs = load_pairs(eval_shard) if eval_shard is not None else None
+    tokenizer = load_tokenizer(config["model_dir"], cfg.model.trust_remote_code)
+    engine = build_engine(cfg, build_policy(cfg, config["model_dir"]), world, total)
+    per_epoch = batching.steps_per_epoch(len(train_pairs), batching.global_batch_size(
+        world, t.per_device_train_batch_size, t.gradient_accumulation_steps))
+
+    step, window, state = 0, [], {"num_tokens": 0, "train_seconds": 0.0, "pairs_seen": 0}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            engine.load_checkpoint(d, tag=DS_TAG)
+            state = json.loads((Path(d) / STATE).read_text())
+        step, window = state["step"], [torch.tensor(r, dtype=torch.float64) for r in state["window"]]
+        print(f"[train] rank {rank}: resumed from step {step}", flush=True)
+    log = MetricsLog(str(out_dir), step, total) if rank == 0 else None
+
+    def evaluate(at_step: int) -> dict[str, float] | None:
+        if eval_pairs is None:
+            return None
+        engine.eval()
+        rows = []
+        with torch.no_grad():
+            for idx in batching.eval_batches(len(eval_pairs), rank, world, t.per_device_eval_batch_size):
+                filler = len(idx) == 0  # a rank out of pairs still joins the collectives, with weight 0
+                rows.append(micro_step(cfg, engine, eval_pairs, np.zeros(1, dtype=np.int64) if filler else idx,
+                                       tokenizer.pad_token_id, world, weight=0.0 if filler else 1.0).metric_row)
+        engine.train()
+        values = eval_metrics([all_reduce_rows(rows, world).sum(dim=0)])
+        if log is not None:
+            log.write(at_step, values, prefix="eval_")
+        return values
+
+    if step == 0 and eval_pairs is not None:
+        evaluate(0)
+
+    # --- the loop: one optimizer step = gradient_accumulation_steps micro-batches per rank ---
+    started = time.time()
+    steps_at_start = step
+    while step < total:
+        epoch, in_epoch = divmod(step, per_epoch)
+        order = batching.epoch_order(len(train_pairs), t.seed, epoch)
+        rows = []
+        for idx in batching.micro_batches(order, in_epoch, rank, world, t.per_device_train_batch_size,
+                                          t.gradient_accumulation_steps):
+            r = micro_step(cfg, engine, train_pairs, idx, tokenizer.pad_token_id, world)
+            engine.backward(r.loss)
+            engine.step()
+            rows.append(r.metric_row)
+            state["num_tokens"] += r.tokens
+            state["pairs_seen"] += r.pairs
+        step += 1
+        window.extend(all_reduce_rows(rows, world))  # one collective per optimizer step
+        if step % t.logging_steps == 0 or step == total:
+            values = finalize(torch.stack(window))
+            grad_norm = engine.get_global_grad_norm()
+            elapsed = state["train_seconds"] + time.time() - started
+            values |= {"grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                       "learning_rate": engine.get_lr()[0], "epoch": step / per_epoch,
+                       "num_tokens": state["num_tokens"] * world,
+                       "pairs_per_second": state["pairs_seen"] * world / max(elapsed, 1e-9)}
+            window = []
+            if log is not None:
+                log.write(step, values)
+        if eval_pairs is not None and step % (t.eval_steps or t.logging_steps) == 0 and step != total:
+            evaluate(step)
+        if step % t.save_steps == 0 and step != total:
+            state["train_seconds"] += time.time() - started
+            started = time.time()
+            _save(engine, {**state, "step": step, "window": [w.tolist() for w in window]}, rank, step)
+
+    # --- end: final eval, export, summary ---
+    state["train_seconds"] += time.time() - started
+    final_eval = evaluate(step)
+    export_model(cfg, engine, tokenizer, out_dir / "final", rank)
+    if rank == 0 and log is not None:
+        log.close()
+        seconds = state["train_seconds"]
+        summary = {
+            "train_runtime": round(seconds, 3),
+            "train_steps": step,
+            "steps_this_run": step - steps_at_start,
+            "train_samples_per_second": state["pairs_seen"] * world / seconds if seconds else 0.0,
+            "train_tokens_per_second": state["num_tokens"] * world / seconds if seconds else 0.0,
+            "peak_memory_bytes": peak_memory_bytes(),
+            "num_workers": world,
+            "zero_stage": cfg.scale.zero_stage,
+            "final_eval": final_eval,
+            "config": cfg.flat(),
+        }
+        write_json_atomic(out_dir / "train_summary.json", summary)
+    ray.train.report({"step": step})
+
+
+def _save(engine: Any, state: dict[str, Any], rank: int, step: int) -> None:
+    """Every rank writes its DeepSpeed shards into its own folder; Ray Train gathers them in storage."""
+    tmp = Path(tempfile.mkdtemp(prefix=f"ckpt-{step}-"))
+    try:
+        engine.save_checkpoint(str(tmp), tag=DS_TAG)
+        if rank == 0:
+            write_json_atomic(tmp / STATE, state)
+        ray.train.report({"step": step}, checkpoint=Checkpoint.from_directory(str(tmp)))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
