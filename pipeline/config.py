@@ -77,6 +77,8 @@ class ModelConfig:
                             "positions and attention that never crosses a sequence.")
 
     def __post_init__(self) -> None:
+        for key in ("use_liger_kernel", "padding_free"):  # their place in the config is kept; the feature is not
+            _check(not getattr(self, key), key, True, "false: this version does not implement it yet")
         _check(self.lora_r >= 1, "lora_r", self.lora_r, "an integer >= 1")
         _check(self.lora_alpha >= 1, "lora_alpha", self.lora_alpha, "an integer >= 1")
         _check(0.0 <= self.lora_dropout < 1.0, "lora_dropout", self.lora_dropout, "a number in [0, 1)")
@@ -405,7 +407,8 @@ def describe_type(tp: Any) -> str:
     if origin is Literal:
         return "one of " + ", ".join(str(a) for a in args)
     if origin is tuple:
-        return f"a list of {describe_type(args[0])}s (comma-separated on the command line)"
+        plural = {str: "strings", float: "numbers", int: "integers"}.get(args[0], str(args[0]))
+        return f"a list of {plural} (comma-separated on the command line)"
     return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
 
 

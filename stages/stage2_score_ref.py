@@ -73,7 +73,10 @@ def find_reference(cfg: Config, tokenized: TokenizedData) -> ReferenceScores:
 
 
 def shard_of(pair_ids: Any, num_shards: int) -> np.ndarray:
-    return np.array([int(p[:8], 16) % num_shards for p in pair_ids], dtype=np.int64)
+    """Range-partition the pair_id hash space. Stage 1 writes pairs sorted by pair_id, so each shard is a
+    contiguous run of the input and shards complete one after another (a modulo would spread every shard
+    over the whole input, so none would be complete before the last block)."""
+    return np.array([int(p[:8], 16) * num_shards >> 32 for p in pair_ids], dtype=np.int64)
 
 
 def shard_name(i: int) -> str:
@@ -208,7 +211,11 @@ def _check_plan_and_done(path: Path, key: str, num_shards: int, expected: np.nda
     for i in range(num_shards):
         f = path / shard_name(i)
         if f.exists():
-            rows = pq.ParquetFile(f).metadata.num_rows
+            try:
+                rows = pq.ParquetFile(f).metadata.num_rows
+            except (OSError, pa.ArrowException) as e:
+                raise CacheError(f"cache entry {path}: {f.name} is unreadable ({e}); delete the entry or rerun "
+                                 "with --force.") from None
             if rows != expected[i]:
                 raise CacheError(f"cache entry {path}: {f.name} has {rows} rows, expected {expected[i]}; delete "
                                  "the entry or rerun with --force.")
@@ -223,7 +230,8 @@ def _score_missing(cfg: Config, tokenized: TokenizedData, model_dir: str, path: 
     micro = cfg.train.ref_batch_size
     # Reading is light; at 0 CPUs it never waits behind scoring actors that hold every core.
     ds = ray.data.from_items([{"path": f} for f in tokenized.files]).map_batches(
-        _read_unscored, fn_kwargs={"num_shards": num_shards, "wanted": missing}, batch_size=1, num_cpus=0)
+        _read_unscored, fn_kwargs={"num_shards": num_shards, "wanted": missing}, batch_size=1, num_cpus=0,
+    ).repartition(target_num_rows_per_block=micro * BLOCK_BATCHES)  # one file would be one actor task
     scored = ds.map_batches(
         _ScoreRef,
         fn_constructor_args=(model_dir, cfg.compute_dtype, cpus, micro, cfg.model.trust_remote_code,
@@ -234,6 +242,9 @@ def _score_missing(cfg: Config, tokenized: TokenizedData, model_dir: str, path: 
         num_cpus=cpus,
         num_gpus=1 if cfg.scale.use_gpu else 0,
     )
+    for i in missing:
+        if expected[i] == 0:  # no pair falls in it, so no block will ever complete it
+            _write_shard(path, i, [schema.REFERENCE_SCHEMA.empty_table()])
     pending: dict[int, list[pa.Table]] = defaultdict(list)
     have: dict[int, int] = defaultdict(int)
     written = 0

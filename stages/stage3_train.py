@@ -12,7 +12,9 @@ continues the data order exactly.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -34,6 +36,9 @@ from stages.stage2_score_ref import ReferenceScores, find_reference
 
 STATE = "state.json"
 DS_TAG = "ds"
+# Fault injection for the fault-tolerance tests: "kill:<step>:<marker>" SIGKILLs the rank-0 worker, "raise:..."
+# raises, once, right after optimizer step <step> (the marker file records that it happened).
+FAULT_ENV = "DPO_PIPELINE_FAULT"
 
 
 # --- driver: find the cached inputs, join them, launch the workers ---
@@ -52,11 +57,6 @@ def joined_dataset(tokenized_files: list[str], reference: ReferenceScores, expec
 
 def run_train(cfg: Config) -> dict[str, Any]:
     tokenized = find_tokenized(cfg, cfg.data.dataset)
-    datasets = {"train": joined_dataset(tokenized.files, find_reference(cfg, tokenized), tokenized.manifest["rows"])}
-    if cfg.data.eval_dataset:
-        eval_tok = find_tokenized(cfg, cfg.data.eval_dataset)
-        datasets["eval"] = joined_dataset(eval_tok.files, find_reference(cfg, eval_tok), eval_tok.manifest["rows"])
-
     n_pairs = tokenized.manifest["rows"]
     t, s = cfg.train, cfg.scale
     g = batching.global_batch_size(s.num_workers, t.per_device_train_batch_size, t.gradient_accumulation_steps)
@@ -64,6 +64,11 @@ def run_train(cfg: Config) -> dict[str, Any]:
         raise ConfigError(f"one optimizer step needs num_workers x per_device_train_batch_size x "
                           f"gradient_accumulation_steps = {g} pairs, but the training data has {n_pairs}; lower "
                           "them or add data.")
+    datasets = {"train": joined_dataset(tokenized.files, find_reference(cfg, tokenized), n_pairs)}
+    if cfg.data.eval_dataset:
+        eval_tok = find_tokenized(cfg, cfg.data.eval_dataset)
+        datasets["eval"] = joined_dataset(eval_tok.files, find_reference(cfg, eval_tok), eval_tok.manifest["rows"])
+
     total = batching.total_steps(n_pairs, g, t.num_train_epochs, t.max_steps)
     cpus = s.cpus_per_worker or max(1, int(ray.cluster_resources().get("CPU", 1)) // s.num_workers)
     storage = s.storage_path or str(Path(cfg.data.output_dir).expanduser().resolve() / "ray")
@@ -181,13 +186,13 @@ def train_loop(config: dict[str, Any]) -> None:
                 log.write(step, values)
         if eval_pairs is not None and step % (t.eval_steps or t.logging_steps) == 0 and step != total:
             evaluate(step)
-        if step % t.save_steps == 0 and step != total:
+        if step % t.save_steps == 0 or step == total:  # the last one lets a rerun of a finished run stop at once
             state["train_seconds"] += time.time() - started
             started = time.time()
             _save(engine, {**state, "step": step, "window": [w.tolist() for w in window]}, rank, step)
+        _inject_fault(step, rank)
 
     # --- end: final eval, export, summary ---
-    state["train_seconds"] += time.time() - started
     final_eval = evaluate(step)
     export_model(cfg, engine, tokenizer, out_dir / "final", rank)
     if rank == 0 and log is not None:
@@ -207,6 +212,18 @@ def train_loop(config: dict[str, Any]) -> None:
         }
         write_json_atomic(out_dir / "train_summary.json", summary)
     ray.train.report({"step": step})
+
+
+def _inject_fault(step: int, rank: int) -> None:
+    spec = os.environ.get(FAULT_ENV)
+    if not spec or rank != 0:
+        return
+    kind, at, marker = spec.split(":", 2)
+    if step == int(at) and not Path(marker).exists():
+        Path(marker).touch()
+        if kind == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise RuntimeError(f"{FAULT_ENV}: injected failure after step {step}")
 
 
 def _save(engine: Any, state: dict[str, Any], rank: int, step: int) -> None:

@@ -1,0 +1,194 @@
+"""Stage 3 on a real local Ray with real DeepSpeed on CPU and a tiny random Llama.
+
+Invariants (DESIGN.md): the policy starts as the reference, so step-1 sigmoid loss is ln 2 and rewards
+are 0 for any worker count or ZeRO stage; the data schedule makes 2 workers x 4 pairs, and 4 x 2
+accumulated, follow the same trajectory as 1 worker x 8; resuming reproduces the uninterrupted run.
+Tolerances: 1e-5 on ln 2; 2e-4 between runs that differ only in reduction order (fp32 all-reduce and
+ZeRO partitioning change summation order over 6 steps of training at lr 1e-3).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.config import config_from_dict
+from pipeline.errors import CacheError, ConfigError
+from stages.stage1_tokenize import run_tokenize
+from stages.stage2_score_ref import run_score_ref
+from stages.stage3_train import FAULT_ENV, run_train
+
+LN2 = math.log(2.0)
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def prepared(ray_session, tiny_model_dir, tmp_path_factory):
+    """Tokenized and reference-scored train (32 pairs) and eval (6 pairs) data in one cache."""
+    root = tmp_path_factory.mktemp("train")
+    words = ["red", "blue", "green", "gold", "black", "white", "pink", "grey"]
+    train = [{"prompt": f"Name colour number {i}:", "chosen": f" {words[i % 8]} {i}",
+              "rejected": f" {words[(i + 3) % 8]} {words[i % 5]} {i + 1}"} for i in range(32)]
+    evals = [{"prompt": f"Which colour is {i}?", "chosen": f" {words[i % 8]}", "rejected": f" not {words[i % 8]}"}
+             for i in range(6)]
+    for name, rows in (("train.jsonl", train), ("eval.jsonl", evals)):
+        (root / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    base = {"model": str(tiny_model_dir), "cache_dir": str(root / "cache"), "dataset": [str(root / "train.jsonl")],
+            "eval_dataset": [str(root / "eval.jsonl")], "max_steps": STEPS, "learning_rate": 1e-3,
+            "per_device_train_batch_size": 8, "logging_steps": 1, "save_steps": 2, "zero_stage": 0,
+            "gradient_checkpointing": False, "lr_scheduler_type": "linear", "warmup_steps": 1, "max_grad_norm": 1.0}
+    cfg = config_from_dict({**base, "output_dir": str(root / "prep")})
+    for split, specs in (("train", cfg.data.dataset), ("eval", cfg.data.eval_dataset)):
+        run_score_ref(cfg, run_tokenize(cfg, specs, split), split)
+    return root, base
+
+
+def train(prepared, name: str, **overrides):
+    root, base = prepared
+    cfg = config_from_dict({**base, "output_dir": str(root / name), "run_name": name, **overrides})
+    summary = run_train(cfg)
+    lines = [json.loads(x) for x in (root / name / "metrics.jsonl").read_text().splitlines()]
+    return cfg, summary, lines
+
+
+def losses(lines):
+    return [x["loss"] for x in lines if "loss" in x]
+
+
+def first_train(lines):
+    return next(x for x in lines if "loss" in x)
+
+
+def assert_reference_start(lines):
+    first = first_train(lines)
+    assert first["step"] == 1
+    assert abs(first["loss"] - LN2) < 1e-5
+    assert abs(first["rewards/chosen"]) < 1e-5 and abs(first["rewards/rejected"]) < 1e-5
+    step0 = next(x for x in lines if "eval_loss" in x)
+    assert step0["step"] == 0 and abs(step0["eval_loss"] - LN2) < 1e-5 and step0["eval_rewards/accuracies"] == 0.0
+
+
+@pytest.fixture(scope="module")
+def baseline(prepared):
+    return train(prepared, "baseline")
+
+
+def test_one_worker_zero0_outputs(baseline, prepared, tiny_model_dir):
+    cfg, summary, lines = baseline
+    assert_reference_start(lines)
+    steps = [x["step"] for x in lines if "loss" in x]
+    assert steps == [1, 2, 3, 4]
+    assert len({x["step"] for x in lines if "eval_loss" in x}) == len([x for x in lines if "eval_loss" in x])
+    # warm-up: step 1 runs at lr 0, so step 2 still sees the reference; from step 3 the policy has moved
+    assert losses(lines)[1] == pytest.approx(LN2, abs=1e-5) and abs(losses(lines)[2] - LN2) > 1e-3
+    for key in ("rewards/margins", "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected",
+                "entropy", "mean_token_accuracy", "num_tokens", "grad_norm", "learning_rate", "epoch"):
+        assert key in lines[-2] or key in lines[-1]
+    # linear schedule, 1 warm-up step, 4 steps: the rate after step s is lr * lambda(s)
+    lrs = [x["learning_rate"] for x in lines if "loss" in x]
+    assert lrs == pytest.approx([1e-3 * v for v in (1.0, 2 / 3, 1 / 3, 0.0)], abs=1e-9)
+    assert summary["train_steps"] == STEPS and summary["train_samples_per_second"] > 0
+    assert summary["peak_memory_bytes"] > 0
+    assert (Path(cfg.data.output_dir) / "tensorboard").is_dir()
+
+    # export: final/ reloads like any HF model and gives the engine's log-probs (final eval logps/chosen)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(Path(cfg.data.output_dir) / "final").eval()
+    tok_dir = Path(cfg.data.output_dir) / "final"
+    assert (tok_dir / "tokenizer.json").is_file() and (tok_dir / "model.safetensors").is_file()
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    words = ["red", "blue", "green", "gold", "black", "white", "pink", "grey"]
+    total = 0.0
+    for i in range(6):
+        prompt = tok(f"Which colour is {i}?")["input_ids"]
+        ids = tok(f"Which colour is {i}? {words[i % 8]}{tok.eos_token}")["input_ids"]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
+        total += sum(logp[t - 1, ids[t]].item() for t in range(len(prompt), len(ids)))
+    final_eval = summary["final_eval"]
+    assert total / 6 == pytest.approx(final_eval["logps/chosen"], abs=1e-4)
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_two_workers_match_one_worker(prepared, baseline, zero_stage):
+    _, _, lines = train(prepared, f"w2z{zero_stage}", num_workers=2, per_device_train_batch_size=4,
+                        zero_stage=zero_stage)
+    assert_reference_start(lines)
+    assert losses(lines) == pytest.approx(losses(baseline[2]), abs=2e-4)
+
+
+def test_gradient_accumulation_matches_larger_batch(prepared, baseline):
+    _, _, lines = train(prepared, "ga4x2", per_device_train_batch_size=2, gradient_accumulation_steps=4)
+    assert losses(lines) == pytest.approx(losses(baseline[2]), abs=2e-4)
+
+
+def test_killed_worker_is_survived_and_resume_matches(prepared, baseline, tmp_path):
+    """The rank-0 worker is SIGKILLed after step 3; Ray Train restarts the group from the step-2 checkpoint."""
+    root, base = prepared
+    out = root / "killed"
+    cfg = {**base, "output_dir": str(out), "run_name": "killed", "max_failures": 1}
+    (tmp_path / "c.yaml").write_text(json.dumps(cfg))
+    env = {**os.environ, FAULT_ENV: f"kill:3:{tmp_path / 'marker'}", "RAY_ADDRESS": ""}
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "train", "--config", str(tmp_path / "c.yaml")],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "marker").exists()  # the fault really happened
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [x["step"] for x in lines if "loss" in x]
+    assert train_steps == [1, 2, 3, 4]  # every step exactly once
+    assert losses(lines) == pytest.approx(losses(baseline[2]), abs=1e-6)
+
+
+def test_rerun_with_same_name_resumes(prepared, baseline, tmp_path):
+    root, base = prepared
+    out = root / "rerun"
+    cfg = {**base, "output_dir": str(out), "run_name": "rerun", "max_failures": 0}
+    (tmp_path / "c.yaml").write_text(json.dumps(cfg))
+    cmd = [sys.executable, "-m", "pipeline", "train", "--config", str(tmp_path / "c.yaml")]
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    failed = subprocess.run(cmd, env={**env, FAULT_ENV: f"raise:3:{tmp_path / 'marker'}"}, capture_output=True,
+                            text=True, timeout=600)
+    assert failed.returncode != 0
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed from step 2" in done.stdout + done.stderr
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if "loss" in x] == [1, 2, 3, 4]
+    assert losses(lines) == pytest.approx(losses(baseline[2]), abs=1e-6)
+
+
+def test_lora_run_exports_adapter_and_merged(prepared):
+    cfg, _, lines = train(prepared, "lora", use_peft=True, lora_r=4, lora_alpha=8, lora_dropout=0.0,
+                                learning_rate=1e-2)
+    assert_reference_start(lines)  # with a fresh adapter the policy is the base model, i.e. the reference
+    assert abs(losses(lines)[2] - LN2) > 1e-3  # the adapter moved the policy
+    final = Path(cfg.data.output_dir) / "final"
+    assert (final / "adapter_config.json").is_file() and (final / "adapter_model.safetensors").is_file()
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(final / "merged")
+    base = AutoModelForCausalLM.from_pretrained(cfg.model.model)
+    changed = [n for (n, p), (_, q) in zip(merged.named_parameters(), base.named_parameters()) if not torch.equal(p, q)]
+    assert changed and all(("q_proj" in n or "v_proj" in n) for n in changed)  # peft's default Llama targets
+
+
+def test_bad_setups_are_clear_errors(prepared, tmp_path):
+    _, base = prepared
+    with pytest.raises(ConfigError, match=r"needs num_workers x per_device_train_batch_size x .* = 64 pairs, but "
+                                          r"the training data has 32"):
+        run_train(config_from_dict({**base, "output_dir": str(tmp_path), "per_device_train_batch_size": 32,
+                                    "num_workers": 2}))
+    with pytest.raises(CacheError, match=r"Produce it with `dpo-pipeline tokenize`"):
+        run_train(config_from_dict({**base, "output_dir": str(tmp_path), "max_length": 9}))
+    with pytest.raises(CacheError, match=r"Produce it with `dpo-pipeline score-ref`.* dtype bfloat16"):
+        run_train(config_from_dict({**base, "output_dir": str(tmp_path), "dtype": "bfloat16"}))
