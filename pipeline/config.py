@@ -90,7 +90,8 @@ class ModelConfig:
 class DataConfig:
     dataset: tuple[str, ...] = _f(("builtin:demo-train",), "Training preference data: .jsonl/.json/.parquet "
                                   "files, globs, directories of them, `datasets` save_to_disk directories, or "
-                                  "builtin:demo-train / builtin:demo-test.")
+                                  "builtin names (builtin:demo-train, demo-test, demo-train-text, demo-test-text; "
+                                  "builtin:NAME:N for N pairs).")
     eval_dataset: tuple[str, ...] = _f((), "Held-out preference data, same forms as `dataset`; empty = no eval.")
     max_length: int | None = _f(1024, "Maximum tokens per prompt+completion sequence; longer ones are "
                                 "truncated per `truncation_mode`. null = no truncation.")

@@ -29,13 +29,13 @@ _SAMPLE_BYTES = 1 << 16
 def resolve_model(name: str, cache_dir: str | os.PathLike) -> str:
     """A path or hub id that `from_pretrained` loads: builtins are converted (once) and their directory returned."""
     if name in BUILTIN_MODELS:
-        return str(_builtin_dir(name, Path(cache_dir).expanduser()))
+        return str(_builtin_dir(name, Path(cache_dir).expanduser().resolve()))
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
             raise PipelineError(f"model {name}: {path} has no config.json, so it is not a Hugging Face model "
                                 "directory")
-        return str(path)
+        return str(path.resolve())  # absolute: Ray workers need not share the driver's working directory
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise PipelineError(f"model {name}: no such directory")
     return name  # a hub id

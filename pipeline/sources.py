@@ -52,10 +52,13 @@ def expand_inputs(specs: tuple[str, ...] | list[str], cache_dir: str) -> list[In
 
 
 def _expand_one(spec: str, cache_dir: str) -> list[InputFile]:
-    if spec.startswith(BUILTIN_PREFIX):
+    if spec.startswith(BUILTIN_PREFIX):  # builtin:NAME or builtin:NAME:PAIRS
         from pipeline.demo_data import builtin_dataset_path
 
-        return [InputFile(str(builtin_dataset_path(spec[len(BUILTIN_PREFIX):], cache_dir)), "jsonl")]
+        name, _, size = spec[len(BUILTIN_PREFIX):].partition(":")
+        if size and not size.isdigit():
+            raise DataError(f"{spec}: the size after the name must be a number of pairs, e.g. builtin:{name}:1000")
+        return [InputFile(str(builtin_dataset_path(name, cache_dir, int(size) if size else None)), "jsonl")]
     path = Path(spec).expanduser()
     if any(c in spec for c in "*?["):
         matches = sorted(glob.glob(str(path), recursive=True))

@@ -228,10 +228,15 @@ def _score_missing(cfg: Config, tokenized: TokenizedData, model_dir: str, path: 
     actors = cfg.scale.ref_actors
     cpus = cfg.scale.cpus_per_ref_actor or max(1, int(ray.cluster_resources().get("CPU", 1)) // actors)
     micro = cfg.train.ref_batch_size
-    # Reading is light; at 0 CPUs it never waits behind scoring actors that hold every core.
+    for i in missing:
+        if expected[i] == 0:  # no pair falls in it, so no block will ever complete it
+            _write_shard(path, i, [schema.REFERENCE_SCHEMA.empty_table()])
+    # Read and cut into blocks of one actor call each before any actor holds a core. Fed a whole file as
+    # one block, a single actor would score all of it and return it at the end: no spread over the pool,
+    # and no shard complete before the file is.
     ds = ray.data.from_items([{"path": f} for f in tokenized.files]).map_batches(
-        _read_unscored, fn_kwargs={"num_shards": num_shards, "wanted": missing}, batch_size=1, num_cpus=0,
-    ).repartition(target_num_rows_per_block=micro * BLOCK_BATCHES)  # one file would be one actor task
+        _read_unscored, fn_kwargs={"num_shards": num_shards, "wanted": missing}, batch_size=1,
+    ).repartition(target_num_rows_per_block=micro * BLOCK_BATCHES).materialize()
     scored = ds.map_batches(
         _ScoreRef,
         fn_constructor_args=(model_dir, cfg.compute_dtype, cpus, micro, cfg.model.trust_remote_code,
@@ -242,9 +247,6 @@ def _score_missing(cfg: Config, tokenized: TokenizedData, model_dir: str, path: 
         num_cpus=cpus,
         num_gpus=1 if cfg.scale.use_gpu else 0,
     )
-    for i in missing:
-        if expected[i] == 0:  # no pair falls in it, so no block will ever complete it
-            _write_shard(path, i, [schema.REFERENCE_SCHEMA.empty_table()])
     pending: dict[int, list[pa.Table]] = defaultdict(list)
     have: dict[int, int] = defaultdict(int)
     written = 0

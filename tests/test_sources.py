@@ -109,3 +109,13 @@ def test_fingerprint_follows_content_not_path(tmp_path):
     assert fp == fingerprint_inputs(expand_inputs([str(tmp_path / "copy.jsonl")], str(tmp_path)))
     write_jsonl(a, ROWS[:1])
     assert fp != fingerprint_inputs(expand_inputs([str(a)], str(tmp_path)))
+
+
+def test_builtin_names_and_sizes(tmp_path):
+    (full,) = expand_inputs(["builtin:demo-test-text"], str(tmp_path))
+    (small,) = expand_inputs(["builtin:demo-test-text:40"], str(tmp_path))
+    assert sum(1 for _ in open(full.path)) == 300 and sum(1 for _ in open(small.path)) == 40
+    rows = [json.loads(r.record) for r in read_rows(small)]
+    assert all(isinstance(r["prompt"], str) and r["chosen"] != r["rejected"] for r in rows)
+    with pytest.raises(DataError, match="must be a number of pairs"):
+        expand_inputs(["builtin:demo-test:many"], str(tmp_path))
