@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import shutil
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -114,7 +115,8 @@ def test_fingerprint_follows_content_not_path(tmp_path):
 def test_builtin_names_and_sizes(tmp_path):
     (full,) = expand_inputs(["builtin:demo-test-text"], str(tmp_path))
     (small,) = expand_inputs(["builtin:demo-test-text:40"], str(tmp_path))
-    assert sum(1 for _ in open(full.path)) == 300 and sum(1 for _ in open(small.path)) == 40
+    assert len(Path(full.path).read_text().splitlines()) == 300
+    assert len(Path(small.path).read_text().splitlines()) == 40
     rows = [json.loads(r.record) for r in read_rows(small)]
     assert all(isinstance(r["prompt"], str) and r["chosen"] != r["rejected"] for r in rows)
     with pytest.raises(DataError, match="must be a number of pairs"):
