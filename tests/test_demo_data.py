@@ -98,7 +98,7 @@ def test_no_prompt_shared_between_train_and_test(splits):
 
 def test_deterministic_per_seed(splits):
     assert _digest(generate_pairs("train")) == _digest(splits["train"])
-    assert _digest(generate_pairs("train", seed=1)) != _digest(splits["train"])
+    assert _digest(generate_pairs("train", n=200, seed=1)) != _digest(generate_pairs("train", n=200))
     assert _digest(generate_pairs("train", n=50, seed=3, conversational=False)) == \
         _digest(generate_pairs("train", n=50, seed=3, conversational=False))
 
@@ -154,7 +154,14 @@ def test_builtin_dataset_path_writes_once(tmp_path):
     assert path.stat().st_mtime_ns == mtime
     assert [p.name for p in path.parent.iterdir()] == ["demo-test.jsonl"]  # no temp file left behind
     assert builtin_dataset_path("demo-test", tmp_path / "b").read_bytes() == path.read_bytes()
-    assert set(BUILTIN_DATASETS) == {"demo-train", "demo-test"}
+
+
+def test_builtin_text_and_sized_variants(tmp_path):
+    assert set(BUILTIN_DATASETS) == {"demo-train", "demo-test", "demo-train-text", "demo-test-text"}
+    path = builtin_dataset_path("demo-train-text", tmp_path, n=40)
+    assert path.name == "demo-train-text-40.jsonl"
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    assert rows == generate_pairs("train", n=40, conversational=False)
 
 
 def test_unknown_names_raise(tmp_path):
