@@ -13,12 +13,26 @@ import json
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pipeline.errors import CacheError
 
 MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """A valid cache entry: its directory, key and manifest."""
+
+    path: Path
+    key: str
+    manifest: dict[str, Any]
+
+    @property
+    def files(self) -> list[str]:
+        return [str(self.path / name) for name in sorted(self.manifest["files"])]
 
 
 def cache_key(**parts: Any) -> str:

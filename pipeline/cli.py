@@ -78,14 +78,18 @@ def init_ray() -> None:
 
 # --- commands ---
 
+def splits(cfg: Config) -> list[tuple[str, tuple[str, ...]]]:
+    """(split name, dataset specs) for the training data and, when set, the eval data."""
+    return [(name, specs) for name, specs in (("train", cfg.data.dataset), ("eval", cfg.data.eval_dataset)) if specs]
+
+
 def cmd_tokenize(cfg: Config, force: bool) -> None:
     from stages.stage1_tokenize import run_tokenize, write_data_report
 
     init_ray()
-    for split, specs in (("train", cfg.data.dataset), ("eval", cfg.data.eval_dataset)):
-        if specs:
-            data = run_tokenize(cfg, specs, split, force=force)
-            write_data_report(cfg.data.output_dir, data, split)
+    for split, specs in splits(cfg):
+        data = run_tokenize(cfg, specs, split, force=force)
+        write_data_report(cfg.data.output_dir, data, split)
 
 
 def cmd_score_ref(cfg: Config, force: bool) -> None:
@@ -93,9 +97,8 @@ def cmd_score_ref(cfg: Config, force: bool) -> None:
     from stages.stage2_score_ref import run_score_ref
 
     init_ray()
-    for split, specs in (("train", cfg.data.dataset), ("eval", cfg.data.eval_dataset)):
-        if specs:
-            run_score_ref(cfg, find_tokenized(cfg, specs), split, force=force)
+    for split, specs in splits(cfg):
+        run_score_ref(cfg, find_tokenized(cfg, specs), split, force=force)
 
 
 def cmd_train(cfg: Config, force: bool) -> None:
@@ -113,11 +116,10 @@ def cmd_run(cfg: Config, force: bool) -> None:
     from stages.stage3_train import run_train
 
     init_ray()
-    for split, specs in (("train", cfg.data.dataset), ("eval", cfg.data.eval_dataset)):
-        if specs:
-            data = run_tokenize(cfg, specs, split, force=force)
-            write_data_report(cfg.data.output_dir, data, split)
-            run_score_ref(cfg, data, split, force=force)
+    for split, specs in splits(cfg):
+        data = run_tokenize(cfg, specs, split, force=force)
+        write_data_report(cfg.data.output_dir, data, split)
+        run_score_ref(cfg, data, split, force=force)
     summary = run_train(cfg)
     print(f"[run] done: {summary['train_steps']} steps, {summary['train_samples_per_second']:.2f} pairs/s, "
           f"model in {cfg.data.output_dir}/final", flush=True)

@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -42,17 +42,8 @@ MAX_ERRORS_SHOWN = 10
 KEPT, DROPPED, ERROR = "kept", "dropped", "error"
 
 
-@dataclass(frozen=True)
-class TokenizedData:
+class TokenizedData(cache.CacheEntry):
     """A valid stage-1 cache entry."""
-
-    path: Path
-    key: str
-    manifest: dict[str, Any]
-
-    @property
-    def files(self) -> list[str]:
-        return [str(self.path / name) for name in sorted(self.manifest["files"])]
 
     @property
     def report(self) -> dict[str, Any]:

@@ -19,7 +19,6 @@ import os
 import shutil
 import time
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,15 +40,8 @@ BLOCK_BATCHES = 16  # micro-batches per block that an actor sorts by length
 PLAN = "plan.json"
 
 
-@dataclass(frozen=True)
-class ReferenceScores:
-    path: Path
-    key: str
-    manifest: dict[str, Any]
-
-    @property
-    def files(self) -> list[str]:
-        return [str(self.path / name) for name in sorted(self.manifest["files"])]
+class ReferenceScores(cache.CacheEntry):
+    """A valid stage-2 cache entry."""
 
 
 def reference_key(cfg: Config, tokenized: TokenizedData) -> tuple[str, str, dict[str, Any]]:
