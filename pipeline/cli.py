@@ -64,7 +64,7 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
 
 def parse_config(args: argparse.Namespace) -> Config:
     overrides = {k[len("cfg_"):]: v for k, v in vars(args).items() if k.startswith("cfg_")}
-    return load_config(args.config, overrides)
+    return load_config(args.config, overrides).with_absolute_paths()
 
 
 def init_ray() -> None:

@@ -274,6 +274,16 @@ class Config:
                 out[f.name] = list(value) if isinstance(value, tuple) else value
         return out
 
+    def with_absolute_paths(self) -> Config:
+        """Local paths made absolute, so Ray workers (whose working directory differs) write where meant."""
+        def absolute(p: str | None) -> str | None:
+            return p if p is None or "://" in p else str(Path(p).expanduser().resolve())
+
+        d = self.data
+        return dataclasses.replace(self, data=dataclasses.replace(
+            d, cache_dir=absolute(d.cache_dir), output_dir=absolute(d.output_dir)), scale=dataclasses.replace(
+            self.scale, storage_path=absolute(self.scale.storage_path)))
+
     def replace(self, **overrides: Any) -> Config:
         """A copy with flat keys replaced (validated again)."""
         return config_from_dict({**self.flat(), **overrides})

@@ -56,6 +56,7 @@ def joined_dataset(tokenized_files: list[str], reference: ReferenceScores, expec
 
 
 def run_train(cfg: Config) -> dict[str, Any]:
+    cfg = cfg.with_absolute_paths()
     tokenized = find_tokenized(cfg, cfg.data.dataset)
     n_pairs = tokenized.manifest["rows"]
     t, s = cfg.train, cfg.scale
@@ -71,7 +72,7 @@ def run_train(cfg: Config) -> dict[str, Any]:
 
     total = batching.total_steps(n_pairs, g, t.num_train_epochs, t.max_steps)
     cpus = s.cpus_per_worker or max(1, int(ray.cluster_resources().get("CPU", 1)) // s.num_workers)
-    storage = s.storage_path or str(Path(cfg.data.output_dir).expanduser().resolve() / "ray")
+    storage = s.storage_path or str(Path(cfg.data.output_dir) / "ray")
     print(f"[train] {n_pairs} pairs, global batch {g}, {total} steps on {s.num_workers} worker(s) x {cpus} CPU, "
           f"ZeRO-{s.zero_stage}; checkpoints in {storage}/{s.run_name}", flush=True)
     trainer = TorchTrainer(

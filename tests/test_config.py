@@ -101,3 +101,11 @@ def test_help_lists_every_key_with_its_doc(capsys):
     for key in ("--beta", "--loss_type", "--zero_stage", "--ref_actors", "--max_length", "--lora_r"):
         assert key in out
     assert "Deviation from the reference" in out
+
+
+def test_relative_paths_become_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = config_from_dict({"output_dir": "runs/x", "cache_dir": "~/c", "storage_path": "s3://bucket/r"})
+    out = cfg.with_absolute_paths()
+    assert out.data.output_dir == str(tmp_path / "runs" / "x")
+    assert out.data.cache_dir.startswith("/") and out.scale.storage_path == "s3://bucket/r"
