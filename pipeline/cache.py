@@ -45,11 +45,16 @@ def entry_dir(cache_dir: str | os.PathLike, kind: str, key: str) -> Path:
     return Path(cache_dir).expanduser() / kind / key
 
 
-def file_checksum(path: Path) -> str:
-    h = hashlib.blake2b(digest_size=16)
+def hash_file(h: Any, path: Path) -> None:
+    """Feed a file's bytes into hasher `h`, 4 MiB at a time."""
     with path.open("rb") as fh:
         for block in iter(lambda: fh.read(1 << 22), b""):
             h.update(block)
+
+
+def file_checksum(path: Path) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    hash_file(h, path)
     return h.hexdigest()
 
 

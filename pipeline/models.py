@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from pipeline.cache import hash_file
 from pipeline.errors import PipelineError
 
 BUILTIN_MODELS = {
@@ -143,9 +144,7 @@ def weights_fingerprint(model: str) -> str:
         raise PipelineError(f"model {model}: no weight files (*.safetensors) in {path}")
     for f in files:
         h.update(f"{f.name}:{f.stat().st_size}".encode())
-        with f.open("rb") as fh:
-            for block in iter(lambda fh=fh: fh.read(1 << 24), b""):
-                h.update(block)
+        hash_file(h, f)
     return h.hexdigest()
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.cache import hash_file
 from pipeline.errors import DataError
 
 FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
@@ -109,9 +110,7 @@ def fingerprint_inputs(files: list[InputFile]) -> str:
             p for p in Path(f.path).iterdir() if p.suffix in (".arrow", ".json"))
         for p in paths:
             h.update(f"{f.kind}:{p.name if f.kind == 'arrow_dataset' else ''}".encode())
-            with p.open("rb") as fh:
-                for block in iter(lambda fh=fh: fh.read(1 << 22), b""):
-                    h.update(block)
+            hash_file(h, p)
     return h.hexdigest()
 
 
