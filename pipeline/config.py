@@ -71,14 +71,19 @@ class ModelConfig:
     lora_dropout: float = _f(0.05, "Dropout on the LoRA input.")
     lora_target_modules: tuple[str, ...] | None = _f(None, "Module names to adapt; default: peft's choice for the "
                                                      "architecture.")
-    use_liger_kernel: bool = _f(False, "Use Liger's Triton kernels (RMSNorm, SwiGLU, RoPE); needs CUDA and the "
-                                "`gpu` extra.")
-    padding_free: bool = _f(False, "Pack the 2B sequences of a micro-batch into one row with per-sequence "
-                            "positions and attention that never crosses a sequence.")
+    attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager"] = _f(
+        "auto", "Attention kernels. auto = flash_attention_2 on CUDA with flash-attn and bfloat16, else sdpa "
+        "(per-sequence SDPA on padding-free rows). The choice is printed at start.")
+    use_liger_kernel: bool | None = _f(None, "Liger's Triton kernels (RMSNorm, SwiGLU, RoPE); need CUDA and the "
+                                       "`gpu` extra. null = on when both are present (TRL default: false).")
+    padding_free: bool = _f(True, "Pack the 2B sequences of a micro-batch into one row, positions restarting "
+                            "per sequence, attention never crossing one: no compute on padding. Equal to the "
+                            "padded path within float32 rounding (TRL 1.16 disables its padding_free).")
 
     def __post_init__(self) -> None:
-        for key in ("use_liger_kernel", "padding_free"):  # their place in the config is kept; the feature is not
-            _check(not getattr(self, key), key, True, "false: this version does not implement it yet")
+        if self.padding_free:
+            _check(self.attn_implementation != "eager", "attn_implementation", "eager",
+                   "auto, sdpa or flash_attention_2 with padding_free (eager attention needs padded rows)")
         _check(self.lora_r >= 1, "lora_r", self.lora_r, "an integer >= 1")
         _check(self.lora_alpha >= 1, "lora_alpha", self.lora_alpha, "an integer >= 1")
         _check(0.0 <= self.lora_dropout < 1.0, "lora_dropout", self.lora_dropout, "a number in [0, 1)")
@@ -185,6 +190,10 @@ class TrainConfig:
     seed: int = _f(42, "Seed for weights init of adapters, data order and dropout; same seed = same run.")
     precompute_ref_batch_size: int | None = _f(None, "Pairs per reference-scoring batch; null = "
                                                "per_device_train_batch_size.")
+    max_tokens_per_batch: int | None = _f(None, "Token budget per micro-batch (chosen + rejected tokens, "
+                                          "padding counted when padding_free is off) instead of a fixed "
+                                          "number of pairs; pairs are length-grouped within shuffled windows. "
+                                          "null = per_device_train/eval_batch_size pairs.")
 
     def __post_init__(self) -> None:
         _check(self.learning_rate >= 0, "learning_rate", self.learning_rate, "a number >= 0")
@@ -199,6 +208,9 @@ class TrainConfig:
         _check(self.max_steps == -1 or self.max_steps >= 1, "max_steps", self.max_steps, "-1 or an integer >= 1")
         if self.eval_steps is not None:
             _check(self.eval_steps >= 1, "eval_steps", self.eval_steps, "an integer >= 1, or null")
+        if self.max_tokens_per_batch is not None:
+            _check(self.max_tokens_per_batch >= 2, "max_tokens_per_batch", self.max_tokens_per_batch,
+                   "an integer >= 2 (one pair needs at least 2 tokens), or null")
         if self.precompute_ref_batch_size is not None:
             _check(self.precompute_ref_batch_size >= 1, "precompute_ref_batch_size",
                    self.precompute_ref_batch_size, "an integer >= 1, or null")

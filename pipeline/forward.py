@@ -1,8 +1,10 @@
 """Tokenized pairs -> one batch of 2B sequences -> per-sequence stats; shared by scoring and training.
 
-A micro-batch of B pairs becomes ONE forward of 2B right-padded sequences, chosen rows first, then
-rejected rows (TRL's DataCollatorForPreference layout), so the reference scorer and the policy see
-exactly the same tensors and the same log-prob function.
+A micro-batch of B pairs becomes ONE forward of 2B sequences, chosen rows first, then rejected rows
+(TRL's DataCollatorForPreference layout), so the reference scorer and the policy see exactly the same
+tensors and the same log-prob function. The 2B sequences run either right-padded, or padding-free: packed
+into one row with positions restarting per sequence and attention kept inside each (`pipeline.kernels`).
+Both give the same hidden states for every real token, so the log-prob function never knows which ran.
 """
 
 from __future__ import annotations
@@ -64,6 +66,25 @@ def collate_pairs(columns: dict[str, Sequence[Any]], pad_token_id: int) -> PairB
     return PairBatch(input_ids, attention_mask, completion_mask, torch.tensor(shared + shared, dtype=torch.long))
 
 
+@dataclass(frozen=True)
+class PackedRow:
+    """The real tokens of a PairBatch as one row: sequence i is `input_ids[0, cu[i]:cu[i+1]]`."""
+
+    input_ids: Tensor  # (1, Σ lengths)
+    position_ids: Tensor  # (1, Σ lengths), 0.. per sequence
+    cu_seq_lens: Tensor  # (2B+1,) int32 sequence boundaries
+    max_length: int
+
+
+def pack(batch: PairBatch) -> PackedRow:
+    """Drop the padding of a right-padded PairBatch; row-major order keeps each sequence contiguous."""
+    real = batch.attention_mask.bool()
+    lengths = real.sum(dim=1)
+    positions = torch.arange(real.size(1)).expand_as(real)
+    cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+    return PackedRow(batch.input_ids[real].unsqueeze(0), positions[real].unsqueeze(0), cu, int(lengths.max()))
+
+
 def split_lm(model: Any) -> tuple[Callable[..., Any], Callable[[Tensor], Tensor]]:
     """(body, lm_head) of a causal LM, a PEFT wrapper or a DeepSpeed engine around one."""
     inner = getattr(model, "module", model)  # DeepSpeed engine
@@ -86,13 +107,26 @@ def check_supported(model: Any) -> None:
 
 
 def sequence_forward(model: Any, batch: PairBatch, chunk_size: int = 1024, with_metrics: bool = False,
-                     min_chunks: int = 1) -> SequenceStats:
-    """One forward of the model body over the 2B sequences, then the chunked log-prob function."""
+                     min_chunks: int = 1, padding_free: bool = False) -> SequenceStats:
+    """One forward of the model body over the 2B sequences, then the chunked log-prob function.
+
+    padding_free: run the packed row (the model must use a varlen attention, see `pipeline.kernels`), then
+    scatter its hidden states back to the padded layout, which only the log-prob function reads.
+    """
     body, lm_head = split_lm(model)
     device = next(model.parameters()).device
     input_ids = batch.input_ids.to(device)
-    hidden = body(input_ids=input_ids, attention_mask=batch.attention_mask.to(device),
-                  use_cache=False).last_hidden_state
+    if padding_free:
+        row = pack(batch)
+        cu = row.cu_seq_lens.to(device)
+        packed = body(input_ids=row.input_ids.to(device), position_ids=row.position_ids.to(device),
+                      cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=row.max_length, max_length_k=row.max_length,
+                      use_cache=False).last_hidden_state
+        real = batch.attention_mask.to(device).bool()
+        hidden = packed.new_zeros(*real.shape, packed.size(-1)).masked_scatter(real.unsqueeze(-1), packed[0])
+    else:
+        hidden = body(input_ids=input_ids, attention_mask=batch.attention_mask.to(device),
+                      use_cache=False).last_hidden_state
     return sequence_stats(hidden, lm_head, input_ids, batch.completion_mask.to(device),
                           batch.shared_len.to(device), chunk_size=chunk_size, with_metrics=with_metrics,
                           min_chunks=min_chunks)

@@ -41,17 +41,22 @@ SLOTS = (
     "logits_rejected",
     "entropy",  # Σ over chosen and rejected tokens of the entropy
     "top1_hits",  # chosen tokens whose label is the argmax
+    "input_tokens",  # non-pad tokens of the forward (throughput and the num_tokens metric)
 )
 _INDEX = {name: i for i, name in enumerate(SLOTS)}
 
 
-def batch_metric_sums(out: LossOutput, x: PreferenceInputs, policy: SequenceStats) -> Tensor:
+def batch_metric_sums(out: LossOutput, x: PreferenceInputs, policy: SequenceStats, input_tokens: int = 0,
+                      loss_scale: float = 1.0) -> Tensor:
     """One micro-batch's local sums and counts, a (len(SLOTS),) float64 tensor on the loss's device.
 
     Args:
         out: `dpo_loss`'s output (loss before any gradient-accumulation scaling, rewards).
         x: the loss inputs (policy log-probs as the loss saw them).
         policy: `sequence_stats(..., with_metrics=True)` of the 2B policy sequences, chosen first.
+        input_tokens: non-pad tokens the forward ran on.
+        loss_scale: the micro-batch's weight in the step's loss (`Schedule.loss_scale`; 1 for equal batches,
+            which keeps TRL's mean over micro-batches), so the logged loss is the loss that was optimized.
     """
     if policy.logits_sum is None or policy.entropy_sum is None or policy.top1_hits is None:
         raise ValueError("batch_metric_sums needs sequence_stats(..., with_metrics=True)")
@@ -59,7 +64,7 @@ def batch_metric_sums(out: LossOutput, x: PreferenceInputs, policy: SequenceStat
     chosen_logits, rejected_logits = policy.logits_sum.chunk(2)
     chosen_hits, _ = policy.top1_hits.chunk(2)
     values = {
-        "loss": out.loss,
+        "loss": out.loss * loss_scale,
         "ranks": 1.0,
         "pairs": out.chosen_rewards.numel(),
         "rewards_chosen": out.chosen_rewards.sum(),
@@ -74,10 +79,16 @@ def batch_metric_sums(out: LossOutput, x: PreferenceInputs, policy: SequenceStat
         "logits_rejected": rejected_logits.sum(),
         "entropy": policy.entropy_sum.sum(),
         "top1_hits": chosen_hits.sum(),
+        "input_tokens": input_tokens,
     }
     device = out.loss.device
     return torch.stack([torch.as_tensor(values[name], device=device).detach().to(torch.float64)
                         for name in SLOTS])
+
+
+def slot_total(rows: Tensor, name: str) -> float:
+    """The sum of one slot over rows, e.g. the pairs or input tokens of a step."""
+    return float(rows.reshape(-1, len(SLOTS))[:, _INDEX[name]].sum())
 
 
 def finalize(rows: Tensor) -> dict[str, float]:

@@ -102,8 +102,9 @@ def load_tokenizer(model: str, trust_remote_code: bool = False) -> Any:
 
 
 def load_causal_lm(model: str, dtype: str = "float32", trust_remote_code: bool = False,
-                   allow_pickle_weights: bool = False) -> Any:
-    """A causal LM in eval mode with dropout off; only safetensors weights unless pickle is allowed."""
+                   allow_pickle_weights: bool = False, attn_implementation: str = "sdpa") -> Any:
+    """A causal LM in eval mode with dropout off; only safetensors weights unless pickle is allowed.
+    `attn_implementation` comes from `pipeline.kernels.choose_kernels`."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -113,6 +114,7 @@ def load_causal_lm(model: str, dtype: str = "float32", trust_remote_code: bool =
             dtype=getattr(torch, dtype),
             trust_remote_code=trust_remote_code,
             use_safetensors=None if allow_pickle_weights else True,
+            attn_implementation=attn_implementation,
         )
     except (OSError, ValueError) as e:
         hint = "" if allow_pickle_weights else " (only safetensors weights load unless allow_pickle_weights: true)"

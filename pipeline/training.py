@@ -15,11 +15,14 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from pipeline import schema
+from pipeline.batching import Schedule, eval_batches
 from pipeline.config import Config
 from pipeline.forward import PairBatch, collate_pairs, sequence_forward
+from pipeline.kernels import Kernels, apply_liger
 from pipeline.logprobs import SequenceStats, ld_logps, lm_head_calls
 from pipeline.losses import PreferenceInputs, dpo_loss
 from pipeline.metrics import batch_metric_sums, finalize
@@ -48,6 +51,24 @@ class PairTable:
     def rows(self, idx: np.ndarray) -> dict[str, list[Any]]:
         return self.table.take(pa.array(idx, type=pa.int64())).to_pydict()
 
+    def lengths(self) -> np.ndarray:
+        """(n, 2) chosen and rejected sequence lengths, for token-budget batches."""
+        return np.stack([pc.list_value_length(self.table[c]).to_numpy()
+                         for c in (schema.CHOSEN_INPUT_IDS, schema.REJECTED_INPUT_IDS)], axis=1)
+
+    def schedule(self, cfg: Config, num_workers: int) -> Schedule:
+        t = cfg.train
+        budget = t.max_tokens_per_batch
+        return Schedule(len(self), t.seed, num_workers, t.per_device_train_batch_size, t.gradient_accumulation_steps,
+                        lengths=self.lengths() if budget else None, max_tokens=budget,
+                        padded=not cfg.model.padding_free)
+
+    def eval_batches(self, cfg: Config, rank: int, num_workers: int) -> list[np.ndarray]:
+        budget = cfg.train.max_tokens_per_batch
+        return eval_batches(len(self), rank, num_workers, cfg.train.per_device_eval_batch_size,
+                            lengths=self.lengths() if budget else None, max_tokens=budget,
+                            padded=not cfg.model.padding_free)
+
 
 def load_pairs(iterator: Any) -> PairTable:
     """All rows of a Ray Train dataset shard (not split: every rank holds the whole table)."""
@@ -56,14 +77,15 @@ def load_pairs(iterator: Any) -> PairTable:
 
 # --- the policy ---
 
-def build_policy(cfg: Config, model_dir: str) -> torch.nn.Module:
+def build_policy(cfg: Config, model_dir: str, kernels: Kernels) -> torch.nn.Module:
     from pipeline.forward import check_supported
     from pipeline.models import load_causal_lm
 
     torch.manual_seed(cfg.train.seed)  # LoRA initialisation
     model = load_causal_lm(model_dir, cfg.compute_dtype, cfg.model.trust_remote_code,
-                           cfg.model.allow_pickle_weights)
+                           cfg.model.allow_pickle_weights, kernels.attn_implementation)
     check_supported(model)
+    apply_liger(model, kernels)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.model.use_peft:
@@ -104,20 +126,21 @@ def build_engine(cfg: Config, model: torch.nn.Module, world_size: int, total: in
 class MicroResult:
     loss: torch.Tensor
     metric_row: torch.Tensor
-    tokens: int
-    pairs: int
 
 
 def micro_step(cfg: Config, engine: Any, pairs: PairTable, idx: np.ndarray, pad_id: int,
-               world_size: int, weight: float = 1.0) -> MicroResult:
-    """ONE forward of 2B sequences, then the combined loss; `weight` 0 marks a filler batch (eval)."""
+               world_size: int, weight: float = 1.0, loss_scale: float = 1.0) -> MicroResult:
+    """ONE forward of 2B sequences, then the combined loss times `loss_scale` (the micro-batch's share of the
+    step's pairs, `Schedule.loss_scale`); `weight` 0 marks a filler batch (eval)."""
     rows = pairs.rows(idx)
     batch = collate_pairs(rows, pad_id)
     min_chunks = _agree_on_lm_head_calls(batch, world_size)
-    stats = sequence_forward(engine, batch, with_metrics=True, min_chunks=min_chunks)
+    stats = sequence_forward(engine, batch, with_metrics=True, min_chunks=min_chunks,
+                             padding_free=cfg.model.padding_free)
     x = preference_inputs(cfg, stats, rows, batch)
     out = dpo_loss(cfg.loss, x)
-    return MicroResult(out.loss, batch_metric_sums(out, x, stats) * weight, batch.num_tokens, batch.num_pairs)
+    row = batch_metric_sums(out, x, stats, input_tokens=batch.num_tokens, loss_scale=loss_scale)
+    return MicroResult(out.loss * loss_scale, row * weight)
 
 
 def preference_inputs(cfg: Config, stats: SequenceStats, rows: dict[str, list[Any]],

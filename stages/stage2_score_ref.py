@@ -28,8 +28,9 @@ import pyarrow.parquet as pq
 import ray
 
 from pipeline import cache, schema
-from pipeline.config import Config
+from pipeline.config import Config, ModelConfig
 from pipeline.errors import CacheError
+from pipeline.kernels import choose_kernels
 from pipeline.models import resolve_model, weights_fingerprint
 from stages.stage1_tokenize import TokenizedData
 
@@ -78,20 +79,26 @@ def shard_name(i: int) -> str:
 # --- the Ray user function: convert a block, call pipeline/ ---
 
 class _ScoreRef:
-    def __init__(self, model_dir: str, dtype: str, threads: int, micro_batch: int, trust_remote_code: bool,
-                 allow_pickle: bool, use_gpu: bool):
+    def __init__(self, model_dir: str, model_cfg: ModelConfig, dtype: str, threads: int, micro_batch: int,
+                 use_gpu: bool):
         import torch
 
         from pipeline.forward import check_supported
+        from pipeline.kernels import apply_liger, choose_kernels
         from pipeline.models import load_causal_lm, load_tokenizer
 
         torch.set_num_threads(threads)
-        self.model = load_causal_lm(model_dir, dtype, trust_remote_code, allow_pickle)
+        kernels = choose_kernels(model_cfg, cuda=use_gpu and torch.cuda.is_available(), dtype=dtype)
+        self.model = load_causal_lm(model_dir, dtype, model_cfg.trust_remote_code, model_cfg.allow_pickle_weights,
+                                    kernels.attn_implementation)
         check_supported(self.model)
+        apply_liger(self.model, kernels)
         if use_gpu:
+            print(f"[score-ref] kernels: {kernels.describe()}", flush=True)
             self.model.to("cuda")
-        self.pad_id = load_tokenizer(model_dir, trust_remote_code).pad_token_id
+        self.pad_id = load_tokenizer(model_dir, model_cfg.trust_remote_code).pad_token_id
         self.micro_batch = micro_batch
+        self.padding_free = kernels.padding_free
 
     def __call__(self, block: pa.Table) -> pa.Table:
         import torch
@@ -108,17 +115,17 @@ class _ScoreRef:
             sub = {k: [v[i] for i in idx] for k, v in columns.items()}
             batch = collate_pairs(sub, self.pad_id)
             with torch.inference_mode():
-                stats = sequence_forward(self.model, batch)
+                stats = sequence_forward(self.model, batch, padding_free=self.padding_free)
             b = batch.num_pairs
             for name, values in (("logps", stats.logps), ("tokens", stats.tokens),
                                  ("shared", stats.shared_logps), ("tail", stats.tail_logps)):
                 values = values.double().cpu().numpy() if name != "tokens" else values.cpu().numpy()
                 out[f"chosen_{name}"].extend(values[:b])
                 out[f"rejected_{name}"].extend(values[b:])
-            width = batch.input_ids.size(1)
             real = batch.attention_mask.sum(dim=1).cpu().numpy()
+            padding = 2 * batch.input_ids.size(1) - (real[:b] + real[b:])
             out["_tokens"].extend(real[:b] + real[b:])
-            out["_padded"].extend(2 * width - (real[:b] + real[b:]))
+            out["_padded"].extend(np.zeros_like(padding) if self.padding_free else padding)
             out[schema.PAIR_ID].extend(sub[schema.PAIR_ID])
         return pa.table({
             schema.PAIR_ID: out[schema.PAIR_ID],
@@ -217,6 +224,9 @@ def _check_plan_and_done(path: Path, key: str, num_shards: int, expected: np.nda
 
 def _score_missing(cfg: Config, tokenized: TokenizedData, model_dir: str, path: Path, num_shards: int,
                    missing: frozenset[int], expected: np.ndarray, totals: dict[str, int], split: str) -> None:
+    if not cfg.scale.use_gpu:  # refuse a kernel choice this machine cannot run before any actor starts
+        print(f"[score-ref] kernels: {choose_kernels(cfg.model, cuda=False, dtype=cfg.compute_dtype).describe()}",
+              flush=True)
     actors = cfg.scale.ref_actors
     cpus = cfg.scale.cpus_per_ref_actor or max(1, int(ray.cluster_resources().get("CPU", 1)) // actors)
     micro = cfg.train.ref_batch_size
@@ -231,8 +241,7 @@ def _score_missing(cfg: Config, tokenized: TokenizedData, model_dir: str, path: 
     ).repartition(target_num_rows_per_block=micro * BLOCK_BATCHES).materialize()
     scored = ds.map_batches(
         _ScoreRef,
-        fn_constructor_args=(model_dir, cfg.compute_dtype, cpus, micro, cfg.model.trust_remote_code,
-                             cfg.model.allow_pickle_weights, cfg.scale.use_gpu),
+        fn_constructor_args=(model_dir, cfg.model, cfg.compute_dtype, cpus, micro, cfg.scale.use_gpu),
         batch_size=micro * BLOCK_BATCHES,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=actors),

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 import ray
 import torch
 from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
@@ -30,7 +31,9 @@ from pipeline import batching, schema
 from pipeline.cache import write_json_atomic
 from pipeline.config import Config
 from pipeline.errors import CacheError, ConfigError
+from pipeline.kernels import choose_kernels
 from pipeline.models import resolve_model
+from pipeline.training import PairTable
 from stages.stage1_tokenize import find_tokenized
 from stages.stage2_score_ref import ReferenceScores, find_reference
 
@@ -55,30 +58,49 @@ def joined_dataset(tokenized_files: list[str], reference: ReferenceScores, expec
     return joined
 
 
+def training_schedule(cfg: Config, tokenized_files: list[str]) -> batching.Schedule:
+    """The run's schedule, from the tokenized pairs (their lengths only when a token budget needs them)."""
+    columns = [schema.PAIR_ID]
+    if cfg.train.max_tokens_per_batch:
+        columns += [schema.CHOSEN_INPUT_IDS, schema.REJECTED_INPUT_IDS]
+    pairs = PairTable.from_batches([pq.read_table(f, columns=columns) for f in tokenized_files])
+    return pairs.schedule(cfg, cfg.scale.num_workers)
+
+
 def run_train(cfg: Config) -> dict[str, Any]:
     cfg = cfg.with_absolute_paths()
     tokenized = find_tokenized(cfg, cfg.data.dataset)
     n_pairs = tokenized.manifest["rows"]
     t, s = cfg.train, cfg.scale
-    g = batching.global_batch_size(s.num_workers, t.per_device_train_batch_size, t.gradient_accumulation_steps)
-    if batching.steps_per_epoch(n_pairs, g) < 1:
-        raise ConfigError(f"one optimizer step needs num_workers x per_device_train_batch_size x "
-                          f"gradient_accumulation_steps = {g} pairs, but the training data has {n_pairs}; lower "
+    if not s.use_gpu:  # a GPU cluster's driver may have none: there the workers check
+        choose_kernels(cfg.model, cuda=False, dtype=cfg.compute_dtype)
+    schedule = training_schedule(cfg, tokenized.files)
+    if schedule.steps_in_epoch(0) < 1:
+        need = (f"num_workers x gradient_accumulation_steps = {schedule.per_step} micro-batches of <= "
+                f"{t.max_tokens_per_batch} tokens" if t.max_tokens_per_batch else
+                f"num_workers x per_device_train_batch_size x gradient_accumulation_steps = "
+                f"{schedule.per_step * t.per_device_train_batch_size} pairs")
+        raise ConfigError(f"one optimizer step needs {need}, but the training data has {n_pairs} pairs; lower "
                           "them or add data.")
     datasets = {"train": joined_dataset(tokenized.files, find_reference(cfg, tokenized), n_pairs)}
     if cfg.data.eval_dataset:
         eval_tok = find_tokenized(cfg, cfg.data.eval_dataset)
         datasets["eval"] = joined_dataset(eval_tok.files, find_reference(cfg, eval_tok), eval_tok.manifest["rows"])
 
-    total = batching.total_steps(n_pairs, g, t.num_train_epochs, t.max_steps)
+    total = schedule.total_steps(t.num_train_epochs, t.max_steps)
     cpus = s.cpus_per_worker or max(1, int(ray.cluster_resources().get("CPU", 1)) // s.num_workers)
     storage = s.storage_path or str(Path(cfg.data.output_dir) / "ray")
-    print(f"[train] {n_pairs} pairs, global batch {g}, {total} steps on {s.num_workers} worker(s) x {cpus} CPU, "
+    batch = (f"micro-batches of <= {t.max_tokens_per_batch} tokens" if t.max_tokens_per_batch else
+             f"global batch {t.per_device_train_batch_size * schedule.per_step}")
+    print(f"[train] {n_pairs} pairs, {batch}, {total} steps on {s.num_workers} worker(s) x {cpus} CPU, "
           f"ZeRO-{s.zero_stage}; checkpoints in {storage}/{s.run_name}", flush=True)
+    if schedule.left_out(0):
+        print(f"[train] {schedule.left_out(0)} pairs per epoch fall after the last full optimizer step and wait "
+              "for the next epoch's shuffle", flush=True)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"cfg": cfg, "model_dir": resolve_model(cfg.model.model, cfg.data.cache_dir),
-                           "total_steps": total, "num_pairs": n_pairs, "cpus": cpus},
+                           "total_steps": total, "cpus": cpus},
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                                      resources_per_worker={"CPU": cpus}),
         run_config=RunConfig(name=s.run_name, storage_path=storage,
@@ -96,7 +118,7 @@ def run_train(cfg: Config) -> dict[str, Any]:
 def train_loop(config: dict[str, Any]) -> None:
     import deepspeed  # noqa: F401  (imported before the engine to register the CPU accelerator)
 
-    from pipeline.metrics import finalize
+    from pipeline.metrics import finalize, slot_total
     from pipeline.models import load_tokenizer
     from pipeline.training import (
         MetricsLog,
@@ -124,9 +146,11 @@ def train_loop(config: dict[str, Any]) -> None:
     eval_shard = ray.train.get_dataset_shard("eval") if cfg.data.eval_dataset else None
     eval_pairs = load_pairs(eval_shard) if eval_shard is not None else None
     tokenizer = load_tokenizer(config["model_dir"], cfg.model.trust_remote_code)
-    engine = build_engine(cfg, build_policy(cfg, config["model_dir"]), world, total)
-    per_epoch = batching.steps_per_epoch(len(train_pairs), batching.global_batch_size(
-        world, t.per_device_train_batch_size, t.gradient_accumulation_steps))
+    kernels = choose_kernels(cfg.model, cuda=cfg.scale.use_gpu and torch.cuda.is_available(), dtype=cfg.compute_dtype)
+    if rank == 0:
+        print(f"[train] kernels: {kernels.describe()}", flush=True)
+    engine = build_engine(cfg, build_policy(cfg, config["model_dir"], kernels), world, total)
+    schedule = train_pairs.schedule(cfg, world)
 
     step, window, state = 0, [], {"num_tokens": 0, "train_seconds": 0.0, "pairs_seen": 0}
     checkpoint = ray.train.get_checkpoint()
@@ -143,11 +167,14 @@ def train_loop(config: dict[str, Any]) -> None:
             return None
         engine.eval()
         rows = []
+        # Weighting each batch's mean loss by its pairs makes the eval loss the exact mean over eval pairs.
+        real_batches = sum(len(b) > 0 for r in range(world) for b in eval_pairs.eval_batches(cfg, r, world))
         with torch.no_grad():
-            for idx in batching.eval_batches(len(eval_pairs), rank, world, t.per_device_eval_batch_size):
+            for idx in eval_pairs.eval_batches(cfg, rank, world):
                 filler = len(idx) == 0  # a rank out of pairs still joins the collectives, with weight 0
                 rows.append(micro_step(cfg, engine, eval_pairs, np.zeros(1, dtype=np.int64) if filler else idx,
-                                       tokenizer.pad_token_id, world, weight=0.0 if filler else 1.0).metric_row)
+                                       tokenizer.pad_token_id, world, weight=0.0 if filler else 1.0,
+                                       loss_scale=len(idx) * real_batches / len(eval_pairs)).metric_row)
         engine.train()
         values = eval_metrics([all_reduce_rows(rows, world).sum(dim=0)])
         if log is not None:
@@ -161,27 +188,26 @@ def train_loop(config: dict[str, Any]) -> None:
     started = time.time()
     steps_at_start = step
     while step < total:
-        epoch, in_epoch = divmod(step, per_epoch)
-        order = batching.epoch_order(len(train_pairs), t.seed, epoch)
         rows = []
-        for idx in batching.micro_batches(order, in_epoch, rank, world, t.per_device_train_batch_size,
-                                          t.gradient_accumulation_steps):
-            r = micro_step(cfg, engine, train_pairs, idx, tokenizer.pad_token_id, world)
+        for idx in schedule.micro_batches(step, rank):
+            r = micro_step(cfg, engine, train_pairs, idx, tokenizer.pad_token_id, world,
+                           loss_scale=schedule.loss_scale(step, len(idx)))
             engine.backward(r.loss)
             engine.step()
             rows.append(r.metric_row)
-            state["num_tokens"] += r.tokens
-            state["pairs_seen"] += r.pairs
         step += 1
-        window.extend(all_reduce_rows(rows, world))  # one collective per optimizer step
+        reduced = all_reduce_rows(rows, world)  # one collective per optimizer step
+        window.extend(reduced)
+        state["num_tokens"] += int(slot_total(reduced, "input_tokens"))
+        state["pairs_seen"] += int(slot_total(reduced, "pairs"))
         if step % t.logging_steps == 0 or step == total:
             values = finalize(torch.stack(window))
             grad_norm = engine.get_global_grad_norm()
             elapsed = state["train_seconds"] + time.time() - started
             values |= {"grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                       "learning_rate": engine.get_lr()[0], "epoch": step / per_epoch,
-                       "num_tokens": state["num_tokens"] * world,
-                       "pairs_per_second": state["pairs_seen"] * world / max(elapsed, 1e-9)}
+                       "learning_rate": engine.get_lr()[0], "epoch": schedule.epoch_progress(step),
+                       "num_tokens": state["num_tokens"],
+                       "pairs_per_second": state["pairs_seen"] / max(elapsed, 1e-9)}
             window = []
             if log is not None:
                 log.write(step, values)
@@ -203,8 +229,8 @@ def train_loop(config: dict[str, Any]) -> None:
             "train_runtime": round(seconds, 3),
             "train_steps": step,
             "steps_this_run": step - steps_at_start,
-            "train_samples_per_second": state["pairs_seen"] * world / seconds if seconds else 0.0,
-            "train_tokens_per_second": state["num_tokens"] * world / seconds if seconds else 0.0,
+            "train_samples_per_second": state["pairs_seen"] / seconds if seconds else 0.0,
+            "train_tokens_per_second": state["num_tokens"] / seconds if seconds else 0.0,
             "peak_memory_bytes": peak_memory_bytes(),
             "num_workers": world,
             "zero_stage": cfg.scale.zero_stage,

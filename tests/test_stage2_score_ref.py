@@ -136,7 +136,7 @@ def assert_matches(scores: dict[str, dict], expected: dict[str, dict]):
 def stage(ray_session, tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("stage2")
     src = write_jsonl(root / "pairs.jsonl", ROWS)
-    # Micro-batches of one pair (chosen and rejected, padded to the longer): every pair meets the same tensors
+    # Micro-batches of one pair (chosen and rejected packed in one row): every pair meets the same tensors
     # however blocks fall, so a forced, resumed or use_peft run of this entry must be bit-identical.
     cfg = make_cfg(tiny_model_dir, root, precompute_ref_batch_size=1)
     data = run_tokenize(cfg, (src,))
@@ -160,7 +160,7 @@ def test_stage_scores_equal_independent_per_pair_forward(stage, expected):
     _, data, ref, _ = stage
     assert data.report["pairs_kept"] == len(ROWS) == ref.manifest["rows"]
     assert ref.manifest["shards"] == 4 and ref.manifest["timings"]["pairs_scored_now"] == len(ROWS)
-    assert ref.manifest["padding_fraction"] > 0.1  # chosen and rejected differ in length: really padded
+    assert ref.manifest["padding_fraction"] == 0.0  # padding-free rows (the default) compute no padding
     assert data.report["truncated_pairs"] == 2
 
     scores = read_scores(ref)

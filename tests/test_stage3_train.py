@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -165,6 +166,38 @@ def test_rerun_with_same_name_resumes(prepared, baseline, tmp_path):
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines if "loss" in x] == [1, 2, 3, 4]
     assert losses(lines) == pytest.approx(losses(baseline[2]), abs=1e-6)
+
+
+def test_padded_rows_match_padding_free(prepared, baseline):
+    """The baseline runs padding-free (the default); right-padded rows with SDPA masks follow the same
+    trajectory up to float32 rounding."""
+    _, _, lines = train(prepared, "padded", padding_free=False)
+    assert_reference_start(lines)
+    assert losses(lines) == pytest.approx(losses(baseline[2]), abs=2e-4)
+
+
+def test_token_budget_batches_on_two_workers(prepared):
+    """Micro-batches of <= 60 tokens, 2 workers x 2 accumulated: every step runs the schedule's pairs, counted
+    exactly (all-reduced), and the loss starts at ln 2."""
+    from pipeline.training import PairTable
+    from stages.stage1_tokenize import find_tokenized
+
+    cfg, summary, lines = train(prepared, "budget", max_tokens_per_batch=60, num_workers=2, zero_stage=2,
+                                gradient_accumulation_steps=2, max_steps=-1, num_train_epochs=1.0)
+    assert_reference_start(lines)
+    files = find_tokenized(cfg.with_absolute_paths(), cfg.data.dataset).files
+    import pyarrow.parquet as pq
+
+    pairs = PairTable.from_batches([pq.read_table(f) for f in files])
+    schedule = pairs.schedule(cfg, 2)
+    lengths = pairs.lengths()
+    steps = schedule.steps_in_epoch(0)
+    assert steps >= 2 and schedule.left_out(0) < len(pairs)
+    assert [x["step"] for x in lines if "loss" in x] == list(range(1, steps + 1))
+    tokens = [int(lengths[np.concatenate(schedule.step_batches(k))].sum()) for k in range(steps)]
+    assert [x["num_tokens"] for x in lines if "loss" in x] == list(np.cumsum(tokens))
+    assert summary["train_steps"] == steps
+    assert [x["epoch"] for x in lines if "loss" in x][-1] == 1.0
 
 
 def test_lora_run_exports_adapter_and_merged(prepared):
