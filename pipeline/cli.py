@@ -17,6 +17,7 @@ from typing import Any
 
 from pipeline.config import SECTIONS, Config, config_fields, describe_type, field_type, load_config
 from pipeline.errors import PipelineError
+from pipeline.loggers import resolve_loggers
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -26,7 +27,8 @@ COMMANDS = {
     "score-ref": "Stage 2: score the tokenized pairs with the frozen reference model into the cache.",
     "train": "Stage 3: train the policy against the cached reference scores.",
     "run": "All three stages in order; each is skipped when its cached output is valid.",
-    "report": "Write report.md and plots for a finished run directory.",
+    "report": "Write report.md and PNG plots (loss, rewards, accuracy, log-probs, learning rate and grad norm, "
+              "reference margins) for a run directory; `train` and `run` do this at their end.",
 }
 
 
@@ -40,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text,
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         if name == "report":
-            p.add_argument("run_dir", help="The output_dir of a training run.")
+            p.add_argument("run_dir", metavar="RUN_DIR",
+                           help="The output_dir of a training run (it holds metrics.jsonl). Writes "
+                                "RUN_DIR/report.md and RUN_DIR/plots/*.png.")
             continue
         p.add_argument("--config", metavar="FILE.yaml", help="YAML file of config keys (flags override it).")
         if name in ("tokenize", "score-ref", "run"):
@@ -108,6 +112,7 @@ def cmd_train(cfg: Config, force: bool) -> None:
     summary = run_train(cfg)
     print(f"[train] done: {summary['train_steps']} steps, {summary['train_samples_per_second']:.2f} pairs/s, "
           f"model in {cfg.data.output_dir}/final", flush=True)
+    write_run_report(cfg.data.output_dir)
 
 
 def cmd_run(cfg: Config, force: bool) -> None:
@@ -115,6 +120,7 @@ def cmd_run(cfg: Config, force: bool) -> None:
     from stages.stage2_score_ref import run_score_ref
     from stages.stage3_train import run_train
 
+    resolve_loggers(cfg)  # a requested logger that is not installed fails before stage 1, not after stage 2
     init_ray()
     for split, specs in splits(cfg):
         data = run_tokenize(cfg, specs, split, force=force)
@@ -128,6 +134,26 @@ def cmd_run(cfg: Config, force: bool) -> None:
         first = _first_eval(cfg.data.output_dir)
         print(f"held-out reward accuracy: {first['eval_rewards/accuracies']:.3f} -> "
               f"{final['rewards/accuracies']:.3f}", flush=True)
+    write_run_report(cfg.data.output_dir)
+
+
+def write_run_report(output_dir: str) -> None:
+    """The report at the end of `train`/`run` (on the driver). The model and metrics are complete by then, so
+    a failure here is printed with the command that retries it, and the run still counts as done."""
+    from pipeline.report import write_report
+
+    try:
+        print(f"[report] {write_report(output_dir).path}", flush=True)
+    except Exception as e:
+        print(f"[report] could not write the report ({type(e).__name__}: {e}); the model and metrics are "
+              f"complete. Retry with `dpo-pipeline report {output_dir}`.", file=sys.stderr, flush=True)
+
+
+def cmd_report(run_dir: str) -> None:
+    from pipeline.report import write_report
+
+    report = write_report(run_dir)
+    print(f"report: {report.path} ({len(report.plots)} plots in {report.path.parent / 'plots'})", flush=True)
 
 
 def _first_eval(output_dir: str) -> dict[str, Any]:
@@ -154,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "report":
-            raise PipelineError("`dpo-pipeline report` is not available in this version yet.")
+            cmd_report(args.run_dir)
+            return 0
         cfg = parse_config(args)
         command_table()[args.command](cfg, getattr(args, "force", False))
     except KeyboardInterrupt:

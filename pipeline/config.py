@@ -42,6 +42,8 @@ F_DIVERGENCE_TYPES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_diverg
 F_DIVERGENCE_LOSS_TYPES = frozenset(
     {"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"}
 )
+# `report_to` values. TensorBoard is always written; wandb and mlflow are the optional external loggers.
+REPORT_TO = ("none", "tensorboard", "wandb", "mlflow")
 
 
 def _f(default: Any = dataclasses.MISSING, help: str = "", **kw: Any) -> Any:
@@ -194,6 +196,9 @@ class TrainConfig:
                                           "padding counted when padding_free is off) instead of a fixed "
                                           "number of pairs; pairs are length-grouped within shuffled windows. "
                                           "null = per_device_train/eval_batch_size pairs.")
+    report_to: tuple[str, ...] = _f(("none",), "Experiment loggers besides the TensorBoard events, which are always "
+                                    "written: none, or one or more of wandb, mlflow (tensorboard is accepted and "
+                                    "changes nothing). Nothing is imported or contacted unless named here.")
 
     def __post_init__(self) -> None:
         _check(self.learning_rate >= 0, "learning_rate", self.learning_rate, "a number >= 0")
@@ -214,6 +219,11 @@ class TrainConfig:
         if self.precompute_ref_batch_size is not None:
             _check(self.precompute_ref_batch_size >= 1, "precompute_ref_batch_size",
                    self.precompute_ref_batch_size, "an integer >= 1, or null")
+        for name in self.report_to:  # no `all`: a logger runs only where it is named
+            _check(name in REPORT_TO, "report_to", name, "one of " + ", ".join(REPORT_TO))
+        _check(len(set(self.report_to)) == len(self.report_to), "report_to", self.report_to, "no repeated names")
+        if "none" in self.report_to:
+            _check(len(self.report_to) == 1, "report_to", self.report_to, "none alone, or a list without none")
 
     @property
     def ref_batch_size(self) -> int:

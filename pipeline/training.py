@@ -9,6 +9,7 @@ import math
 import os
 import resource
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from pipeline.batching import Schedule, eval_batches
 from pipeline.config import Config
 from pipeline.forward import PairBatch, collate_pairs, sequence_forward
 from pipeline.kernels import Kernels, apply_liger
+from pipeline.loggers import ExperimentLogger, tracker_name
 from pipeline.logprobs import SequenceStats, ld_logps, lm_head_calls
 from pipeline.losses import PreferenceInputs, dpo_loss
 from pipeline.metrics import batch_metric_sums, finalize
@@ -185,10 +187,11 @@ def all_reduce_rows(rows: list[torch.Tensor], world_size: int) -> torch.Tensor:
 # --- output ---
 
 class MetricsLog:
-    """metrics.jsonl (one line per logging step, each step once even after a resume), TensorBoard and a
-    console line with progress and ETA. Only rank 0 makes one."""
+    """metrics.jsonl (one line per logging step, each step once even after a resume), TensorBoard, the
+    optional experiment loggers and a console line with progress and ETA. Only rank 0 makes one."""
 
-    def __init__(self, output_dir: str, start_step: int, total_steps: int):
+    def __init__(self, output_dir: str, start_step: int, total_steps: int,
+                 loggers: Sequence[ExperimentLogger] = ()):
         self.dir = Path(output_dir).expanduser()
         self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / "metrics.jsonl"
@@ -199,6 +202,7 @@ class MetricsLog:
         from torch.utils.tensorboard import SummaryWriter
 
         self.tb = SummaryWriter(str(self.dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+        self.loggers = list(loggers)
         self.total = total_steps
         self.start_step = start_step
         self.t0 = time.time()
@@ -207,10 +211,13 @@ class MetricsLog:
         record = {"step": step, **{f"{prefix}{k}": v for k, v in values.items()}}
         with self.path.open("a") as fh:
             fh.write(json.dumps(record) + "\n")
-        for k, v in record.items():
-            if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
-                self.tb.add_scalar(k.replace("eval_", "eval/", 1) if prefix else f"train/{k}", v, step)
+        logged = {k: v for k, v in record.items() if k != "step"}
+        for k, v in logged.items():
+            if isinstance(v, (int, float)) and math.isfinite(v):
+                self.tb.add_scalar(tracker_name(k), v, step)
         self.tb.flush()
+        for logger in self.loggers:
+            logger.log(logged, step)
         print(self._console(step, values, prefix), flush=True)
 
     def _console(self, step: int, v: dict[str, float], prefix: str) -> str:
@@ -226,6 +233,8 @@ class MetricsLog:
 
     def close(self) -> None:
         self.tb.close()
+        for logger in self.loggers:
+            logger.close()
 
 
 def _eta(seconds: float) -> str:
@@ -233,6 +242,14 @@ def _eta(seconds: float) -> str:
         return "?"
     m, s = divmod(int(seconds), 60)
     return f"{m}m{s:02d}s"
+
+
+def gradient_norm(module: torch.nn.Module) -> float:
+    """L2 norm of all gradients, before clipping (what HF Trainer logs as grad_norm); call it after the last
+    backward of an optimizer step, when the gradients are already averaged over ranks, and before the step."""
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))) \
+        if grads else 0.0
 
 
 def peak_memory_bytes() -> int:

@@ -32,9 +32,10 @@ from pipeline.cache import write_json_atomic
 from pipeline.config import Config
 from pipeline.errors import CacheError, ConfigError
 from pipeline.kernels import choose_kernels
+from pipeline.loggers import LoggerSpec, open_loggers, resolve_loggers
 from pipeline.models import resolve_model
 from pipeline.training import PairTable
-from stages.stage1_tokenize import find_tokenized
+from stages.stage1_tokenize import find_tokenized, write_data_report
 from stages.stage2_score_ref import ReferenceScores, find_reference
 
 STATE = "state.json"
@@ -69,6 +70,7 @@ def training_schedule(cfg: Config, tokenized_files: list[str]) -> batching.Sched
 
 def run_train(cfg: Config) -> dict[str, Any]:
     cfg = cfg.with_absolute_paths()
+    loggers = resolve_loggers(cfg)  # a requested logger that is not installed fails here, before any work
     tokenized = find_tokenized(cfg, cfg.data.dataset)
     n_pairs = tokenized.manifest["rows"]
     t, s = cfg.train, cfg.scale
@@ -82,10 +84,17 @@ def run_train(cfg: Config) -> dict[str, Any]:
                 f"{schedule.per_step * t.per_device_train_batch_size} pairs")
         raise ConfigError(f"one optimizer step needs {need}, but the training data has {n_pairs} pairs; lower "
                           "them or add data.")
-    datasets = {"train": joined_dataset(tokenized.files, find_reference(cfg, tokenized), n_pairs)}
-    if cfg.data.eval_dataset:
-        eval_tok = find_tokenized(cfg, cfg.data.eval_dataset)
-        datasets["eval"] = joined_dataset(eval_tok.files, find_reference(cfg, eval_tok), eval_tok.manifest["rows"])
+    # the run directory records its inputs (data reports, cache entries) so that `dpo-pipeline report` finds them
+    datasets: dict[str, Any] = {}
+    inputs: dict[str, dict[str, Any]] = {}
+    for split, specs in (("train", cfg.data.dataset), ("eval", cfg.data.eval_dataset)):
+        if not specs:
+            continue
+        tok = tokenized if split == "train" else find_tokenized(cfg, specs)
+        reference = find_reference(cfg, tok)
+        datasets[split] = joined_dataset(tok.files, reference, tok.manifest["rows"])
+        inputs[split] = {"pairs": tok.manifest["rows"], "tokenized": str(tok.path), "reference": str(reference.path)}
+        write_data_report(cfg.data.output_dir, tok, split)
 
     total = schedule.total_steps(t.num_train_epochs, t.max_steps)
     cpus = s.cpus_per_worker or max(1, int(ray.cluster_resources().get("CPU", 1)) // s.num_workers)
@@ -100,7 +109,7 @@ def run_train(cfg: Config) -> dict[str, Any]:
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"cfg": cfg, "model_dir": resolve_model(cfg.model.model, cfg.data.cache_dir),
-                           "total_steps": total, "cpus": cpus},
+                           "total_steps": total, "cpus": cpus, "loggers": loggers, "inputs": inputs},
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                                      resources_per_worker={"CPU": cpus}),
         run_config=RunConfig(name=s.run_name, storage_path=storage,
@@ -127,6 +136,7 @@ def train_loop(config: dict[str, Any]) -> None:
         build_policy,
         eval_metrics,
         export_model,
+        gradient_norm,
         load_pairs,
         micro_step,
         peak_memory_bytes,
@@ -160,7 +170,8 @@ def train_loop(config: dict[str, Any]) -> None:
             state = json.loads((Path(d) / STATE).read_text())
         step, window = state["step"], [torch.tensor(r, dtype=torch.float64) for r in state["window"]]
         print(f"[train] rank {rank}: resumed from step {step}", flush=True)
-    log = MetricsLog(str(out_dir), step, total) if rank == 0 else None
+    loggers: LoggerSpec = config["loggers"]
+    log = MetricsLog(str(out_dir), step, total, open_loggers(loggers, cfg)) if rank == 0 else None
 
     def evaluate(at_step: int) -> dict[str, float] | None:
         if eval_pairs is None:
@@ -188,11 +199,13 @@ def train_loop(config: dict[str, Any]) -> None:
     started = time.time()
     steps_at_start = step
     while step < total:
-        rows = []
+        rows, own_norm = [], None
         for idx in schedule.micro_batches(step, rank):
             r = micro_step(cfg, engine, train_pairs, idx, tokenizer.pad_token_id, world,
                            loss_scale=schedule.loss_scale(step, len(idx)))
             engine.backward(r.loss)
+            if cfg.scale.zero_stage == 0 and engine.is_gradient_accumulation_boundary():
+                own_norm = gradient_norm(engine.module)  # DeepSpeed clips at ZeRO-0 but keeps no norm
             engine.step()
             rows.append(r.metric_row)
         step += 1
@@ -202,7 +215,7 @@ def train_loop(config: dict[str, Any]) -> None:
         state["pairs_seen"] += int(slot_total(reduced, "pairs"))
         if step % t.logging_steps == 0 or step == total:
             values = finalize(torch.stack(window))
-            grad_norm = engine.get_global_grad_norm()
+            grad_norm = engine.get_global_grad_norm() if own_norm is None else own_norm
             elapsed = state["train_seconds"] + time.time() - started
             values |= {"grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                        "learning_rate": engine.get_lr()[0], "epoch": schedule.epoch_progress(step),
@@ -235,6 +248,8 @@ def train_loop(config: dict[str, Any]) -> None:
             "num_workers": world,
             "zero_stage": cfg.scale.zero_stage,
             "final_eval": final_eval,
+            "inputs": config["inputs"],
+            "loggers": loggers.describe(),
             "config": cfg.flat(),
         }
         write_json_atomic(out_dir / "train_summary.json", summary)
