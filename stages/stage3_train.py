@@ -31,6 +31,8 @@ from pipeline.cache import write_json_atomic
 from pipeline.config import Config
 from pipeline.errors import CacheError, ConfigError
 from pipeline.models import resolve_model
+from pipeline.redact import redact_value
+from pipeline.storage import LocalMirror, location
 from stages.stage1_tokenize import find_tokenized
 from stages.stage2_score_ref import ReferenceScores, find_reference
 
@@ -72,7 +74,7 @@ def run_train(cfg: Config) -> dict[str, Any]:
 
     total = batching.total_steps(n_pairs, g, t.num_train_epochs, t.max_steps)
     cpus = s.cpus_per_worker or max(1, int(ray.cluster_resources().get("CPU", 1)) // s.num_workers)
-    storage = s.storage_path or str(Path(cfg.data.output_dir) / "ray")
+    storage = s.storage_path or str(location(cfg.data.output_dir) / "ray")
     print(f"[train] {n_pairs} pairs, global batch {g}, {total} steps on {s.num_workers} worker(s) x {cpus} CPU, "
           f"ZeRO-{s.zero_stage}; checkpoints in {storage}/{s.run_name}", flush=True)
     trainer = TorchTrainer(
@@ -88,7 +90,7 @@ def run_train(cfg: Config) -> dict[str, Any]:
         dataset_config=DataConfig(datasets_to_split=[]),  # every rank holds all pairs; the schedule splits
     )
     trainer.fit()
-    return json.loads((Path(cfg.data.output_dir).expanduser() / "train_summary.json").read_text())
+    return json.loads((location(cfg.data.output_dir) / "train_summary.json").read_text())
 
 
 # --- worker ---
@@ -117,7 +119,8 @@ def train_loop(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     t = cfg.train
-    out_dir = Path(cfg.data.output_dir).expanduser()
+    output = LocalMirror(cfg.data.output_dir, fetch=("metrics.jsonl", "tensorboard") if rank == 0 else ())
+    out_dir = output.local  # output_dir itself, or a local copy of a URI that rank 0 uploads (push)
 
     # --- setup: data, policy, engine, resume ---
     train_pairs = load_pairs(ray.train.get_dataset_shard("train"))
@@ -191,6 +194,8 @@ def train_loop(config: dict[str, Any]) -> None:
             state["train_seconds"] += time.time() - started
             started = time.time()
             _save(engine, {**state, "step": step, "window": [w.tolist() for w in window]}, rank, step)
+            if rank == 0:
+                output.push()
         _inject_fault(step, rank)
 
     # --- end: final eval, export, summary ---
@@ -209,9 +214,10 @@ def train_loop(config: dict[str, Any]) -> None:
             "num_workers": world,
             "zero_stage": cfg.scale.zero_stage,
             "final_eval": final_eval,
-            "config": cfg.flat(),
+            "config": redact_value(cfg.flat()),
         }
         write_json_atomic(out_dir / "train_summary.json", summary)
+        output.push()
     ray.train.report({"step": step})
 
 
