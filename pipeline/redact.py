@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from typing import Any, TextIO
 
 MASK = "***"
@@ -25,8 +26,11 @@ PATTERNS = (
 URI_USERINFO = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s:]+:[^@\s]*@")  # scheme://user:password@
 
 
+NAME_PARTS = re.compile(r"[_\W]+")
+
+
 def is_secret_name(name: str) -> bool:
-    return bool(SECRET_NAME_PARTS & set(re.split(r"[_\W]+", name.upper())))
+    return bool(SECRET_NAME_PARTS & set(NAME_PARTS.split(name.upper())))
 
 
 def secret_values(environ: dict[str, str] | None = None) -> list[str]:
@@ -67,14 +71,19 @@ class RedactingStream:
         self.pending += text
         if "\n" in self.pending:
             complete, self.pending = self.pending.rsplit("\n", 1)
-            self.stream.write(redact(complete + "\n"))
+            self._emit(complete + "\n")
         return len(text)
 
     def flush(self) -> None:
         if self.pending:
-            self.stream.write(redact(self.pending))
+            self._emit(self.pending)
             self.pending = ""
         self.stream.flush()
+
+    def _emit(self, text: str) -> None:
+        if sys.meta_path is None:  # interpreter teardown (a progress bar's __del__): nothing can be checked
+            return
+        self.stream.write(redact(text))
 
     def __getattr__(self, name: str) -> Any:  # fileno, isatty, encoding, ... of the real stream
         return getattr(self.stream, name)

@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -89,8 +90,23 @@ def run_train(cfg: Config) -> dict[str, Any]:
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=[]),  # every rank holds all pairs; the schedule splits
     )
-    trainer.fit()
+    _fit(trainer)
     return json.loads((location(cfg.data.output_dir) / "train_summary.json").read_text())
+
+
+def _fit(trainer: TorchTrainer) -> None:
+    """trainer.fit(), with Ctrl-C reported as KeyboardInterrupt. In the main thread Ray Train installs a SIGINT
+    handler that aborts the workers gracefully and then exits the process (SystemExit); the CLI turns a
+    KeyboardInterrupt into "interrupted" and status 130. Afterwards the previous handler is back."""
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if in_main else None
+    try:
+        trainer.fit()
+    except SystemExit:
+        raise KeyboardInterrupt from None
+    finally:
+        if in_main:
+            signal.signal(signal.SIGINT, previous)
 
 
 # --- worker ---
