@@ -217,8 +217,8 @@ def _user_error(e: BaseException) -> PipelineError | str | None:
             return current
         seen.add(id(current))
         current = getattr(current, "cause", None) or current.__cause__ or current.__context__
-    problem = write_problem(e)
-    return f"cannot write the output: {problem} ({_first_line(e)})" if problem else None
+    problem = write_problem(e)  # e.g. a full disk under a training worker: the reason, then where it happened
+    return f"{problem} ({_first_line(e)})" if problem else None
 
 
 def _first_line(e: BaseException) -> str:

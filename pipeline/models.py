@@ -29,7 +29,7 @@ BUILTIN_MODELS = {
 def resolve_model(name: str, cache_dir: str | os.PathLike) -> str:
     """A path or hub id that `from_pretrained` loads: builtins are converted (once) and their directory returned."""
     if name in BUILTIN_MODELS:
-        return str(_builtin_dir(name, local_cache_dir(cache_dir)))
+        return str(_builtin_dir(name, local_cache_dir(cache_dir).resolve()))
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():

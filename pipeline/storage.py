@@ -72,7 +72,7 @@ def location(p: str | os.PathLike) -> Location:
 def local_cache_dir(cache_dir: str | os.PathLike) -> Path:
     """Where files that must be on a local disk go (the converted builtin model, the generated builtin data):
     `cache_dir` itself when it is local, else the default local cache of this machine."""
-    return Path(DEFAULT_LOCAL_CACHE if is_uri(cache_dir) else cache_dir).expanduser().resolve()
+    return Path(DEFAULT_LOCAL_CACHE if is_uri(cache_dir) else cache_dir).expanduser()
 
 
 @dataclass(frozen=True)
