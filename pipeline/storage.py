@@ -219,6 +219,11 @@ class LocalMirror:
             with writing(self.remote):
                 _copy_tree(pafs.LocalFileSystem(), str(self.local), self.remote.fs, self.remote.path)
 
+    def close(self) -> None:
+        """Drop the local copy of a URI target (after the last push)."""
+        if self.remote is not None:
+            shutil.rmtree(self.local, ignore_errors=True)
+
 
 def _copy_tree(src_fs: pafs.FileSystem, src: str, dst_fs: pafs.FileSystem, dst: str) -> None:
     """Copy a file, or a directory tree, creating the directories (a local destination needs them)."""

@@ -234,6 +234,7 @@ def train_loop(config: dict[str, Any]) -> None:
         }
         write_json_atomic(out_dir / "train_summary.json", summary)
         output.push()
+    output.close()
     ray.train.report({"step": step})
 
 

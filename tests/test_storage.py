@@ -53,6 +53,9 @@ def test_output_mirror_uploads_and_fetches_back(tmp_path):
     assert again.local != first.local
     assert (again.local / "metrics.jsonl").read_text() == '{"step": 1}\n'
     assert (again.local / "tensorboard" / "events").read_bytes() == b"e"
+    for mirror in (first, again):
+        mirror.close()
+        assert not mirror.local.exists()
     local = storage.LocalMirror(str(tmp_path / "plain"))
     assert local.local == tmp_path / "plain" and local.remote is None
 
