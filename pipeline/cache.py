@@ -4,6 +4,7 @@ An entry is a directory `<cache_dir>/<kind>/<key>/` of data files plus `manifest
 The manifest names the key, the inputs that made it, the row count and a size and checksum per file.
 An entry is valid only if its manifest parses, names the expected key and every file matches; anything
 else is refused with a message saying what is wrong, never used and never silently rebuilt.
+`cache_dir` is a local path or a URI (pipeline.storage): the same rules hold on both.
 """
 
 from __future__ import annotations
@@ -13,11 +14,14 @@ import json
 import os
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline import storage
 from pipeline.errors import CacheError
+from pipeline.storage import Location
 
 MANIFEST = "manifest.json"
 
@@ -26,7 +30,7 @@ MANIFEST = "manifest.json"
 class CacheEntry:
     """A valid cache entry: its directory, key and manifest."""
 
-    path: Path
+    path: Location
     key: str
     manifest: dict[str, Any]
 
@@ -41,43 +45,53 @@ def cache_key(**parts: Any) -> str:
     return hashlib.blake2b(blob, digest_size=16).hexdigest()
 
 
-def entry_dir(cache_dir: str | os.PathLike, kind: str, key: str) -> Path:
-    return Path(cache_dir).expanduser() / kind / key
+def entry_dir(cache_dir: str | os.PathLike, kind: str, key: str) -> Location:
+    return storage.location(cache_dir) / kind / key
 
 
-def hash_file(h: Any, path: Path) -> None:
+def hash_file(h: Any, path: Location) -> None:
     """Feed a file's bytes into hasher `h`, 4 MiB at a time."""
     with path.open("rb") as fh:
         for block in iter(lambda: fh.read(1 << 22), b""):
             h.update(block)
 
 
-def file_checksum(path: Path) -> str:
+def file_checksum(path: Location) -> str:
     h = hashlib.blake2b(digest_size=16)
     hash_file(h, path)
     return h.hexdigest()
 
 
-def describe_files(directory: Path, names: list[str]) -> dict[str, dict[str, Any]]:
+def describe_files(directory: Location, names: list[str]) -> dict[str, dict[str, Any]]:
     return {n: {"bytes": (directory / n).stat().st_size, "blake2b": file_checksum(directory / n)} for n in names}
 
 
-def write_json_atomic(path: Path, payload: Any) -> None:
+def write_json_atomic(path: Location, payload: Any) -> None:
     """Write JSON via a temporary file and rename, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(payload, fh, indent=2, sort_keys=True, default=str)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with storage.writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(path, storage.RemotePath):
+            tmp_remote = path.parent / f".{path.name}.{uuid.uuid4().hex}"
+            try:
+                tmp_remote.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
+                storage.replace(tmp_remote, path)
+            except BaseException:
+                tmp_remote.unlink(missing_ok=True)
+                raise
+            return
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                json.dump(payload, fh, indent=2, sort_keys=True, default=str)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
-def write_manifest(directory: Path, key: str, kind: str, files: list[str], rows: int, **info: Any) -> dict:
+def write_manifest(directory: Location, key: str, kind: str, files: list[str], rows: int, **info: Any) -> dict:
     """Checksum the data files and write the manifest last: from here on the entry is valid."""
     manifest = {
         "key": key,
@@ -91,7 +105,7 @@ def write_manifest(directory: Path, key: str, kind: str, files: list[str], rows:
     return manifest
 
 
-def read_valid_manifest(directory: Path, key: str, produce_hint: str) -> dict:
+def read_valid_manifest(directory: Location, key: str, produce_hint: str) -> dict:
     """The manifest of a valid entry, or CacheError saying what is wrong and what to do."""
     path = directory / MANIFEST
     if not directory.exists():

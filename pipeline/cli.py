@@ -4,20 +4,26 @@
     dpo-pipeline train --config my.yaml --beta 0.2 --loss_type sigmoid,sft --loss_weights 0.8,0.2
 
 Every subcommand takes `--config FILE.yaml` and one flag per config key, which overrides the file.
-User errors (bad config, bad data, missing cache) print one clear message and exit with status 2.
+User errors (bad config, bad data, missing cache, an output location that cannot be written) print one
+clear message and exit with status 2. Ctrl-C exits with status 130 after Ray has stopped what this run
+started; rerunning resumes. Everything printed passes through pipeline.redact (no tokens or keys).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from pipeline.config import SECTIONS, Config, config_fields, describe_type, field_type, load_config
 from pipeline.errors import PipelineError
 from pipeline.loggers import resolve_loggers
+from pipeline.redact import RedactingStream
+from pipeline.storage import check_writable, location, write_problem
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -85,6 +91,16 @@ def init_ray() -> None:
 def splits(cfg: Config) -> list[tuple[str, tuple[str, ...]]]:
     """(split name, dataset specs) for the training data and, when set, the eval data."""
     return [(name, specs) for name, specs in (("train", cfg.data.dataset), ("eval", cfg.data.eval_dataset)) if specs]
+
+
+def check_outputs(cfg: Config, command: str) -> None:
+    """Fail before any work when a location this command writes cannot be written (the key names it)."""
+    keys = {"tokenize": ("cache_dir", "output_dir"), "score-ref": ("cache_dir",),
+            "train": ("output_dir", "storage_path"), "run": ("cache_dir", "output_dir", "storage_path")}[command]
+    flat = cfg.flat()
+    for key in keys:
+        if flat[key] is not None:
+            check_writable(flat[key], key)
 
 
 def cmd_tokenize(cfg: Config, force: bool) -> None:
@@ -158,9 +174,8 @@ def cmd_report(run_dir: str) -> None:
 
 def _first_eval(output_dir: str) -> dict[str, Any]:
     import json
-    from pathlib import Path
 
-    for line in (Path(output_dir).expanduser() / "metrics.jsonl").read_text().splitlines():
+    for line in (location(output_dir) / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
         if "eval_loss" in record:
             return record
@@ -177,26 +192,51 @@ def command_table() -> dict[str, Callable[[Config, bool], None]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    with _redacted_console():
+        args = build_parser().parse_args(argv)
+        try:
+            if args.command == "report":
+                cmd_report(args.run_dir)
+                return 0
+            cfg = parse_config(args)
+            check_outputs(cfg, args.command)
+            command_table()[args.command](cfg, getattr(args, "force", False))
+        except KeyboardInterrupt:
+            _stop_ray()
+            print("interrupted; rerun the same command to resume", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        except Exception as e:  # Ray wraps errors raised in workers; show the user's problem, not a traceback
+            user_error = _user_error(e)
+            if user_error is None:
+                traceback.print_exc()  # a bug: the traceback, through the redacting console
+                return 1
+            print(f"error: {user_error}", file=sys.stderr)
+            return EXIT_USER_ERROR
+        return 0
+
+
+@contextlib.contextmanager
+def _redacted_console() -> Iterator[None]:
+    out, err = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = RedactingStream(out), RedactingStream(err)
     try:
-        if args.command == "report":
-            cmd_report(args.run_dir)
-            return 0
-        cfg = parse_config(args)
-        command_table()[args.command](cfg, getattr(args, "force", False))
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except Exception as e:  # Ray wraps errors raised in workers; show the user's problem, not a traceback
-        user_error = _user_error(e)
-        if user_error is None:
-            raise
-        print(f"error: {user_error}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    return 0
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        sys.stdout, sys.stderr = out, err
 
 
-def _user_error(e: BaseException) -> PipelineError | None:
+def _stop_ray() -> None:
+    """Ctrl-C: end this driver's Ray work now (its actors and workers; the local Ray it started, if any)."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def _user_error(e: BaseException) -> PipelineError | str | None:
+    """The PipelineError behind `e` (Ray wraps worker errors), a failed write's reason, or None for a bug."""
     seen: set[int] = set()
     current: Any = e
     while current is not None and id(current) not in seen:
@@ -204,4 +244,9 @@ def _user_error(e: BaseException) -> PipelineError | None:
             return current
         seen.add(id(current))
         current = getattr(current, "cause", None) or current.__cause__ or current.__context__
-    return None
+    problem = write_problem(e)  # e.g. a full disk under a training worker: the reason, then where it happened
+    return f"{problem} ({_first_line(e)})" if problem else None
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 
 from pipeline.errors import ConfigError
+from pipeline.storage import check_uri
 
 LOSS_TYPES = (
     "sigmoid",
@@ -110,6 +111,8 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _check(len(self.dataset) > 0, "dataset", self.dataset, "at least one path")
+        check_uri("cache_dir", self.cache_dir)
+        check_uri("output_dir", self.output_dir)
         if self.max_length is not None:
             _check(self.max_length >= 2, "max_length", self.max_length, "an integer >= 2, or null")
 
@@ -251,6 +254,7 @@ class ScaleConfig:
         _check(self.num_workers >= 1, "num_workers", self.num_workers, "an integer >= 1")
         _check(self.ref_actors >= 1, "ref_actors", self.ref_actors, "an integer >= 1")
         _check(self.max_failures >= 0, "max_failures", self.max_failures, "an integer >= 0")
+        check_uri("storage_path", self.storage_path)
         for key in ("cpus_per_worker", "cpus_per_ref_actor"):
             value = getattr(self, key)
             _check(value is None or value >= 1, key, value, "an integer >= 1, or null")

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Literal
 
 from pipeline.errors import PipelineError
+from pipeline.storage import local_cache_dir
 
 # "-text" variants hold the same pairs in standard (plain text) form: no chat template, ~2.4x fewer tokens.
 BUILTIN_DATASETS: tuple[str, ...] = ("demo-train", "demo-test", "demo-train-text", "demo-test-text")
@@ -252,7 +253,7 @@ def builtin_dataset_path(name: str, cache_dir: str | os.PathLike, n: int | None 
     if name not in BUILTIN_DATASETS:
         raise PipelineError(f"unknown builtin dataset {name!r}; valid names: "
                             f"{', '.join('builtin:' + b for b in BUILTIN_DATASETS)}")
-    path = Path(cache_dir).expanduser() / "datasets" / (f"{name}.jsonl" if n is None else f"{name}-{n}.jsonl")
+    path = local_cache_dir(cache_dir) / "datasets" / (f"{name}.jsonl" if n is None else f"{name}-{n}.jsonl")
     if path.is_file():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)

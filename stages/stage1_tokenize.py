@@ -10,19 +10,15 @@ The kept pairs are sorted by pair_id and written under `<cache_dir>/tokenized/<k
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import ray
 
-from pipeline import cache, schema
+from pipeline import cache, schema, storage
 from pipeline.config import Config
 from pipeline.errors import DataError
 from pipeline.models import load_tokenizer, resolve_model, tokenizer_fingerprint
@@ -145,16 +141,17 @@ def run_tokenize(cfg: Config, specs: tuple[str, ...], split: str = "train", forc
     report = _report(summary, len(duplicate_rows), split)
 
     kept = tokenized.map_batches(_keep_unique, fn_kwargs={"duplicates": duplicate_rows}, batch_format="pyarrow")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=_kind_dir(cfg)))
-    try:
-        kept.sort(schema.PAIR_ID).write_parquet(str(tmp))
-        names = sorted(p.name for p in tmp.iterdir() if p.suffix == ".parquet")
-        if path.exists():  # --force: replace the old entry only once the new one is complete
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with storage.writing(path):
+        tmp = storage.make_temp_dir(_kind_dir(cfg), f".{key}-")
+        try:
+            kept.sort(schema.PAIR_ID).write_parquet(str(tmp))
+            names = sorted(p.name for p in tmp.iterdir() if p.name.endswith(".parquet"))
+            if path.exists():  # --force: replace the old entry only once the new one is complete
+                storage.rmtree(path)
+            storage.replace(tmp, path)
+        except BaseException:
+            storage.rmtree(tmp)
+            raise
     manifest = cache.write_manifest(path, key, KIND, names, rows=report["pairs_kept"], inputs=parts,
                                     sources=[f.path for f in files], report=report,
                                     timings={"tokenize_s": round(time.time() - start, 2)})
@@ -166,15 +163,15 @@ def run_tokenize(cfg: Config, specs: tuple[str, ...], split: str = "train", forc
     return TokenizedData(path, key, manifest)
 
 
-def write_data_report(output_dir: str, data: TokenizedData, split: str) -> Path:
+def write_data_report(output_dir: str, data: TokenizedData, split: str) -> storage.Location:
     """`<output_dir>/data_report.json` (train) or `eval_data_report.json`: rows read, kept, dropped by reason."""
-    out = Path(output_dir).expanduser() / ("data_report.json" if split == "train" else f"{split}_data_report.json")
+    out = storage.location(output_dir) / ("data_report.json" if split == "train" else f"{split}_data_report.json")
     cache.write_json_atomic(out, {**data.report, "split": split, "tokenized_path": str(data.path)})
     return out
 
 
-def _kind_dir(cfg: Config) -> Path:
-    d = Path(cfg.data.cache_dir).expanduser() / KIND
+def _kind_dir(cfg: Config) -> storage.Location:
+    d = storage.location(cfg.data.cache_dir) / KIND
     d.mkdir(parents=True, exist_ok=True)
     return d
 

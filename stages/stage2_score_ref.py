@@ -15,11 +15,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import time
 from collections import defaultdict
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from pipeline import cache, schema
+from pipeline import cache, schema, storage
 from pipeline.config import Config, ModelConfig
 from pipeline.errors import CacheError
 from pipeline.kernels import choose_kernels
@@ -156,14 +153,15 @@ def run_score_ref(cfg: Config, tokenized: TokenizedData, split: str = "train", f
     key, model_dir, parts = reference_key(cfg, tokenized)
     path = cache.entry_dir(cfg.data.cache_dir, KIND, key)
     if force and path.exists():
-        shutil.rmtree(path)
+        storage.rmtree(path)
     if (path / cache.MANIFEST).exists():
         found = ReferenceScores(path, key, cache.read_valid_manifest(path, key, "Rerun with --force."))
         print(f"[score-ref] {split}: reusing cached reference scores {path} ({found.manifest['rows']} pairs); "
               "nothing rewritten", flush=True)
         return found
 
-    pair_ids = pq.ParquetDataset(tokenized.files).read(columns=[schema.PAIR_ID]).column(schema.PAIR_ID).to_pylist()
+    fs, files = storage.parquet_source(tokenized.files)
+    pair_ids = pq.ParquetDataset(files, filesystem=fs).read(columns=[schema.PAIR_ID]).column(schema.PAIR_ID).to_pylist()
     num_shards = max(1, math.ceil(len(pair_ids) / shard_pairs))
     expected = np.bincount(shard_of(pair_ids, num_shards), minlength=num_shards)
     done = _check_plan_and_done(path, key, num_shards, expected)
@@ -193,7 +191,7 @@ def run_score_ref(cfg: Config, tokenized: TokenizedData, split: str = "train", f
     return ReferenceScores(path, key, manifest)
 
 
-def _check_plan_and_done(path: Path, key: str, num_shards: int, expected: np.ndarray) -> set[int]:
+def _check_plan_and_done(path: storage.Location, key: str, num_shards: int, expected: np.ndarray) -> set[int]:
     """Start or resume an unfinished entry; complete shards are kept only if their row counts match."""
     plan = {"key": key, "num_shards": num_shards}
     if not (path / PLAN).exists():
@@ -211,7 +209,8 @@ def _check_plan_and_done(path: Path, key: str, num_shards: int, expected: np.nda
         f = path / shard_name(i)
         if f.exists():
             try:
-                rows = pq.ParquetFile(f).metadata.num_rows
+                with f.open("rb") as fh:
+                    rows = pq.ParquetFile(fh).metadata.num_rows
             except (OSError, pa.ArrowException) as e:
                 raise CacheError(f"cache entry {path}: {f.name} is unreadable ({e}); delete the entry or rerun "
                                  "with --force.") from None
@@ -222,7 +221,7 @@ def _check_plan_and_done(path: Path, key: str, num_shards: int, expected: np.nda
     return done
 
 
-def _score_missing(cfg: Config, tokenized: TokenizedData, model_dir: str, path: Path, num_shards: int,
+def _score_missing(cfg: Config, tokenized: TokenizedData, model_dir: str, path: storage.Location, num_shards: int,
                    missing: frozenset[int], expected: np.ndarray, totals: dict[str, int], split: str) -> None:
     if not cfg.scale.use_gpu:  # refuse a kernel choice this machine cannot run before any actor starts
         print(f"[score-ref] kernels: {choose_kernels(cfg.model, cuda=False, dtype=cfg.compute_dtype).describe()}",
@@ -267,11 +266,17 @@ def _score_missing(cfg: Config, tokenized: TokenizedData, model_dir: str, path: 
                       "scored", flush=True)
 
 
-def _write_shard(path: Path, i: int, parts: list[pa.Table]) -> None:
+def _write_shard(path: storage.Location, i: int, parts: list[pa.Table]) -> None:
     table = pa.concat_tables(parts).cast(schema.REFERENCE_SCHEMA).sort_by(schema.PAIR_ID)
     tmp = path / f".{shard_name(i)}.tmp"
-    pq.write_table(table, tmp)
-    os.replace(tmp, path / shard_name(i))
+    with storage.writing(path / shard_name(i)):
+        try:
+            with tmp.open("wb") as fh:
+                pq.write_table(table, fh)
+            storage.replace(tmp, path / shard_name(i))
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
 
 def _padding(totals: dict[str, int]) -> float:

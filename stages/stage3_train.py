@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,8 @@ from pipeline.errors import CacheError, ConfigError
 from pipeline.kernels import choose_kernels
 from pipeline.loggers import LoggerSpec, open_loggers, resolve_loggers
 from pipeline.models import resolve_model
+from pipeline.redact import redact_value
+from pipeline.storage import LocalMirror, location
 from pipeline.training import PairTable
 from stages.stage1_tokenize import find_tokenized, write_data_report
 from stages.stage2_score_ref import ReferenceScores, find_reference
@@ -98,7 +101,7 @@ def run_train(cfg: Config) -> dict[str, Any]:
 
     total = schedule.total_steps(t.num_train_epochs, t.max_steps)
     cpus = s.cpus_per_worker or max(1, int(ray.cluster_resources().get("CPU", 1)) // s.num_workers)
-    storage = s.storage_path or str(Path(cfg.data.output_dir) / "ray")
+    storage = s.storage_path or str(location(cfg.data.output_dir) / "ray")
     batch = (f"micro-batches of <= {t.max_tokens_per_batch} tokens" if t.max_tokens_per_batch else
              f"global batch {t.per_device_train_batch_size * schedule.per_step}")
     print(f"[train] {n_pairs} pairs, {batch}, {total} steps on {s.num_workers} worker(s) x {cpus} CPU, "
@@ -118,8 +121,23 @@ def run_train(cfg: Config) -> dict[str, Any]:
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=[]),  # every rank holds all pairs; the schedule splits
     )
-    trainer.fit()
-    return json.loads((Path(cfg.data.output_dir).expanduser() / "train_summary.json").read_text())
+    _fit(trainer)
+    return json.loads((location(cfg.data.output_dir) / "train_summary.json").read_text())
+
+
+def _fit(trainer: TorchTrainer) -> None:
+    """trainer.fit(), with Ctrl-C reported as KeyboardInterrupt. In the main thread Ray Train installs a SIGINT
+    handler that aborts the workers gracefully and then exits the process (SystemExit); the CLI turns a
+    KeyboardInterrupt into "interrupted" and status 130. Afterwards the previous handler is back."""
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if in_main else None
+    try:
+        trainer.fit()
+    except SystemExit:
+        raise KeyboardInterrupt from None
+    finally:
+        if in_main:
+            signal.signal(signal.SIGINT, previous)
 
 
 # --- worker ---
@@ -149,7 +167,8 @@ def train_loop(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     t = cfg.train
-    out_dir = Path(cfg.data.output_dir).expanduser()
+    output = LocalMirror(cfg.data.output_dir, fetch=("metrics.jsonl", "tensorboard") if rank == 0 else ())
+    out_dir = output.local  # output_dir itself, or a local copy of a URI that rank 0 uploads (push)
 
     # --- setup: data, policy, engine, resume ---
     train_pairs = load_pairs(ray.train.get_dataset_shard("train"))
@@ -230,6 +249,8 @@ def train_loop(config: dict[str, Any]) -> None:
             state["train_seconds"] += time.time() - started
             started = time.time()
             _save(engine, {**state, "step": step, "window": [w.tolist() for w in window]}, rank, step)
+            if rank == 0:
+                output.push()
         _inject_fault(step, rank)
 
     # --- end: final eval, export, summary ---
@@ -250,9 +271,11 @@ def train_loop(config: dict[str, Any]) -> None:
             "final_eval": final_eval,
             "inputs": config["inputs"],
             "loggers": loggers.describe(),
-            "config": cfg.flat(),
+            "config": redact_value(cfg.flat()),
         }
         write_json_atomic(out_dir / "train_summary.json", summary)
+        output.push()
+    output.close()
     ray.train.report({"step": step})
 
 

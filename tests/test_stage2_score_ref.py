@@ -297,6 +297,50 @@ def test_kill_midway_then_resume_scores_only_missing_shards(stage, tmp_path, cap
     assert read_scores(resumed) == read_scores(stage[2])  # exactly the uninterrupted run's values
 
 
+def test_scoring_actor_killed_midway_is_retried(stage, tmp_path, monkeypatch):
+    """One scoring actor, blocks of one pair, half a second each; once a shard file has landed the actor
+    process is SIGKILLed. Ray Data restarts the actor and retries its block (max_restarts and
+    max_task_retries are unlimited for its actor pools): the same run completes, with exactly the
+    uninterrupted run's scores."""
+    import threading
+
+    cfg, data, ref, _ = stage
+    cfg = cfg.replace(cache_dir=str(tmp_path / "cache"))
+    entry = Path(cfg.data.cache_dir) / "reference" / ref.key
+    pids = tmp_path / "pids"
+    pids.mkdir()
+
+    class Slow(stage2._ScoreRef):
+        def __call__(self, block):
+            (pids / str(os.getpid())).touch()
+            time.sleep(0.5)
+            return super().__call__(block)
+
+    monkeypatch.setattr(stage2, "_ScoreRef", Slow)
+    monkeypatch.setattr(stage2, "BLOCK_BATCHES", 1)
+    killed: list[int] = []
+
+    def kill_actor_midway() -> None:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (list(entry.glob("shard-*.parquet")) and list(pids.iterdir())):
+            time.sleep(0.05)
+        victim = int(next(pids.iterdir()).name)
+        os.kill(victim, 9)
+        killed.append(victim)
+
+    killer = threading.Thread(target=kill_actor_midway, daemon=True)
+    killer.start()
+    scored = run_score_ref(cfg, data, shard_pairs=3)
+    killer.join(timeout=5)
+    assert killed, "the actor was never killed"
+    survivors = {int(p.name) for p in pids.iterdir()} - set(killed)
+    assert survivors, "no actor scored after the kill"  # a restarted actor (a new process) finished the job
+    assert scored.manifest["timings"]["pairs_scored_now"] == len(ROWS)
+    assert len(scored.manifest["files"]) == 4
+    assert find_reference(cfg, data).key == ref.key
+    assert read_scores(scored) == read_scores(ref)
+
+
 # --- 4. refusals ---
 
 def test_corrupt_truncated_edited_and_missing_entries_are_refused(stage, tmp_path):

@@ -1,0 +1,287 @@
+"""cluster/: the manifests are valid for the tools that read them and run the CLI we ship; and the pipeline
+runs as two `ray job submit` jobs on a real Ray head on 127.0.0.1 with token auth, sharing one cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import secrets
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import ray
+import yaml
+
+from pipeline.cli import COMMANDS, build_parser
+from pipeline.config import load_config
+from pipeline.redact import is_secret_name
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER = REPO / "cluster"
+RAY_BIN = Path(sys.executable).parent / "ray"
+IMAGE = re.compile(r"^rayproject/ray:(?P<version>\d+\.\d+\.\d+)-py(?P<py>3\d+)-(?P<platform>cpu|gpu|cu\d+)$")
+
+
+def load(name: str) -> dict:
+    return yaml.safe_load((CLUSTER / name).read_text())
+
+
+def constraints() -> dict[str, str]:
+    """The versions CI runs with: constraints.txt, and torch as the Makefile installs it."""
+    torch = re.search(r"^TORCH \?= torch==(\S+)", (REPO / "Makefile").read_text(), re.M)
+    pins = {"torch": torch.group(1)}
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        if "==" in line:
+            name, version = line.split("==")
+            pins[name.strip().lower().replace("_", "-")] = version.strip()
+    return pins
+
+
+def check_image(image: str, gpu: bool) -> None:
+    m = IMAGE.match(image)
+    assert m, f"{image} is not a rayproject/ray:<version>-py3XX-<cpu|gpu|cuXXX> tag"
+    assert m["version"] == ray.__version__, f"{image}: the cluster must run the Ray we test with ({ray.__version__})"
+    assert int(m["py"][1:]) >= 10, f"{image}: pyproject requires Python >= 3.10"
+    assert (m["platform"] != "cpu") == gpu, f"{image}: {'GPU' if gpu else 'CPU'} image expected"
+
+
+def check_command(line: str) -> list[list[str]]:
+    """Every `&&`-joined command is our CLI (`dpo-pipeline X` or `python -m pipeline X`), accepted by its parser,
+    and any --config file is in the repository and loads."""
+    commands = []
+    for part in line.split("&&"):
+        argv = shlex.split(part)
+        if argv[:3] == ["python", "-m", "pipeline"]:
+            argv = argv[3:]
+        else:
+            assert argv[0] == "dpo-pipeline", f"not our CLI: {part!r}"
+            argv = argv[1:]
+        assert argv[0] in COMMANDS, f"unknown command {argv[0]!r}"
+        args = build_parser().parse_args(argv)  # exits (SystemExit) on an unknown flag
+        if getattr(args, "config", None):
+            load_config(REPO / args.config)
+        commands.append(argv)
+    return commands
+
+
+SUBMITTED = re.compile(r' -- (?:bash -c "([^"]*)"|((?:python -m pipeline|dpo-pipeline) [^`\n\\|]*))')
+
+
+def documented_commands(text: str) -> list[list[str]]:
+    """Each command after ` -- ` (or inside ` -- bash -c "..."`) in some documentation, checked by check_command."""
+    return [argv for m in SUBMITTED.finditer(text) for argv in check_command((m.group(1) or m.group(2)).strip())]
+
+
+# --- the manifests ---
+
+def test_runtime_env_is_valid_for_ray_and_pins_our_versions():
+    from ray.runtime_env import RuntimeEnv
+
+    env = load("runtime_env.yaml")
+    assert set(env) <= RuntimeEnv.known_fields
+    RuntimeEnv(**env)  # Ray's own validation of each field's value
+    pins = constraints()
+    for spec in env["pip"]["packages"]:
+        name, version = spec.split("==")
+        assert pins[name.lower().replace("_", "-")] == version, f"{spec} differs from constraints.txt"
+    assert {".venv/", ".cache/", "runs/"} <= set(env["excludes"])
+    assert env["env_vars"] and not any(is_secret_name(k) for k in env["env_vars"])  # no secrets in a runtime env
+
+
+def test_cluster_launcher_config_passes_ray_schema():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = load("aws.yaml")
+    validate_config(prepare_config(config))  # the launcher's own schema (with its defaults filled in, as `ray up`)
+    check_image(config["docker"]["image"], gpu=True)
+    check_image(config["docker"]["head_image"], gpu=False)
+    assert set(config["available_node_types"]) == {"head", "gpu_worker"}
+    starts = config["head_start_ray_commands"] + config["worker_start_ray_commands"]
+    assert all("RAY_AUTH_MODE=token" in c for c in starts if "ray start" in c)
+    assert "~/.ray/auth_token" in config["file_mounts"]
+    assert documented_commands((CLUSTER / "aws.yaml").read_text())  # the header's job submission
+
+
+def _containers(spec: dict) -> list[tuple[str, dict]]:
+    groups = [("head", spec["headGroupSpec"])] + [(g["groupName"], g) for g in spec["workerGroupSpecs"]]
+    return [(name, c) for name, g in groups for c in g["template"]["spec"]["containers"]]
+
+
+@pytest.mark.parametrize("name", ["kuberay/raycluster.yaml", "kuberay/rayjob-score-ref.yaml",
+                                  "kuberay/rayjob-train.yaml"])
+def test_kuberay_manifests(name):
+    from ray.runtime_env import RuntimeEnv
+
+    doc = load(name)
+    assert doc["apiVersion"] == "ray.io/v1" and doc["metadata"]["name"]
+    spec = doc["spec"]
+    cluster = spec if doc["kind"] == "RayCluster" else spec["rayClusterSpec"]
+    assert doc["kind"] in ("RayCluster", "RayJob")
+    assert cluster["rayVersion"] == ray.__version__
+    assert cluster["authOptions"] == {"mode": "token"}
+    for group, container in _containers(cluster):
+        gpus = int(container["resources"]["limits"].get("nvidia.com/gpu", 0))
+        check_image(container["image"], gpu=gpus > 0)
+        assert (group == "head") == (gpus == 0)
+    if doc["kind"] == "RayJob":
+        commands = check_command(spec["entrypoint"])
+        env = yaml.safe_load(spec["runtimeEnvYAML"])
+        assert set(env) <= RuntimeEnv.known_fields
+        RuntimeEnv(**env)
+        pins = constraints()
+        assert all(pins[p.split("==")[0].lower().replace("_", "-")] == p.split("==")[1] for p in env["pip"])
+        assert spec["shutdownAfterJobFinishes"] is True
+        stage = "train" if "train" in name else "score-ref"
+        assert commands[-1][0] == stage
+
+
+def test_cluster_config_is_on_shared_storage():
+    cfg = load_config(REPO / "configs" / "cluster.yaml")
+    for value in (cfg.data.cache_dir, cfg.data.output_dir, cfg.scale.storage_path):
+        assert value.startswith("s3://")
+    assert cfg.scale.use_gpu and cfg.scale.ref_actors != cfg.scale.num_workers  # scaled independently
+
+
+def test_readme_documents_each_path_with_token_auth():
+    text = (CLUSTER / "README.md").read_text()
+    for needle in ("ray up cluster/aws.yaml", "kubectl apply -f cluster/kuberay/raycluster.yaml",
+                   "rayjob-score-ref.yaml", "rayjob-train.yaml", "ray job submit", "ray job logs",
+                   "RAY_AUTH_MODE=token", "ray get-auth-token"):
+        assert needle in text, needle
+    assert len(documented_commands(text)) >= 3
+    assert "(cluster/README.md)" in (REPO / "README.md").read_text()
+
+
+# --- two jobs on a real head ---
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free TCP ports on 127.0.0.1 (held open together, so they differ)."""
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """A Ray head on 127.0.0.1 with token auth, every port chosen free, its own temp dir; `ray start --block`
+    runs in its own session, and teardown stops that session only (never a global `ray stop`)."""
+    home = tmp_path / "home"
+    token = subprocess.run([str(RAY_BIN), "get-auth-token", "--generate"], env={**os.environ, "HOME": str(home)},
+                           capture_output=True, text=True, check=True).stdout.strip()
+    assert len(token) >= 32
+    token_file = tmp_path / "auth_token"
+    token_file.write_text(token)
+    fake = {"HF_TOKEN": "hf_" + secrets.token_hex(17), "AWS_SECRET_ACCESS_KEY": secrets.token_urlsafe(30)}
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RAY_ADDRESS")}
+    env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file), **fake,
+            "PATH": f"{RAY_BIN.parent}:{env.get('PATH', '')}", "RAY_USAGE_STATS_ENABLED": "0"}
+    gcs, dash, client, nm, om, agent, agent_grpc, rt_agent, metrics, lo = free_ports(10)
+    temp_dir = tempfile.mkdtemp(prefix="rayj", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    log = (tmp_path / "head.log").open("w")
+    head = subprocess.Popen(
+        [str(RAY_BIN), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
+         f"--ray-client-server-port={client}", f"--node-manager-port={nm}", f"--object-manager-port={om}",
+         f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+         f"--runtime-env-agent-port={rt_agent}", f"--metrics-export-port={metrics}",
+         f"--min-worker-port={lo}", f"--max-worker-port={lo + 200}", "--num-cpus=2", f"--temp-dir={temp_dir}",
+         "--disable-usage-stats"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.time() + 180
+        while subprocess.run([str(RAY_BIN), "job", "list", "--address", address], env=env,
+                             capture_output=True).returncode != 0:
+            assert head.poll() is None, (tmp_path / "head.log").read_text()[-3000:]
+            assert time.time() < deadline, "the head did not come up in 180 s"
+            time.sleep(2)
+        yield {"address": address, "env": env, "token": token, "fake": fake}
+    finally:
+        head.send_signal(signal.SIGTERM)  # --block: stops what this `ray start` started
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            head.wait(timeout=60)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGKILL)  # anything of that session still alive
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def submit(head: dict, submission_id: str, entrypoint: str) -> str:
+    """`ray job submit --no-wait`, then `ray job logs --follow` until it ends; returns the logs."""
+    runtime_env = {"excludes": [".git", ".venv/", ".cache/", "runs/", "__pycache__/", "*.egg-info/"],
+                   "env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}}
+    base = [str(RAY_BIN), "job"]
+    subprocess.run([*base, "submit", "--address", head["address"], "--submission-id", submission_id,
+                    "--working-dir", str(REPO), "--runtime-env-json", json.dumps(runtime_env), "--no-wait",
+                    "--", *shlex.split(entrypoint)], env=head["env"], check=True, capture_output=True, timeout=120)
+    logs = subprocess.run([*base, "logs", "--address", head["address"], "--follow", submission_id],
+                          env=head["env"], capture_output=True, text=True, timeout=480).stdout
+    status = subprocess.run([*base, "status", "--address", head["address"], submission_id], env=head["env"],
+                            capture_output=True, text=True, timeout=60)
+    assert f"Job '{submission_id}' succeeded" in status.stdout + status.stderr, f"{status}\n{logs[-4000:]}"
+    return logs
+
+
+@pytest.mark.slow
+def test_two_jobs_share_the_cache_on_a_token_auth_head(ray_head, tiny_model_dir, tmp_path):
+    env = ray_head["env"]
+    # token auth is really on: the same request without the token is refused
+    no_token = {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN_PATH"} | {"HOME": str(tmp_path)}
+    refused = subprocess.run([str(RAY_BIN), "job", "list", "--address", ray_head["address"]], env=no_token,
+                             capture_output=True, text=True)
+    assert refused.returncode != 0
+
+    words = ["red", "blue", "green", "gold"]
+    rows = [{"prompt": f"Colour {i}?", "chosen": f" {words[i % 4]}", "rejected": f" not {words[(i + 1) % 4]} {i}"}
+            for i in range(16)]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = {"model": str(tiny_model_dir), "dataset": [str(tmp_path / "pairs.jsonl")],
+              "cache_dir": str(tmp_path / "cache"), "output_dir": str(tmp_path / "out"), "max_steps": 2,
+              "per_device_train_batch_size": 4, "logging_steps": 1, "save_steps": 2, "zero_stage": 0,
+              "gradient_checkpointing": False, "learning_rate": 1e-3, "ref_actors": 1, "num_workers": 1}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(config))
+    cfg = f"--config {tmp_path / 'job.yaml'}"
+
+    # as cluster/README.md shows it: one job for stages 1-2 (a shell chains them), one for stage 3
+    first = submit(ray_head, "dpo-score-ref", f'bash -c "python -m pipeline tokenize {cfg} && '
+                                              f'python -m pipeline score-ref {cfg}"')
+    assert "[score-ref] train: scoring 16 pairs" in first, first[-3000:]
+    reference = next((tmp_path / "cache" / "reference").iterdir())
+    manifest = json.loads((reference / "manifest.json").read_text())
+    assert manifest["rows"] == 16
+    before = {p.name: p.stat().st_mtime_ns for p in reference.iterdir()}
+
+    second = submit(ray_head, "dpo-train", f"python -m pipeline train {cfg}")
+    assert "[train] done: 2 steps" in second, second[-3000:]
+    assert "[score-ref]" not in second and "[tokenize]" not in second  # nothing re-scored or re-tokenized
+    assert {p.name: p.stat().st_mtime_ns for p in reference.iterdir()} == before
+    assert len(list((tmp_path / "cache" / "reference").iterdir())) == 1
+    out = tmp_path / "out"
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if "loss" in x] == [1, 2]
+    assert (out / "final" / "model.safetensors").is_file()
+    assert json.loads((out / "train_summary.json").read_text())["train_steps"] == 2
+
+    # no token or key leaves the cluster: not in the job logs, not in any file the jobs wrote
+    leaks = [ray_head["token"], *ray_head["fake"].values()]
+    for text in (first, second):
+        assert not any(s in text for s in leaks)
+    for f in [*(tmp_path / "cache").rglob("*"), *out.rglob("*")]:
+        if f.is_file():
+            blob = f.read_bytes()
+            assert not any(s.encode() in blob for s in leaks), f

@@ -1,0 +1,119 @@
+"""Shared storage: `cache_dir`, `output_dir` and `storage_path` as URIs through pyarrow filesystems.
+
+The tests use file:// URIs: they take the RemotePath code path (pyarrow's filesystem API, no rename of
+directories, object-by-object moves), the same one s3:// and gs:// take with another pyarrow filesystem.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import cache, storage
+from pipeline.config import config_from_dict
+from pipeline.errors import CacheError, ConfigError
+from stages.stage1_tokenize import run_tokenize
+from stages.stage2_score_ref import find_reference, run_score_ref
+from stages.stage3_train import run_train
+
+
+def uri(p: Path) -> str:
+    return f"file://{p}"
+
+
+def test_remote_path_operations(tmp_path):
+    root = storage.location(uri(tmp_path / "r"))
+    assert isinstance(root, storage.RemotePath) and str(root) == uri(tmp_path / "r") and not root.exists()
+    f = root / "a" / "b.json"
+    cache.write_json_atomic(f, {"x": 1})
+    assert f.is_file() and json.loads(f.read_text()) == {"x": 1} and f.stat().st_size == len(f.read_bytes())
+    assert [p.name for p in (root / "a").iterdir()] == ["b.json"]  # no temporary file left behind
+    tmp = storage.make_temp_dir(root, ".t-")
+    (tmp / "1.parquet").write_bytes(b"one")
+    (tmp / "2.parquet").write_bytes(b"two")
+    storage.replace(tmp, root / "entry")
+    assert not tmp.exists() and sorted(p.name for p in (root / "entry").iterdir()) == ["1.parquet", "2.parquet"]
+    storage.rmtree(root / "entry")
+    assert not (root / "entry").exists()
+    assert isinstance(storage.location("~/x"), Path) and str(storage.location("~/x")) == str(Path("~/x").expanduser())
+
+
+def test_output_mirror_uploads_and_fetches_back(tmp_path):
+    target = uri(tmp_path / "out")
+    first = storage.LocalMirror(target, fetch=("metrics.jsonl", "tensorboard"))
+    (first.local / "metrics.jsonl").write_text('{"step": 1}\n')
+    (first.local / "tensorboard").mkdir()
+    (first.local / "tensorboard" / "events").write_bytes(b"e")
+    first.push()
+    assert (tmp_path / "out" / "tensorboard" / "events").read_bytes() == b"e"
+    again = storage.LocalMirror(target, fetch=("metrics.jsonl", "tensorboard", "absent"))  # e.g. on another node
+    assert again.local != first.local
+    assert (again.local / "metrics.jsonl").read_text() == '{"step": 1}\n'
+    assert (again.local / "tensorboard" / "events").read_bytes() == b"e"
+    for mirror in (first, again):
+        mirror.close()
+        assert not mirror.local.exists()
+    local = storage.LocalMirror(str(tmp_path / "plain"))
+    assert local.local == tmp_path / "plain" and local.remote is None
+
+
+@pytest.mark.parametrize("key", ["cache_dir", "output_dir", "storage_path"])
+def test_uris_with_credentials_or_options_are_refused(key):
+    with pytest.raises(ConfigError, match=f"{key}: a URI must not contain credentials") as e:
+        config_from_dict({key: "s3://AKIAABCDEFGHIJKLMNOP:wJalrXUtnFEMIK7MDENG@bucket/x"})
+    assert "wJalr" not in str(e.value) and "AKIA" not in str(e.value)
+    with pytest.raises(ConfigError, match="options in the URI are not supported"):
+        config_from_dict({key: "s3://bucket/x?endpoint_override=localhost:9000"})
+    assert config_from_dict({key: "gs://bucket/x"}).flat()[key] == "gs://bucket/x"
+
+
+def test_remote_entry_is_valid_only_after_its_manifest(tmp_path):
+    entry = storage.location(uri(tmp_path / "cache")) / "reference" / "k"
+    entry.mkdir()
+    (entry / "shard-00000.parquet").write_bytes(b"data")
+    with pytest.raises(CacheError, match="incomplete"):
+        cache.read_valid_manifest(entry, "k", "")
+    cache.write_manifest(entry, "k", "reference", ["shard-00000.parquet"], rows=1)
+    assert cache.read_valid_manifest(entry, "k", "")["rows"] == 1
+    (entry / "shard-00000.parquet").write_bytes(b"dat4")
+    with pytest.raises(CacheError, match="fails its checksum"):
+        cache.read_valid_manifest(entry, "k", "")
+
+
+def test_pipeline_on_uris_matches_local_paths(ray_session, tiny_model_dir, tmp_path, capsys):
+    """Tokenize, score and train with every location a URI: the same scores as with local paths, the outputs
+    in the URI locations, and a second scoring run that reuses the entry."""
+    rows = [{"prompt": f"Count {i}:", "chosen": f" {i} {i + 1}", "rejected": f" {i + 2}"} for i in range(12)]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    base = {"model": str(tiny_model_dir), "dataset": [str(tmp_path / "pairs.jsonl")], "max_steps": 2,
+            "per_device_train_batch_size": 4, "precompute_ref_batch_size": 1, "logging_steps": 1, "save_steps": 1,
+            "zero_stage": 0, "gradient_checkpointing": False, "learning_rate": 1e-3}
+    local = config_from_dict({**base, "cache_dir": str(tmp_path / "local"), "output_dir": str(tmp_path / "lo")})
+    remote = config_from_dict({**base, "cache_dir": uri(tmp_path / "remote"), "output_dir": uri(tmp_path / "ro"),
+                               "storage_path": uri(tmp_path / "ckpt"), "run_name": "uri"})
+
+    def scores(ref):
+        fs, files = storage.parquet_source(ref.files)
+        return pq.ParquetDataset(files, filesystem=fs).read().sort_by("pair_id").to_pylist()
+
+    want = scores(run_score_ref(local, run_tokenize(local, local.data.dataset)))
+    tok = run_tokenize(remote, remote.data.dataset)
+    ref = run_score_ref(remote, tok)
+    assert isinstance(ref.path, storage.RemotePath) and str(ref.path).startswith(uri(tmp_path / "remote"))
+    assert scores(ref) == want  # micro-batches of one pair: bit-identical
+    assert (tmp_path / "remote" / "reference" / ref.key / "manifest.json").is_file()
+    assert not list((tmp_path / "remote" / "tokenized").glob(".*"))  # no temporary directory left behind
+    capsys.readouterr()
+    again = run_score_ref(remote, tok)
+    assert "reusing cached reference scores" in capsys.readouterr().out and again.manifest == ref.manifest
+    assert find_reference(remote, tok).key == ref.key
+
+    summary = run_train(remote)
+    out = tmp_path / "ro"
+    assert summary["train_steps"] == 2 and summary["config"]["output_dir"] == uri(out)
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert (out / "final" / "model.safetensors").is_file() and any((out / "tensorboard").iterdir())
+    assert list((tmp_path / "ckpt" / "uri").rglob("state.json"))  # Ray Train checkpoints at storage_path
