@@ -136,7 +136,6 @@ def cmd_run(cfg: Config, force: bool) -> None:
     from stages.stage2_score_ref import run_score_ref
     from stages.stage3_train import run_train
 
-    resolve_loggers(cfg)  # a requested logger that is not installed fails before stage 1, not after stage 2
     init_ray()
     for split, specs in splits(cfg):
         data = run_tokenize(cfg, specs, split, force=force)
@@ -199,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
                 cmd_report(args.run_dir)
                 return 0
             cfg = parse_config(args)
+            if args.command in ("train", "run"):
+                resolve_loggers(cfg)  # a requested logger that is not installed fails before anything is written
             check_outputs(cfg, args.command)
             command_table()[args.command](cfg, getattr(args, "force", False))
         except KeyboardInterrupt:
