@@ -192,15 +192,18 @@ def train_loop(config: dict[str, Any]) -> None:
     loggers: LoggerSpec = config["loggers"]
     log = MetricsLog(str(out_dir), step, total, open_loggers(loggers, cfg)) if rank == 0 else None
 
+    # The eval batches of every rank, cut once; weighting each batch's mean loss by its pairs makes the eval
+    # loss the exact mean over eval pairs.
+    eval_plan = [eval_pairs.eval_batches(cfg, r, world) for r in range(world)] if eval_pairs is not None else []
+    real_batches = sum(len(b) > 0 for batches in eval_plan for b in batches)
+
     def evaluate(at_step: int) -> dict[str, float] | None:
         if eval_pairs is None:
             return None
         engine.eval()
         rows = []
-        # Weighting each batch's mean loss by its pairs makes the eval loss the exact mean over eval pairs.
-        real_batches = sum(len(b) > 0 for r in range(world) for b in eval_pairs.eval_batches(cfg, r, world))
         with torch.no_grad():
-            for idx in eval_pairs.eval_batches(cfg, rank, world):
+            for idx in eval_plan[rank]:
                 filler = len(idx) == 0  # a rank out of pairs still joins the collectives, with weight 0
                 rows.append(micro_step(cfg, engine, eval_pairs, np.zeros(1, dtype=np.int64) if filler else idx,
                                        tokenizer.pad_token_id, world, weight=0.0 if filler else 1.0,
