@@ -243,7 +243,7 @@ def train_step_flops(model_dir: str, cfg_dict: dict, work: Path, steps: range) -
     from transformers import AutoConfig
 
     from pipeline.config import config_from_dict
-    from pipeline.forward import scored_tokens
+    from pipeline.core.packing import scored_tokens
     from pipeline.training import PairTable
     from stages.stage1_tokenize import find_tokenized
 

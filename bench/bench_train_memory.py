@@ -6,8 +6,8 @@ Every mode runs in a fresh subprocess on the same random Llama (vocab 49k like S
 batch of B pairs (2B sequences, second half of each sequence is the completion), does one forward,
 the sigmoid loss and the backward, and reports the peak resident memory (ru_maxrss) and the growth over
 the process's memory right after loading the model(s):
-- ours: model body -> `pipeline.logprobs.sequence_stats` (LM head on completion tokens only, in
-  checkpointed chunks) -> `pipeline.losses.dpo_loss`, reference scores from a cache (no reference model);
+- ours: model body -> `pipeline.core.logprobs.sequence_stats` (LM head on completion tokens only, in
+  checkpointed chunks) -> `pipeline.core.losses.dpo_loss`, reference scores from a cache (no reference model);
 - trl-precomputed: TRL 1.16 `DPOTrainer.compute_loss` with `precompute_ref_log_probs` scores in the batch;
 - trl-online: the same with its default online reference model (a second model in memory);
 - naive: `model(...).logits` -> log_softmax -> gather, the full [2B, T, V] logits materialised.
@@ -54,8 +54,8 @@ def run_mode(mode: str, pairs: int, seq: int, vocab: int, hidden: int, layers: i
     start = time.perf_counter()
     if mode == "ours":
         from pipeline.config import LossConfig
-        from pipeline.logprobs import sequence_stats
-        from pipeline.losses import PreferenceInputs, dpo_loss
+        from pipeline.core.logprobs import sequence_stats
+        from pipeline.core.losses import PreferenceInputs, dpo_loss
 
         hidden_states = model.model(input_ids=ids, attention_mask=attention).last_hidden_state
         stats = sequence_stats(hidden_states, model.lm_head, ids, completion, torch.zeros(2 * pairs, dtype=torch.long))

@@ -10,38 +10,14 @@ Both give the same hidden states for every real token, so the log-prob function 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from pipeline import schema
-from pipeline.logprobs import SequenceStats, sequence_stats
-
-
-@dataclass(frozen=True)
-class PairBatch:
-    """B pairs as 2B sequences: rows [0, B) are chosen, rows [B, 2B) rejected."""
-
-    input_ids: Tensor  # (2B, T) right-padded
-    attention_mask: Tensor  # (2B, T) 1 on real tokens
-    completion_mask: Tensor  # (2B, T) 1 on completion tokens
-    shared_len: Tensor  # (2B,) LD-DPO shared length of the pair, repeated for both rows
-
-    @property
-    def num_pairs(self) -> int:
-        return self.input_ids.size(0) // 2
-
-    @property
-    def num_tokens(self) -> int:
-        """Non-pad tokens."""
-        return int(self.attention_mask.sum())
-
-
-def scored_tokens(length: int, completion_start: int) -> int:
-    """Completion tokens that get a log-prob: the first token of a sequence never does (shift)."""
-    return max(0, length - max(completion_start, 1))
+from pipeline.core.logprobs import SequenceStats, sequence_stats
+from pipeline.core.packing import PairBatch, pack, scored_tokens
 
 
 def collate_pairs(columns: dict[str, Sequence[Any]], pad_token_id: int) -> PairBatch:
@@ -64,25 +40,6 @@ def collate_pairs(columns: dict[str, Sequence[Any]], pad_token_id: int) -> PairB
     b = len(chosen)
     shared = [min(counts[i], counts[b + i]) for i in range(b)]
     return PairBatch(input_ids, attention_mask, completion_mask, torch.tensor(shared + shared, dtype=torch.long))
-
-
-@dataclass(frozen=True)
-class PackedRow:
-    """The real tokens of a PairBatch as one row: sequence i is `input_ids[0, cu[i]:cu[i+1]]`."""
-
-    input_ids: Tensor  # (1, Σ lengths)
-    position_ids: Tensor  # (1, Σ lengths), 0.. per sequence
-    cu_seq_lens: Tensor  # (2B+1,) int32 sequence boundaries
-    max_length: int
-
-
-def pack(batch: PairBatch) -> PackedRow:
-    """Drop the padding of a right-padded PairBatch; row-major order keeps each sequence contiguous."""
-    real = batch.attention_mask.bool()
-    lengths = real.sum(dim=1)
-    positions = torch.arange(real.size(1)).expand_as(real)
-    cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
-    return PackedRow(batch.input_ids[real].unsqueeze(0), positions[real].unsqueeze(0), cu, int(lengths.max()))
 
 
 def split_lm(model: Any) -> tuple[Callable[..., Any], Callable[[Tensor], Tensor]]:

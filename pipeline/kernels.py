@@ -4,7 +4,7 @@
     model = load_causal_lm(path, dtype, attn_implementation=kernels.attn_implementation)
     apply_liger(model, kernels)
 
-Padding-free batches are one row of packed sequences (`pipeline.forward.pack`) with `position_ids` restarting
+Padding-free batches are one row of packed sequences (`pipeline.core.packing.pack`) with `position_ids` restarting
 per sequence and the sequence boundaries as `cu_seq_lens_q/k` (transformers' flash-attention varlen kwargs,
 passed through the model to every attention call). On CUDA with flash-attn installed they go to
 flash-attention-2's varlen kernel. Elsewhere they go to `varlen_sdpa_forward`: causal SDPA run on each

@@ -20,14 +20,15 @@ import pyarrow.compute as pc
 import torch
 
 from pipeline import schema
-from pipeline.batching import Schedule, eval_batches
 from pipeline.config import Config
-from pipeline.forward import PairBatch, collate_pairs, sequence_forward
+from pipeline.core.batching import Schedule, eval_batches
+from pipeline.core.logprobs import SequenceStats, ld_logps, lm_head_calls
+from pipeline.core.losses import PreferenceInputs, dpo_loss
+from pipeline.core.metrics import batch_metric_sums, finalize
+from pipeline.core.packing import PairBatch
+from pipeline.forward import collate_pairs, sequence_forward
 from pipeline.kernels import Kernels, apply_liger
 from pipeline.loggers import ExperimentLogger, tracker_name
-from pipeline.logprobs import SequenceStats, ld_logps, lm_head_calls
-from pipeline.losses import PreferenceInputs, dpo_loss
-from pipeline.metrics import batch_metric_sums, finalize
 from pipeline.optim import decay_groups, deepspeed_config, lr_lambda, warmup_steps
 
 REF_COLUMNS = (schema.REF_CHOSEN_SHARED_LOGPS, schema.REF_CHOSEN_TAIL_LOGPS, schema.REF_REJECTED_SHARED_LOGPS,

@@ -32,7 +32,7 @@ from pipeline.models import resolve_model, weights_fingerprint
 from stages.stage1_tokenize import TokenizedData
 
 KIND = "reference"
-LOGPROB_VERSION = 1  # bump when the shift/mask/dtype rules of pipeline.logprobs change
+LOGPROB_VERSION = 1  # bump when the shift/mask/dtype rules of pipeline.core.logprobs change
 SHARD_PAIRS = 4096
 BLOCK_BATCHES = 16  # micro-batches per block that an actor sorts by length
 PLAN = "plan.json"

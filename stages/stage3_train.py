@@ -28,9 +28,10 @@ import torch
 from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from pipeline import batching, schema
+from pipeline import schema
 from pipeline.cache import write_json_atomic
 from pipeline.config import Config
+from pipeline.core import batching
 from pipeline.errors import CacheError, ConfigError
 from pipeline.kernels import choose_kernels
 from pipeline.loggers import LoggerSpec, open_loggers, resolve_loggers
@@ -145,7 +146,7 @@ def _fit(trainer: TorchTrainer) -> None:
 def train_loop(config: dict[str, Any]) -> None:
     import deepspeed  # noqa: F401  (imported before the engine to register the CPU accelerator)
 
-    from pipeline.metrics import finalize, slot_total
+    from pipeline.core.metrics import finalize, slot_total
     from pipeline.models import load_tokenizer
     from pipeline.training import (
         MetricsLog,

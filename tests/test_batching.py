@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.batching import Schedule, eval_batches, pack_by_budget, pair_cost
+from pipeline.core.batching import Schedule, eval_batches, pack_by_budget, pair_cost
 
 
 def _lengths(n: int, seed: int = 0) -> np.ndarray:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from pipeline.logprobs import SequenceStats, ld_logps, lm_head_calls, sequence_stats
+from pipeline.core.logprobs import SequenceStats, ld_logps, lm_head_calls, sequence_stats
 
 N, T, H, V = 4, 9, 16, 37
 

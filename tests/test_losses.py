@@ -10,9 +10,9 @@ import torch
 from torch import Tensor
 
 from pipeline.config import F_DIVERGENCE_LOSS_TYPES, LOSS_TYPES, LossConfig
+from pipeline.core.logprobs import ld_logps
+from pipeline.core.losses import LOSSES, PreferenceInputs, Scores, dpo_loss, f_divergence_score, wpo_weights
 from pipeline.errors import ConfigError
-from pipeline.logprobs import ld_logps
-from pipeline.losses import LOSSES, PreferenceInputs, Scores, dpo_loss, f_divergence_score, wpo_weights
 
 # --- an independent naive implementation: python loops over pairs, 0-dim float64 tensors ---
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from pipeline.config import LossConfig
-from pipeline.logprobs import SequenceStats
-from pipeline.losses import PreferenceInputs, dpo_loss
-from pipeline.metrics import SLOTS, batch_metric_sums, finalize
+from pipeline.core.logprobs import SequenceStats
+from pipeline.core.losses import PreferenceInputs, dpo_loss
+from pipeline.core.metrics import SLOTS, batch_metric_sums, finalize
 
 TRL_NAMES = {"loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
              "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected", "entropy",

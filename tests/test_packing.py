@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from pipeline.config import ModelConfig
+from pipeline.core.packing import pack
 from pipeline.errors import ConfigError
-from pipeline.forward import collate_pairs, pack, sequence_forward
+from pipeline.forward import collate_pairs, sequence_forward
 from pipeline.kernels import VARLEN_SDPA, choose_kernels
 from pipeline.models import load_causal_lm
 

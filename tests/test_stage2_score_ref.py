@@ -1,7 +1,7 @@
 """Stage 2 end to end on a real local Ray: scores against an independent per-pair forward, cache reuse and
 --force, resuming after a real kill, refusals, what the key covers, LoRA, and several actors.
 
-The independent reference, written out here and never calling pipeline.logprobs: for one unpadded
+The independent reference, written out here and never calling pipeline.core.logprobs: for one unpadded
 sequence x of length L whose completion starts at s, the full model gives logits z (L, V) and
 
     logp = Σ_{t = max(s, 1)}^{L-1} log_softmax(z[t-1])[x_t]        (float64; position t-1 scores token t)

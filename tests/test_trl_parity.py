@@ -19,9 +19,9 @@ from trl import DPOConfig, DPOTrainer  # noqa: E402
 from trl.trainer.dpo_trainer import DataCollatorForPreference  # noqa: E402
 
 from pipeline.config import LOSS_TYPES, LossConfig  # noqa: E402
-from pipeline.logprobs import ld_logps, sequence_stats  # noqa: E402
-from pipeline.losses import PreferenceInputs, dpo_loss  # noqa: E402
-from pipeline.metrics import batch_metric_sums, finalize  # noqa: E402
+from pipeline.core.logprobs import ld_logps, sequence_stats  # noqa: E402
+from pipeline.core.losses import PreferenceInputs, dpo_loss  # noqa: E402
+from pipeline.core.metrics import batch_metric_sums, finalize  # noqa: E402
 
 VOCAB = 128
 PAD, EOS = 0, 1

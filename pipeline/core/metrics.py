@@ -21,8 +21,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from pipeline.logprobs import SequenceStats
-from pipeline.losses import LossOutput, PreferenceInputs
+from pipeline.core.logprobs import SequenceStats
+from pipeline.core.losses import LossOutput, PreferenceInputs
 
 # Slots of a row: sums and the counts they are divided by.
 SLOTS = (

@@ -23,14 +23,34 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from pipeline.config import LossConfig
+
+class LossSettings(Protocol):
+    """What the losses read from their settings; `pipeline.config.LossConfig` is one (validated on load)."""
+
+    @property
+    def beta(self) -> float: ...
+    @property
+    def loss_type(self) -> tuple[str, ...]: ...
+    @property
+    def weights(self) -> tuple[float, ...]: ...
+    @property
+    def label_smoothing(self) -> float: ...
+    @property
+    def f_divergence_type(self) -> str: ...
+    @property
+    def f_alpha_divergence_coef(self) -> float: ...
+    @property
+    def f_divergence_clamp(self) -> bool: ...
+    @property
+    def use_weighting(self) -> bool: ...
+    @property
+    def discopop_tau(self) -> float: ...
 
 
 @dataclass(frozen=True)
@@ -77,7 +97,7 @@ class LossOutput:
     rejected_rewards: Tensor  # (B,) β·ρ_l, detached
 
 
-LossFn = Callable[[PreferenceInputs, Scores, "LossConfig"], Tensor]
+LossFn = Callable[[PreferenceInputs, Scores, LossSettings], Tensor]
 LOSSES: dict[str, LossFn] = {}
 
 
@@ -92,7 +112,7 @@ def _register(name: str) -> Callable[[LossFn], LossFn]:
 # --- the combined loss ---
 
 
-def dpo_loss(cfg: LossConfig, x: PreferenceInputs) -> LossOutput:
+def dpo_loss(cfg: LossSettings, x: PreferenceInputs) -> LossOutput:
     """The weighted mix of `cfg.loss_type`: Σ_k w_k · mean_b(ω_b · loss_k,b), ω = WPO weight or 1."""
     chosen_logratios = x.policy_chosen_logps - x.ref_chosen_logps
     rejected_logratios = x.policy_rejected_logps - x.ref_rejected_logps
@@ -171,7 +191,7 @@ def wpo_weights(x: PreferenceInputs) -> Tensor:
 
 
 @_register("sigmoid")
-def sigmoid(x: PreferenceInputs, s: Scores, cfg: LossConfig) -> Tensor:
+def sigmoid(x: PreferenceInputs, s: Scores, cfg: LossSettings) -> Tensor:
     """DPO's logistic loss.
 
     Paper: "Direct Preference Optimization: Your Language Model is Secretly a Reward Model", Rafailov et
@@ -184,7 +204,7 @@ def sigmoid(x: PreferenceInputs, s: Scores, cfg: LossConfig) -> Tensor:
 
 
 @_register("hinge")
-def hinge(x: PreferenceInputs, s: Scores, cfg: LossConfig) -> Tensor:
+def hinge(x: PreferenceInputs, s: Scores, cfg: LossSettings) -> Tensor:
     """SLiC's hinge loss on the normalised likelihood margin.
 
     Paper: "SLiC-HF: Sequence Likelihood Calibration with Human Feedback", Zhao et al. 2023,
@@ -202,7 +222,7 @@ def _per_token_delta(x: PreferenceInputs, s: Scores) -> Tensor:
 
 
 @_register("ipo")
-def ipo(x: PreferenceInputs, s: Scores, cfg: LossConfig) -> Tensor:
+def ipo(x: PreferenceInputs, s: Scores, cfg: LossSettings) -> Tensor:
     """IPO's squared loss on the per-token score margin.
 
     Paper: "A General Theoretical Paradigm to Understand Learning from Human Preferences", Azar et al.
@@ -219,7 +239,7 @@ def ipo(x: PreferenceInputs, s: Scores, cfg: LossConfig) -> Tensor:
 
 
 @_register("exo_pair")
-def exo_pair(x: PreferenceInputs, s: Scores, cfg: LossConfig) -> Tensor:
+def exo_pair(x: PreferenceInputs, s: Scores, cfg: LossSettings) -> Tensor:
     """EXO-pref: reverse KL from the policy's pair distribution to the smoothed labels.
 
     Paper: "Towards Efficient Exact Optimization of Language Model Alignment", Ji et al. 2024,
@@ -235,7 +255,7 @@ def exo_pair(x: PreferenceInputs, s: Scores, cfg: LossConfig) -> Tensor:
 
 
 @_register("nca_pair")
-def nca_pair(x: PreferenceInputs, s: Scores, cfg: LossConfig) -> Tensor:
+def nca_pair(x: PreferenceInputs, s: Scores, cfg: LossSettings) -> Tensor:
     """NCA: absolute (not relative) likelihood of each response.
 
     Paper: "Noise Contrastive Alignment of Language Models with Explicit Rewards", Chen et al. 2024,
@@ -249,7 +269,7 @@ def nca_pair(x: PreferenceInputs, s: Scores, cfg: LossConfig) -> Tensor:
 
 
 @_register("robust")
-def robust(x: PreferenceInputs, s: Scores, cfg: LossConfig) -> Tensor:
+def robust(x: PreferenceInputs, s: Scores, cfg: LossSettings) -> Tensor:
     """Robust DPO: unbiased under labels flipped with probability ε.
 
     Paper: "Provably Robust DPO: Aligning Language Models with Noisy Feedback", Chowdhury et al. 2024,
@@ -264,7 +284,7 @@ def robust(x: PreferenceInputs, s: Scores, cfg: LossConfig) -> Tensor:
 
 
 @_register("bco_pair")
-def bco_pair(x: PreferenceInputs, s: Scores, cfg: LossConfig) -> Tensor:
+def bco_pair(x: PreferenceInputs, s: Scores, cfg: LossSettings) -> Tensor:
     """BCO on pairs: classify chosen as good and rejected as bad, independently.
 
     Paper: "Binary Classifier Optimization for Large Language Model Alignment", Jung et al. 2024,
@@ -278,7 +298,7 @@ def bco_pair(x: PreferenceInputs, s: Scores, cfg: LossConfig) -> Tensor:
 
 
 @_register("sppo_hard")
-def sppo_hard(x: PreferenceInputs, s: Scores, cfg: LossConfig) -> Tensor:
+def sppo_hard(x: PreferenceInputs, s: Scores, cfg: LossSettings) -> Tensor:
     """SPPO with hard win probabilities (1 for chosen, 0 for rejected).
 
     Paper: "Self-Play Preference Optimization for Language Model Alignment", Wu et al. 2024,
@@ -290,13 +310,13 @@ def sppo_hard(x: PreferenceInputs, s: Scores, cfg: LossConfig) -> Tensor:
     return (s.chosen_logratios - 0.5 / cfg.beta) ** 2 + (s.rejected_logratios + 0.5 / cfg.beta) ** 2
 
 
-def _smoothed_logistic(delta: Tensor, cfg: LossConfig) -> Tensor:
+def _smoothed_logistic(delta: Tensor, cfg: LossSettings) -> Tensor:
     z = cfg.beta * delta
     return -F.logsigmoid(z) * (1 - cfg.label_smoothing) - F.logsigmoid(-z) * cfg.label_smoothing
 
 
 @_register("aot")
-def aot(x: PreferenceInputs, s: Scores, cfg: LossConfig) -> Tensor:
+def aot(x: PreferenceInputs, s: Scores, cfg: LossSettings) -> Tensor:
     """AOT (paired): align the sorted policy and reference log-ratio distributions over the batch.
 
     Paper: "Distributional Preference Alignment of LLMs via Optimal Transport", Melnyk et al. 2024,
@@ -312,7 +332,7 @@ def aot(x: PreferenceInputs, s: Scores, cfg: LossConfig) -> Tensor:
 
 
 @_register("aot_unpaired")
-def aot_unpaired(x: PreferenceInputs, s: Scores, cfg: LossConfig) -> Tensor:
+def aot_unpaired(x: PreferenceInputs, s: Scores, cfg: LossSettings) -> Tensor:
     """AOT (unpaired): align the sorted chosen and rejected log-ratio distributions over the batch.
 
     Paper: "Distributional Preference Alignment of LLMs via Optimal Transport", Melnyk et al. 2024,
@@ -327,7 +347,7 @@ def aot_unpaired(x: PreferenceInputs, s: Scores, cfg: LossConfig) -> Tensor:
 
 
 @_register("apo_zero")
-def apo_zero(x: PreferenceInputs, s: Scores, cfg: LossConfig) -> Tensor:
+def apo_zero(x: PreferenceInputs, s: Scores, cfg: LossSettings) -> Tensor:
     """APO-zero: raise chosen likelihood, lower rejected (chosen better than the model's outputs).
 
     Paper: "Anchored Preference Optimization and Contrastive Revisions", D'Oosterlinck et al. 2024,
@@ -340,7 +360,7 @@ def apo_zero(x: PreferenceInputs, s: Scores, cfg: LossConfig) -> Tensor:
 
 
 @_register("apo_down")
-def apo_down(x: PreferenceInputs, s: Scores, cfg: LossConfig) -> Tensor:
+def apo_down(x: PreferenceInputs, s: Scores, cfg: LossSettings) -> Tensor:
     """APO-down: lower both likelihoods, rejected more (chosen worse than the model's outputs).
 
     Paper: "Anchored Preference Optimization and Contrastive Revisions", D'Oosterlinck et al. 2024,
@@ -354,7 +374,7 @@ def apo_down(x: PreferenceInputs, s: Scores, cfg: LossConfig) -> Tensor:
 
 
 @_register("discopop")
-def discopop(x: PreferenceInputs, s: Scores, cfg: LossConfig) -> Tensor:
+def discopop(x: PreferenceInputs, s: Scores, cfg: LossSettings) -> Tensor:
     """DiscoPOP (log-ratio modulated loss): a logistic/exponential blend switched by the margin.
 
     Paper: "Discovering Preference Optimization Algorithms with and for Large Language Models", Chris Lu
@@ -371,7 +391,7 @@ def discopop(x: PreferenceInputs, s: Scores, cfg: LossConfig) -> Tensor:
 
 
 @_register("sft")
-def sft(x: PreferenceInputs, s: Scores, cfg: LossConfig) -> Tensor:
+def sft(x: PreferenceInputs, s: Scores, cfg: LossSettings) -> Tensor:
     """Negative log-likelihood of the chosen completions, a token mean over the whole local batch (RPO's
     NLL term when mixed with sigmoid).
 
@@ -389,7 +409,7 @@ def sft(x: PreferenceInputs, s: Scores, cfg: LossConfig) -> Tensor:
 
 
 @_register("sigmoid_norm")
-def sigmoid_norm(x: PreferenceInputs, s: Scores, cfg: LossConfig) -> Tensor:
+def sigmoid_norm(x: PreferenceInputs, s: Scores, cfg: LossSettings) -> Tensor:
     """DPO's logistic loss on length-normalised (per-token) scores.
 
     Paper: "Direct Preference Optimization: Your Language Model is Secretly a Reward Model", Rafailov et

@@ -1,0 +1,6 @@
+"""The pure core: losses, log-probs, metrics, the data schedule and the batch layout.
+
+Tensors (and numpy arrays) in, tensors or small frozen dataclasses out. These modules import only torch,
+numpy, the standard library and each other (a lint rule in pipeline/core/ruff.toml and
+tests/test_architecture.py enforce it), so they run anywhere: a Ray worker, a test, a GPU box without Ray.
+"""
