@@ -41,9 +41,11 @@ HH_RLHF = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-har
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+    )
     p.add_argument("--data", default=str(HH_RLHF), help="preference jsonl(.gz); default: shared HH-RLHF test")
     p.add_argument("--pairs", type=int, default=256, help="first N rows of --data (default 256)")
     p.add_argument("--max-length", type=int, default=512, help="tokens per sequence (default 512)")
@@ -53,8 +55,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--intermediate-size", type=int, default=768)
     p.add_argument("--threads", type=int, default=2, help="torch threads = Ray CPUs (default 2)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats of ours and plain (default 3)")
-    p.add_argument("--trl-repeats", type=int, default=1, help="timed repeats of TRL, 0 = none (default 1: it is "
-                   "the slow one)")
+    p.add_argument(
+        "--trl-repeats", type=int, default=1, help="timed repeats of TRL, 0 = none (default 1: it is the slow one)"
+    )
     p.add_argument("--workdir", default=None, help="scratch directory (default: a temporary one, removed)")
     p.add_argument("--out", default="bench/results_score_ref.json", help="JSON results file")
     return p.parse_args()
@@ -86,15 +89,25 @@ def main() -> None:
     ray.init(num_cpus=args.threads, include_dashboard=False, log_to_driver=False, configure_logging=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
-    cfg = config_from_dict({"model": str(model_dir), "cache_dir": str(work / "cache"),
-                            "output_dir": str(work / "out"), "max_length": args.max_length,
-                            "precompute_ref_batch_size": args.batch_size, "dataset": [str(src)]})
+    cfg = config_from_dict(
+        {
+            "model": str(model_dir),
+            "cache_dir": str(work / "cache"),
+            "output_dir": str(work / "out"),
+            "max_length": args.max_length,
+            "precompute_ref_batch_size": args.batch_size,
+            "dataset": [str(src)],
+        }
+    )
     data = run_tokenize(cfg, (str(src),))
     rows = load_rows(data)
     n = len(rows)
     tokens = sum(len(r["chosen_input_ids"]) + len(r["rejected_input_ids"]) for r in rows)
-    print(f"[bench] {n} pairs kept of {args.pairs} rows, {tokens} tokens ({tokens / (2 * n):.0f} per sequence, "
-          f"max {max(max(len(r['chosen_input_ids']), len(r['rejected_input_ids'])) for r in rows)})", flush=True)
+    print(
+        f"[bench] {n} pairs kept of {args.pairs} rows, {tokens} tokens ({tokens / (2 * n):.0f} per sequence, "
+        f"max {max(max(len(r['chosen_input_ids']), len(r['rejected_input_ids'])) for r in rows)})",
+        flush=True,
+    )
 
     same_start = {r["pair_id"] for r in rows if r["chosen_completion_start"] == r["rejected_completion_start"]}
     plain_model = load_causal_lm(str(model_dir))
@@ -128,11 +141,22 @@ def main() -> None:
     report = {
         "command": " ".join(["python", *sys.argv]),
         "machine": machine(load_before),
-        "model": {"hidden_size": args.hidden_size, "layers": args.layers,
-                  "intermediate_size": args.intermediate_size, "vocab": plain_model.config.vocab_size,
-                  "parameters": sum(p.numel() for p in plain_model.parameters()), "dtype": "float32"},
-        "data": {"source": args.data, "rows": args.pairs, "pairs": n, "tokens": tokens,
-                 "max_length": args.max_length, "batch_size": args.batch_size},
+        "model": {
+            "hidden_size": args.hidden_size,
+            "layers": args.layers,
+            "intermediate_size": args.intermediate_size,
+            "vocab": plain_model.config.vocab_size,
+            "parameters": sum(p.numel() for p in plain_model.parameters()),
+            "dtype": "float32",
+        },
+        "data": {
+            "source": args.data,
+            "rows": args.pairs,
+            "pairs": n,
+            "tokens": tokens,
+            "max_length": args.max_length,
+            "batch_size": args.batch_size,
+        },
         "runs": results,
         "summary": summary,
     }
@@ -148,6 +172,7 @@ def main() -> None:
 
 # --- setup helpers ---
 
+
 def build_model(work: Path, args: argparse.Namespace) -> Path:
     from transformers import AutoTokenizer
 
@@ -156,9 +181,16 @@ def build_model(work: Path, args: argparse.Namespace) -> Path:
     source, gguf_file = builtin_gguf("smollm2-135m")
     AutoTokenizer.from_pretrained(source, gguf_file=gguf_file).save_pretrained(work / "tokenizer")
     tokenizer = load_tokenizer(str(work / "tokenizer"))
-    return make_tiny_model(work / "model", tokenizer, seed=0, hidden_size=args.hidden_size,
-                           num_layers=args.layers, num_heads=4, num_kv_heads=2,
-                           intermediate_size=args.intermediate_size)
+    return make_tiny_model(
+        work / "model",
+        tokenizer,
+        seed=0,
+        hidden_size=args.hidden_size,
+        num_layers=args.layers,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=args.intermediate_size,
+    )
 
 
 def load_rows(data) -> list[dict]:
@@ -180,15 +212,25 @@ def build_trl(model_dir: Path, work: Path, args: argparse.Namespace):
     os.environ["TQDM_DISABLE"] = "1"
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype="float32")
-    config = DPOConfig(output_dir=str(work / "trl"), report_to=[], use_cpu=True, bf16=False,
-                       precompute_ref_log_probs=True, precompute_ref_batch_size=args.batch_size,
-                       per_device_train_batch_size=args.batch_size, max_length=args.max_length,
-                       save_strategy="no", disable_tqdm=True, dataloader_num_workers=0)
+    config = DPOConfig(
+        output_dir=str(work / "trl"),
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        precompute_ref_log_probs=True,
+        precompute_ref_batch_size=args.batch_size,
+        per_device_train_batch_size=args.batch_size,
+        max_length=args.max_length,
+        save_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
     one = Dataset.from_dict({"prompt": ["Hi."], "chosen": [" Hello."], "rejected": [" Go away."]})
     return DPOTrainer(model=model, args=config, train_dataset=one, processing_class=tokenizer)
 
 
 # --- the three ways ---
+
 
 def timed_scorer(stage2, log_dir: Path):
     """The stage's actor class, leaving the start and end time of each call behind as a file name."""
@@ -238,11 +280,11 @@ def run_plain(model, rows: list[dict], batch_size: int, block_batches: int, grou
     scores, real, width_total = {}, 0, 0
     start = time.time()
     for b0 in range(0, len(rows), block):
-        part = rows[b0: b0 + block]
+        part = rows[b0 : b0 + block]
         lengths = [max(len(r["chosen_input_ids"]), len(r["rejected_input_ids"])) for r in part]
         order = np.argsort(lengths, kind="stable") if grouped else np.arange(len(part))
         for m0 in range(0, len(order), batch_size):
-            sub = [part[i] for i in order[m0: m0 + batch_size]]
+            sub = [part[i] for i in order[m0 : m0 + batch_size]]
             batch = collate_pairs({k: [r[k] for r in sub] for k in sub[0]}, 0)
             with torch.inference_mode():
                 stats = sequence_forward(model, batch)
@@ -273,12 +315,15 @@ def run_trl(trainer, rows: list[dict], batch_size: int, repeat: int) -> tuple[di
     scores = dict(zip(done["pair_id"], zip(done["ref_chosen_logps"], done["ref_rejected_logps"])))
     # TRL pads each batch of pairs in dataset order to its longest sequence
     real = sum(len(r["chosen_input_ids"]) + len(r["rejected_input_ids"]) for r in rows)
-    width = sum(2 * len(part) * max(max(len(r["chosen_input_ids"]), len(r["rejected_input_ids"])) for r in part)
-                for part in (rows[i: i + batch_size] for i in range(0, len(rows), batch_size)))
+    width = sum(
+        2 * len(part) * max(max(len(r["chosen_input_ids"]), len(r["rejected_input_ids"])) for r in part)
+        for part in (rows[i : i + batch_size] for i in range(0, len(rows), batch_size))
+    )
     return {"scoring_s": elapsed, "padding_fraction": 1 - real / width}, scores
 
 
 # --- reporting ---
+
 
 def max_diff(scores: dict, reference: dict, pair_ids: set[str]) -> float:
     """Largest |difference| of the chosen and rejected sums over `pair_ids`."""
@@ -290,18 +335,25 @@ def summarize(results: dict[str, list[dict]], n: int) -> dict:
     for way, runs in results.items():
         if runs:
             t = statistics.median(r["scoring_s"] for r in runs)
-            out[way] = {"scoring_s_median": t, "scoring_s_all": [round(r["scoring_s"], 2) for r in runs],
-                        "pairs_per_s": n / t, "padding_fraction": runs[0]["padding_fraction"]}
+            out[way] = {
+                "scoring_s_median": t,
+                "scoring_s_all": [round(r["scoring_s"], 2) for r in runs],
+                "pairs_per_s": n / t,
+                "padding_fraction": runs[0]["padding_fraction"],
+            }
     ours = results["ours"]
-    out["ours"] |= {"end_to_end_s_median": statistics.median(r["end_to_end_s"] for r in ours),
-                    "startup_s_median": statistics.median(r["startup_s"] for r in ours),
-                    "in_actor_compute_s_median": statistics.median(r["in_actor_compute_s"] for r in ours)}
+    out["ours"] |= {
+        "end_to_end_s_median": statistics.median(r["end_to_end_s"] for r in ours),
+        "startup_s_median": statistics.median(r["startup_s"] for r in ours),
+        "in_actor_compute_s_median": statistics.median(r["in_actor_compute_s"] for r in ours),
+    }
     out["ray_overhead_ratio"] = out["ours"]["scoring_s_median"] / out["plain"]["scoring_s_median"]
     out["grouping_gain_ratio"] = out["plain_unsorted"]["scoring_s_median"] / out["plain"]["scoring_s_median"]
     if "trl" in out:
         out["trl_over_ours_ratio"] = out["trl"]["scoring_s_median"] / out["ours"]["scoring_s_median"]
-        out["trl_over_plain_unsorted_ratio"] = (out["trl"]["scoring_s_median"]
-                                                / out["plain_unsorted"]["scoring_s_median"])
+        out["trl_over_plain_unsorted_ratio"] = (
+            out["trl"]["scoring_s_median"] / out["plain_unsorted"]["scoring_s_median"]
+        )
     return out
 
 
@@ -312,13 +364,17 @@ def print_table(summary: dict, n: int) -> None:
             s = summary[way]
             print(f"{way:<16}{s['scoring_s_median']:>20.2f}{s['pairs_per_s']:>10.2f}{s['padding_fraction']:>10.1%}")
     o = summary["ours"]
-    print(f"\nours end to end {o['end_to_end_s_median']:.2f}s = start-up {o['startup_s_median']:.2f}s + scoring "
-          f"{o['scoring_s_median']:.2f}s (in-actor compute {o['in_actor_compute_s_median']:.2f}s)")
+    print(
+        f"\nours end to end {o['end_to_end_s_median']:.2f}s = start-up {o['startup_s_median']:.2f}s + scoring "
+        f"{o['scoring_s_median']:.2f}s (in-actor compute {o['in_actor_compute_s_median']:.2f}s)"
+    )
     print(f"Ray overhead ours/plain = {summary['ray_overhead_ratio']:.3f} (target <= 1.10)")
     print(f"length grouping: plain_unsorted / plain = {summary['grouping_gain_ratio']:.2f}x")
     if "trl_over_ours_ratio" in summary:
-        print(f"TRL / ours = {summary['trl_over_ours_ratio']:.2f}x (target > 1); TRL / plain_unsorted = "
-              f"{summary['trl_over_plain_unsorted_ratio']:.2f}x (same batches: the log-prob computation alone)")
+        print(
+            f"TRL / ours = {summary['trl_over_ours_ratio']:.2f}x (target > 1); TRL / plain_unsorted = "
+            f"{summary['trl_over_plain_unsorted_ratio']:.2f}x (same batches: the log-prob computation alone)"
+        )
 
 
 def machine(load_before: tuple[float, float, float]) -> dict:
@@ -327,12 +383,26 @@ def machine(load_before: tuple[float, float, float]) -> dict:
     import transformers
     import trl
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "ray": ray.__version__, "trl": trl.__version__,
-            "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "ray": ray.__version__,
+        "trl": trl.__version__,
+        "loadavg_before": load_before,
+        "loadavg_after": os.getloadavg(),
+    }
 
 
 if __name__ == "__main__":

@@ -38,9 +38,11 @@ WAYS = ("ours", "ours-padded", "trl-precomputed", "trl-online")
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+    )
     p.add_argument("--pairs", type=int, default=48, help="training pairs: one epoch over them (default 48)")
     p.add_argument("--batch-size", type=int, default=8, help="pairs per optimizer step, every way (default 8)")
     p.add_argument("--max-length", type=int, default=512, help="longest sequence kept (default 512)")
@@ -59,6 +61,7 @@ def parse_args() -> argparse.Namespace:
 
 # --- setup: model, rows that fit, our stages 1 and 2 ---
 
+
 def select_rows(path: Path, tokenizer, n: int, max_length: int) -> list[dict]:
     """The first n rows whose chosen and rejected texts (+ EOS) fit max_length and differ."""
     rows = []
@@ -76,11 +79,22 @@ def select_rows(path: Path, tokenizer, n: int, max_length: int) -> list[dict]:
 
 
 def base_config(work: Path, model_dir: str, args: argparse.Namespace) -> dict:
-    return {"model": model_dir, "cache_dir": str(work / "cache"), "dataset": [str(work / "pairs.jsonl")],
-            "max_length": args.max_length, "per_device_train_batch_size": args.batch_size,
-            "precompute_ref_batch_size": args.batch_size, "num_train_epochs": 1.0, "learning_rate": 1e-6,
-            "logging_steps": 1, "save_steps": 10_000, "zero_stage": 0, "gradient_checkpointing": False,
-            "cpus_per_worker": args.threads, "cpus_per_ref_actor": args.threads}
+    return {
+        "model": model_dir,
+        "cache_dir": str(work / "cache"),
+        "dataset": [str(work / "pairs.jsonl")],
+        "max_length": args.max_length,
+        "per_device_train_batch_size": args.batch_size,
+        "precompute_ref_batch_size": args.batch_size,
+        "num_train_epochs": 1.0,
+        "learning_rate": 1e-6,
+        "logging_steps": 1,
+        "save_steps": 10_000,
+        "zero_stage": 0,
+        "gradient_checkpointing": False,
+        "cpus_per_worker": args.threads,
+        "cpus_per_ref_actor": args.threads,
+    }
 
 
 def score_reference(work: Path, cfg_dict: dict, threads: int) -> dict:
@@ -104,6 +118,7 @@ def score_reference(work: Path, cfg_dict: dict, threads: int) -> dict:
 
 # --- the children: one training run each, in a fresh process ---
 
+
 def child_ours(work: Path, cfg_dict: dict, padding_free: bool, threads: int) -> dict:
     import ray
 
@@ -120,8 +135,13 @@ def child_ours(work: Path, cfg_dict: dict, padding_free: bool, threads: int) -> 
     steps = [x for x in lines if "loss" in x]
     # metrics.jsonl holds cumulative pairs/s since the loop started: elapsed_k = pairs_k / rate_k
     elapsed = [s["step"] * cfg.train.per_device_train_batch_size / s["pairs_per_second"] for s in steps]
-    return {"elapsed_s": elapsed, "tokens": [s["num_tokens"] for s in steps], "losses": [s["loss"] for s in steps],
-            "peak_rss_bytes": summary["peak_memory_bytes"], "batch_size": cfg.train.per_device_train_batch_size}
+    return {
+        "elapsed_s": elapsed,
+        "tokens": [s["num_tokens"] for s in steps],
+        "losses": [s["loss"] for s in steps],
+        "peak_rss_bytes": summary["peak_memory_bytes"],
+        "batch_size": cfg.train.per_device_train_batch_size,
+    }
 
 
 def child_trl(work: Path, cfg_dict: dict, precompute: bool, threads: int) -> dict:
@@ -158,20 +178,42 @@ def child_trl(work: Path, cfg_dict: dict, precompute: bool, threads: int) -> dic
         return out
 
     DPOTrainer._precompute_ref_logps = timed_precompute
-    config = DPOConfig(output_dir=str(work / "trl"), report_to=[], use_cpu=True, bf16=False,
-                       per_device_train_batch_size=cfg_dict["per_device_train_batch_size"], num_train_epochs=1,
-                       learning_rate=cfg_dict["learning_rate"], max_length=cfg_dict["max_length"],
-                       gradient_checkpointing=False, precompute_ref_log_probs=precompute,
-                       precompute_ref_batch_size=cfg_dict["per_device_train_batch_size"], logging_steps=1,
-                       save_strategy="no", disable_tqdm=True, dataloader_num_workers=0, seed=42)
-    trainer = DPOTrainer(model=model, ref_model=ref, args=config, processing_class=tokenizer,
-                         train_dataset=Dataset.from_list(rows), callbacks=[StepClock()])
+    config = DPOConfig(
+        output_dir=str(work / "trl"),
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        per_device_train_batch_size=cfg_dict["per_device_train_batch_size"],
+        num_train_epochs=1,
+        learning_rate=cfg_dict["learning_rate"],
+        max_length=cfg_dict["max_length"],
+        gradient_checkpointing=False,
+        precompute_ref_log_probs=precompute,
+        precompute_ref_batch_size=cfg_dict["per_device_train_batch_size"],
+        logging_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=42,
+    )
+    trainer = DPOTrainer(
+        model=model,
+        ref_model=ref,
+        args=config,
+        processing_class=tokenizer,
+        train_dataset=Dataset.from_list(rows),
+        callbacks=[StepClock()],
+    )
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
-    return {"elapsed_s": [t - times[0] for t in times[1:]], "tokens": [h["num_tokens"] for h in logs],
-            "losses": [h["loss"] for h in logs], "precompute_s": scoring[0] if scoring else None,
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "batch_size": cfg_dict["per_device_train_batch_size"]}
+    return {
+        "elapsed_s": [t - times[0] for t in times[1:]],
+        "tokens": [h["num_tokens"] for h in logs],
+        "losses": [h["loss"] for h in logs],
+        "precompute_s": scoring[0] if scoring else None,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "batch_size": cfg_dict["per_device_train_batch_size"],
+    }
 
 
 def child_step(seq: int, vocab: int, layers: int, threads: int) -> dict:
@@ -187,14 +229,29 @@ def child_step(seq: int, vocab: int, layers: int, threads: int) -> dict:
     torch.manual_seed(0)
     torch.set_num_threads(threads)
     kernels = choose_kernels(ModelConfig(), cuda=False, dtype="float32")
-    config = LlamaConfig(vocab_size=vocab, hidden_size=576, intermediate_size=1536, num_hidden_layers=layers,
-                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=4096,
-                         tie_word_embeddings=True, attn_implementation=kernels.attn_implementation)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=layers,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        attn_implementation=kernels.attn_implementation,
+    )
     model = LlamaForCausalLM(config).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
     ids = torch.randint(0, vocab, (2, seq)).tolist()
-    batch = collate_pairs({"chosen_input_ids": [ids[0]], "rejected_input_ids": [ids[1]],
-                           "chosen_completion_start": [seq // 2], "rejected_completion_start": [seq // 2]}, 0)
+    batch = collate_pairs(
+        {
+            "chosen_input_ids": [ids[0]],
+            "rejected_input_ids": [ids[1]],
+            "chosen_completion_start": [seq // 2],
+            "rejected_completion_start": [seq // 2],
+        },
+        0,
+    )
     seconds = []
     for _ in range(2):
         start = time.perf_counter()
@@ -204,21 +261,27 @@ def child_step(seq: int, vocab: int, layers: int, threads: int) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
         seconds.append(time.perf_counter() - start)
-    return {"seq": seq, "vocab": vocab, "step_s": seconds[-1],
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "parameters": sum(p.numel() for p in model.parameters())}
+    return {
+        "seq": seq,
+        "vocab": vocab,
+        "step_s": seconds[-1],
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
 
 
 def run_child(name: str, payload: dict) -> dict:
     cmd = [sys.executable, __file__, "--child", name, "--child-args", json.dumps(payload)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"})
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"}
+    )
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 # --- measurements in this process ---
+
 
 def matmul_flops(threads: int, n: int = 2048, seconds: float = 5.0) -> float:
     """float32 dense matmul FLOP/s: the practical ceiling of this CPU."""
@@ -232,7 +295,7 @@ def matmul_flops(threads: int, n: int = 2048, seconds: float = 5.0) -> float:
     while time.perf_counter() - start < seconds:
         a @ b
         count += 1
-    return 2 * n ** 3 * count / (time.perf_counter() - start)
+    return 2 * n**3 * count / (time.perf_counter() - start)
 
 
 def train_step_flops(model_dir: str, cfg_dict: dict, work: Path, steps: range) -> float:
@@ -252,8 +315,10 @@ def train_step_flops(model_dir: str, cfg_dict: dict, work: Path, steps: range) -
     schedule = pairs.schedule(cfg, 1)
     c = AutoConfig.from_pretrained(model_dir)
     head_dim = c.hidden_size // c.num_attention_heads
-    per_layer = (c.hidden_size * head_dim * (c.num_attention_heads * 2 + c.num_key_value_heads * 2)
-                 + 3 * c.hidden_size * c.intermediate_size)
+    per_layer = (
+        c.hidden_size * head_dim * (c.num_attention_heads * 2 + c.num_key_value_heads * 2)
+        + 3 * c.hidden_size * c.intermediate_size
+    )
     width = c.num_attention_heads * head_dim
     total = 0.0
     for step in steps:
@@ -271,12 +336,18 @@ def rates(run: dict, warmup: int) -> dict:
     t, tokens = run["elapsed_s"], run["tokens"]
     steps = len(t) - warmup
     seconds = t[-1] - t[warmup - 1]
-    return {"steps_timed": steps, "seconds": seconds, "pairs_per_s": steps * run["batch_size"] / seconds,
-            "tokens_per_s": (tokens[-1] - tokens[warmup - 1]) / seconds,
-            "peak_rss_gb": run["peak_rss_bytes"] / 1e9, "first_loss": run["losses"][0]}
+    return {
+        "steps_timed": steps,
+        "seconds": seconds,
+        "pairs_per_s": steps * run["batch_size"] / seconds,
+        "tokens_per_s": (tokens[-1] - tokens[warmup - 1]) / seconds,
+        "peak_rss_gb": run["peak_rss_bytes"] / 1e9,
+        "first_loss": run["losses"][0],
+    }
 
 
 # --- main ---
+
 
 def main() -> None:
     args = parse_args()
@@ -286,11 +357,13 @@ def main() -> None:
     if args.child:
         payload = json.loads(args.child_args)
         work = Path(payload.pop("work", "."))
-        result = {"ours": lambda: child_ours(work, payload["cfg"], True, payload["threads"]),
-                  "ours-padded": lambda: child_ours(work, payload["cfg"], False, payload["threads"]),
-                  "trl-precomputed": lambda: child_trl(work, payload["cfg"], True, payload["threads"]),
-                  "trl-online": lambda: child_trl(work, payload["cfg"], False, payload["threads"]),
-                  "step": lambda: child_step(**payload)}[args.child]()
+        result = {
+            "ours": lambda: child_ours(work, payload["cfg"], True, payload["threads"]),
+            "ours-padded": lambda: child_ours(work, payload["cfg"], False, payload["threads"]),
+            "trl-precomputed": lambda: child_trl(work, payload["cfg"], True, payload["threads"]),
+            "trl-online": lambda: child_trl(work, payload["cfg"], False, payload["threads"]),
+            "step": lambda: child_step(**payload),
+        }[args.child]()
         print(json.dumps(result))
         return
 
@@ -308,8 +381,9 @@ def main() -> None:
     cfg = base_config(work, model_dir, args)
     results: dict = {"command": " ".join(["python", *sys.argv]), "args": vars(args)}
 
-    print(f"[bench] {len(rows)} HH-RLHF pairs, SmolLM2-135M float32, {args.threads} threads; scratch {work}",
-          flush=True)
+    print(
+        f"[bench] {len(rows)} HH-RLHF pairs, SmolLM2-135M float32, {args.threads} threads; scratch {work}", flush=True
+    )
     results["ours_scoring"] = score_reference(work, cfg, args.threads)
     print(f"[bench] our reference scoring: {results['ours_scoring']['score_s']:.1f}s", flush=True)
     results["runs"] = {}
@@ -317,8 +391,11 @@ def main() -> None:
         run = run_child(way, {"work": str(work), "cfg": cfg, "threads": args.threads})
         results["runs"][way] = run | rates(run, args.warmup_steps)
         r = results["runs"][way]
-        print(f"[bench] {way}: {r['pairs_per_s']:.3f} pairs/s, {r['tokens_per_s']:.0f} tokens/s, peak "
-              f"{r['peak_rss_gb']:.2f} GB, first loss {r['first_loss']:.4f}", flush=True)
+        print(
+            f"[bench] {way}: {r['pairs_per_s']:.3f} pairs/s, {r['tokens_per_s']:.0f} tokens/s, peak "
+            f"{r['peak_rss_gb']:.2f} GB, first loss {r['first_loss']:.4f}",
+            flush=True,
+        )
 
     peak = matmul_flops(args.threads)
     results["matmul_flops"] = peak
@@ -327,17 +404,23 @@ def main() -> None:
         steps = range(args.warmup_steps, len(ours["elapsed_s"]))
         achieved = train_step_flops(model_dir, cfg, work, steps) / ours["seconds"]
         results["ours_flops"] = {"achieved": achieved, "fraction_of_matmul": achieved / peak}
-        print(f"[bench] our train steps: {achieved / 1e9:.1f} GFLOP/s = {achieved / peak:.1%} of matmul "
-              f"{peak / 1e9:.1f} GFLOP/s", flush=True)
+        print(
+            f"[bench] our train steps: {achieved / 1e9:.1f} GFLOP/s = {achieved / peak:.1%} of matmul "
+            f"{peak / 1e9:.1f} GFLOP/s",
+            flush=True,
+        )
 
     results["scaling"] = []
     points = [(int(s), 49152) for s in args.seq_lengths.split(",") if s] + [
-        (512, int(v)) for v in args.vocabs.split(",") if v]
+        (512, int(v)) for v in args.vocabs.split(",") if v
+    ]
     for seq, vocab in points:
         r = run_child("step", {"seq": seq, "vocab": vocab, "layers": args.scaling_layers, "threads": args.threads})
         results["scaling"].append(r)
-        print(f"[bench] step at seq {seq}, vocab {vocab}: {r['step_s']:.2f}s, peak {r['peak_rss_bytes'] / 1e9:.2f} GB",
-              flush=True)
+        print(
+            f"[bench] step at seq {seq}, vocab {vocab}: {r['step_s']:.2f}s, peak {r['peak_rss_bytes'] / 1e9:.2f} GB",
+            flush=True,
+        )
 
     results["machine"] = machine(load_before)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
@@ -356,17 +439,31 @@ def print_summary(results: dict) -> None:
                 print(f"ours / {other}: {ratio:.2f}x pairs/s" + (f" (target >= {target})" if target else ""))
     pre = runs.get("trl-precomputed", {}).get("precompute_s")
     if pre:
-        print(f"reference scoring: TRL precompute {pre:.1f}s / ours {results['ours_scoring']['score_s']:.1f}s = "
-              f"{pre / results['ours_scoring']['score_s']:.2f}x")
+        print(
+            f"reference scoring: TRL precompute {pre:.1f}s / ours {results['ours_scoring']['score_s']:.1f}s = "
+            f"{pre / results['ours_scoring']['score_s']:.2f}x"
+        )
 
 
 def machine(load_before: tuple[float, float, float]) -> dict:
     import torch
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "loadavg_before": load_before,
+        "loadavg_after": os.getloadavg(),
+    }
 
 
 if __name__ == "__main__":

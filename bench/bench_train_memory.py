@@ -40,14 +40,21 @@ def run_mode(mode: str, pairs: int, seq: int, vocab: int, hidden: int, layers: i
 
     torch.manual_seed(0)
     torch.set_num_threads(2)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 4,
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         pad_token_id=0, eos_token_id=1)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=hidden * 4,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
     model = LlamaForCausalLM(config).train()
     ref_model = LlamaForCausalLM(config).eval() if mode == "trl-online" else None
     ids = torch.randint(2, vocab, (2 * pairs, seq))
     completion = torch.zeros_like(ids)
-    completion[:, seq // 2:] = 1
+    completion[:, seq // 2 :] = 1
     attention = torch.ones_like(ids)
     trainer = _trl_trainer(model, ref_model, mode) if mode.startswith("trl") else None
     base = current_rss_mb()
@@ -60,8 +67,9 @@ def run_mode(mode: str, pairs: int, seq: int, vocab: int, hidden: int, layers: i
         hidden_states = model.model(input_ids=ids, attention_mask=attention).last_hidden_state
         stats = sequence_stats(hidden_states, model.lm_head, ids, completion, torch.zeros(2 * pairs, dtype=torch.long))
         zeros = torch.zeros(pairs)
-        x = PreferenceInputs(stats.logps[:pairs], stats.logps[pairs:], zeros, zeros, stats.tokens[:pairs],
-                             stats.tokens[pairs:])
+        x = PreferenceInputs(
+            stats.logps[:pairs], stats.logps[pairs:], zeros, zeros, stats.tokens[:pairs], stats.tokens[pairs:]
+        )
         loss = dpo_loss(LossConfig(), x).loss
     elif mode == "naive":
         logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1]
@@ -75,8 +83,14 @@ def run_mode(mode: str, pairs: int, seq: int, vocab: int, hidden: int, layers: i
         loss = trainer.compute_loss(model, batch)
     loss.backward()
     seconds = time.perf_counter() - start
-    return {"mode": mode, "peak_rss_mb": round(rss_mb(), 1), "after_load_rss_mb": round(base, 1),
-            "step_growth_mb": round(rss_mb() - base, 1), "step_seconds": round(seconds, 2), "loss": float(loss)}
+    return {
+        "mode": mode,
+        "peak_rss_mb": round(rss_mb(), 1),
+        "after_load_rss_mb": round(base, 1),
+        "step_growth_mb": round(rss_mb() - base, 1),
+        "step_seconds": round(seconds, 2),
+        "loss": float(loss),
+    }
 
 
 def _trl_trainer(model, ref_model, mode: str):
@@ -89,11 +103,20 @@ def _trl_trainer(model, ref_model, mode: str):
 
     backend = Tokenizer(models.WordLevel({"<pad>": 0, "<eos>": 1, "<unk>": 2, "w": 3}, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", pad_token="<pad>",
-                                        unk_token="<unk>")
-    args = DPOConfig(output_dir=tempfile.mkdtemp(), report_to=[], bf16=False, use_cpu=True,
-                     gradient_checkpointing=False, max_length=None, save_strategy="no", disable_tqdm=True,
-                     precompute_ref_log_probs=mode == "trl-precomputed")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
+    args = DPOConfig(
+        output_dir=tempfile.mkdtemp(),
+        report_to=[],
+        bf16=False,
+        use_cpu=True,
+        gradient_checkpointing=False,
+        max_length=None,
+        save_strategy="no",
+        disable_tqdm=True,
+        precompute_ref_log_probs=mode == "trl-precomputed",
+    )
     train = Dataset.from_dict({"prompt": ["w"], "chosen": [" w"], "rejected": [" w w"]})
     trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=train, processing_class=tokenizer)
     model.train()
@@ -116,13 +139,30 @@ def main() -> None:
         return
     results = []
     for mode in a.modes.split(","):
-        cmd = [sys.executable, __file__, "--child", mode, "--pairs", str(a.pairs), "--seq", str(a.seq),
-               "--vocab", str(a.vocab), "--hidden", str(a.hidden), "--layers", str(a.layers)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            mode,
+            "--pairs",
+            str(a.pairs),
+            "--seq",
+            str(a.seq),
+            "--vocab",
+            str(a.vocab),
+            "--hidden",
+            str(a.hidden),
+            "--layers",
+            str(a.layers),
+        ]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
         results.append(json.loads(out))
         r = results[-1]
-        print(f"{mode:16s} peak RSS {r['peak_rss_mb']:8.1f} MB | growth during the step {r['step_growth_mb']:8.1f} MB"
-              f" | step {r['step_seconds']:6.2f} s | loss {r['loss']:.4f}", flush=True)
+        print(
+            f"{mode:16s} peak RSS {r['peak_rss_mb']:8.1f} MB | growth during the step {r['step_growth_mb']:8.1f} MB"
+            f" | step {r['step_seconds']:6.2f} s | loss {r['loss']:.4f}",
+            flush=True,
+        )
     if a.out:
         with open(a.out, "w") as fh:
             json.dump({"args": vars(a), "results": results}, fh, indent=2)

@@ -111,26 +111,38 @@ def read_valid_manifest(directory: Location, key: str, produce_hint: str) -> dic
     if not directory.exists():
         raise CacheError(f"no cache entry at {directory}. {produce_hint}")
     if not path.is_file():
-        raise CacheError(f"cache entry {directory} is incomplete (no {MANIFEST}: it was interrupted before it "
-                         f"finished). {produce_hint}")
+        raise CacheError(
+            f"cache entry {directory} is incomplete (no {MANIFEST}: it was interrupted before it "
+            f"finished). {produce_hint}"
+        )
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
-        raise CacheError(f"cache entry {directory}: {MANIFEST} is unreadable ({e}); the entry is corrupt. "
-                         "Delete the directory or rerun with --force.") from None
+        raise CacheError(
+            f"cache entry {directory}: {MANIFEST} is unreadable ({e}); the entry is corrupt. "
+            "Delete the directory or rerun with --force."
+        ) from None
     if manifest.get("key") != key:
-        raise CacheError(f"cache entry {directory}: manifest key {manifest.get('key')!r} does not match the "
-                         f"expected key {key!r}; the entry was moved or edited. Delete it or rerun with --force.")
+        raise CacheError(
+            f"cache entry {directory}: manifest key {manifest.get('key')!r} does not match the "
+            f"expected key {key!r}; the entry was moved or edited. Delete it or rerun with --force."
+        )
     for name, meta in manifest.get("files", {}).items():
         f = directory / name
         if not f.is_file():
-            raise CacheError(f"cache entry {directory}: file {name} listed in the manifest is missing. "
-                             "Delete the directory or rerun with --force.")
+            raise CacheError(
+                f"cache entry {directory}: file {name} listed in the manifest is missing. "
+                "Delete the directory or rerun with --force."
+            )
         size = f.stat().st_size
         if size != meta["bytes"]:
-            raise CacheError(f"cache entry {directory}: {name} has {size} bytes, the manifest says "
-                             f"{meta['bytes']} (truncated or overwritten). Delete the directory or rerun with --force.")
+            raise CacheError(
+                f"cache entry {directory}: {name} has {size} bytes, the manifest says "
+                f"{meta['bytes']} (truncated or overwritten). Delete the directory or rerun with --force."
+            )
         if file_checksum(f) != meta["blake2b"]:
-            raise CacheError(f"cache entry {directory}: {name} fails its checksum (corrupt). Delete the directory "
-                             "or rerun with --force.")
+            raise CacheError(
+                f"cache entry {directory}: {name} fails its checksum (corrupt). Delete the directory "
+                "or rerun with --force."
+            )
     return manifest

@@ -34,7 +34,7 @@ COMMANDS = {
     "train": "Stage 3: train the policy against the cached reference scores.",
     "run": "All three stages in order; each is skipped when its cached output is valid.",
     "report": "Write report.md and PNG plots (loss, rewards, accuracy, log-probs, learning rate and grad norm, "
-              "reference margins) for a run directory; `train` and `run` do this at their end.",
+    "reference margins) for a run directory; `train` and `run` do this at their end.",
 }
 
 
@@ -45,12 +45,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_text in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p = sub.add_parser(
+            name, help=help_text, description=help_text, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        )
         if name == "report":
-            p.add_argument("run_dir", metavar="RUN_DIR",
-                           help="The output_dir of a training run (it holds metrics.jsonl). Writes "
-                                "RUN_DIR/report.md and RUN_DIR/plots/*.png.")
+            p.add_argument(
+                "run_dir",
+                metavar="RUN_DIR",
+                help="The output_dir of a training run (it holds metrics.jsonl). Writes "
+                "RUN_DIR/report.md and RUN_DIR/plots/*.png.",
+            )
             continue
         p.add_argument("--config", metavar="FILE.yaml", help="YAML file of config keys (flags override it).")
         if name in ("tokenize", "score-ref", "run"):
@@ -67,13 +71,17 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
             if sec != section:
                 continue
             default = f.default if not isinstance(f.default, tuple) else ",".join(map(str, f.default))
-            group.add_argument(f"--{key}", dest=f"cfg_{key}", metavar="V", default=argparse.SUPPRESS,
-                               help=f"{f.metadata['help']} [{describe_type(field_type(sec, key))}; "
-                                    f"default: {default}]")
+            group.add_argument(
+                f"--{key}",
+                dest=f"cfg_{key}",
+                metavar="V",
+                default=argparse.SUPPRESS,
+                help=f"{f.metadata['help']} [{describe_type(field_type(sec, key))}; default: {default}]",
+            )
 
 
 def parse_config(args: argparse.Namespace) -> Config:
-    overrides = {k[len("cfg_"):]: v for k, v in vars(args).items() if k.startswith("cfg_")}
+    overrides = {k[len("cfg_") :]: v for k, v in vars(args).items() if k.startswith("cfg_")}
     return load_config(args.config, overrides).with_absolute_paths()
 
 
@@ -82,11 +90,16 @@ def init_ray() -> None:
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False,
-                 log_to_driver=True, configure_logging=False)
+        ray.init(
+            address=os.environ.get("RAY_ADDRESS") or None,
+            include_dashboard=False,
+            log_to_driver=True,
+            configure_logging=False,
+        )
 
 
 # --- commands ---
+
 
 def splits(cfg: Config) -> list[tuple[str, tuple[str, ...]]]:
     """(split name, dataset specs) for the training data and, when set, the eval data."""
@@ -95,8 +108,12 @@ def splits(cfg: Config) -> list[tuple[str, tuple[str, ...]]]:
 
 def check_outputs(cfg: Config, command: str) -> None:
     """Fail before any work when a location this command writes cannot be written (the key names it)."""
-    keys = {"tokenize": ("cache_dir", "output_dir"), "score-ref": ("cache_dir",),
-            "train": ("output_dir", "storage_path"), "run": ("cache_dir", "output_dir", "storage_path")}[command]
+    keys = {
+        "tokenize": ("cache_dir", "output_dir"),
+        "score-ref": ("cache_dir",),
+        "train": ("output_dir", "storage_path"),
+        "run": ("cache_dir", "output_dir", "storage_path"),
+    }[command]
     flat = cfg.flat()
     for key in keys:
         if flat[key] is not None:
@@ -126,8 +143,11 @@ def cmd_train(cfg: Config, force: bool) -> None:
 
     init_ray()
     summary = run_train(cfg)
-    print(f"[train] done: {summary['train_steps']} steps, {summary['train_samples_per_second']:.2f} pairs/s, "
-          f"model in {cfg.data.output_dir}/final", flush=True)
+    print(
+        f"[train] done: {summary['train_steps']} steps, {summary['train_samples_per_second']:.2f} pairs/s, "
+        f"model in {cfg.data.output_dir}/final",
+        flush=True,
+    )
     write_run_report(cfg.data.output_dir)
 
 
@@ -142,13 +162,18 @@ def cmd_run(cfg: Config, force: bool) -> None:
         write_data_report(cfg.data.output_dir, data, split)
         run_score_ref(cfg, data, split, force=force)
     summary = run_train(cfg)
-    print(f"[run] done: {summary['train_steps']} steps, {summary['train_samples_per_second']:.2f} pairs/s, "
-          f"model in {cfg.data.output_dir}/final", flush=True)
+    print(
+        f"[run] done: {summary['train_steps']} steps, {summary['train_samples_per_second']:.2f} pairs/s, "
+        f"model in {cfg.data.output_dir}/final",
+        flush=True,
+    )
     final = summary.get("final_eval")
     if final:
         first = _first_eval(cfg.data.output_dir)
-        print(f"held-out reward accuracy: {first['eval_rewards/accuracies']:.3f} -> "
-              f"{final['rewards/accuracies']:.3f}", flush=True)
+        print(
+            f"held-out reward accuracy: {first['eval_rewards/accuracies']:.3f} -> {final['rewards/accuracies']:.3f}",
+            flush=True,
+        )
     write_run_report(cfg.data.output_dir)
 
 
@@ -160,8 +185,12 @@ def write_run_report(output_dir: str) -> None:
     try:
         print(f"[report] {write_report(output_dir).path}", flush=True)
     except Exception as e:
-        print(f"[report] could not write the report ({type(e).__name__}: {e}); the model and metrics are "
-              f"complete. Retry with `dpo-pipeline report {output_dir}`.", file=sys.stderr, flush=True)
+        print(
+            f"[report] could not write the report ({type(e).__name__}: {e}); the model and metrics are "
+            f"complete. Retry with `dpo-pipeline report {output_dir}`.",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def cmd_report(run_dir: str) -> None:

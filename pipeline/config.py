@@ -56,37 +56,60 @@ def _f(default: Any = dataclasses.MISSING, help: str = "", **kw: Any) -> Any:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    model: str = _f("smollm2-135m", "Policy model: a local HF directory, a hub id (needs the hub cache), or a "
-                    "builtin name (smollm2-135m).")
-    ref_model: str | None = _f(None, "Reference model; default: `model`. With use_peft the reference is always "
-                               "the base model without adapters, as in TRL.")
-    dtype: Literal["auto", "float32", "bfloat16"] = _f("auto", "Weights and compute dtype. auto = bfloat16 on "
-                                                       "GPU, float32 on CPU.")
-    bf16: bool | None = _f(None, "TRL's switch for bfloat16; if set it must agree with `dtype` (true = "
-                           "bfloat16, false = float32). Unset follows `dtype`.")
+    model: str = _f(
+        "smollm2-135m",
+        "Policy model: a local HF directory, a hub id (needs the hub cache), or a builtin name (smollm2-135m).",
+    )
+    ref_model: str | None = _f(
+        None,
+        "Reference model; default: `model`. With use_peft the reference is always "
+        "the base model without adapters, as in TRL.",
+    )
+    dtype: Literal["auto", "float32", "bfloat16"] = _f(
+        "auto", "Weights and compute dtype. auto = bfloat16 on GPU, float32 on CPU."
+    )
+    bf16: bool | None = _f(
+        None,
+        "TRL's switch for bfloat16; if set it must agree with `dtype` (true = "
+        "bfloat16, false = float32). Unset follows `dtype`.",
+    )
     trust_remote_code: bool = _f(False, "Allow model/tokenizer repos that ship their own Python code.")
-    allow_pickle_weights: bool = _f(False, "Allow loading *.bin/*.pt (pickle) weights; only safetensors load "
-                                    "otherwise.")
+    allow_pickle_weights: bool = _f(
+        False, "Allow loading *.bin/*.pt (pickle) weights; only safetensors load otherwise."
+    )
     gradient_checkpointing: bool = _f(True, "Recompute activations in backward to save memory (TRL default: true).")
     use_peft: bool = _f(False, "Train LoRA adapters instead of all weights.")
     lora_r: int = _f(16, "LoRA rank.")
     lora_alpha: int = _f(32, "LoRA alpha (scale = lora_alpha / lora_r).")
     lora_dropout: float = _f(0.05, "Dropout on the LoRA input.")
-    lora_target_modules: tuple[str, ...] | None = _f(None, "Module names to adapt; default: peft's choice for the "
-                                                     "architecture.")
+    lora_target_modules: tuple[str, ...] | None = _f(
+        None, "Module names to adapt; default: peft's choice for the architecture."
+    )
     attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager"] = _f(
-        "auto", "Attention kernels. auto = flash_attention_2 on CUDA with flash-attn and bfloat16, else sdpa "
-        "(per-sequence SDPA on padding-free rows). The choice is printed at start.")
-    use_liger_kernel: bool | None = _f(None, "Liger's Triton kernels (RMSNorm, SwiGLU, RoPE); need CUDA and the "
-                                       "`gpu` extra. null = on when both are present (TRL default: false).")
-    padding_free: bool = _f(True, "Pack the 2B sequences of a micro-batch into one row, positions restarting "
-                            "per sequence, attention never crossing one: no compute on padding. Equal to the "
-                            "padded path within float32 rounding (TRL 1.16 disables its padding_free).")
+        "auto",
+        "Attention kernels. auto = flash_attention_2 on CUDA with flash-attn and bfloat16, else sdpa "
+        "(per-sequence SDPA on padding-free rows). The choice is printed at start.",
+    )
+    use_liger_kernel: bool | None = _f(
+        None,
+        "Liger's Triton kernels (RMSNorm, SwiGLU, RoPE); need CUDA and the "
+        "`gpu` extra. null = on when both are present (TRL default: false).",
+    )
+    padding_free: bool = _f(
+        True,
+        "Pack the 2B sequences of a micro-batch into one row, positions restarting "
+        "per sequence, attention never crossing one: no compute on padding. Equal to the "
+        "padded path within float32 rounding (TRL 1.16 disables its padding_free).",
+    )
 
     def __post_init__(self) -> None:
         if self.padding_free:
-            _check(self.attn_implementation != "eager", "attn_implementation", "eager",
-                   "auto, sdpa or flash_attention_2 with padding_free (eager attention needs padded rows)")
+            _check(
+                self.attn_implementation != "eager",
+                "attn_implementation",
+                "eager",
+                "auto, sdpa or flash_attention_2 with padding_free (eager attention needs padded rows)",
+            )
         _check(self.lora_r >= 1, "lora_r", self.lora_r, "an integer >= 1")
         _check(self.lora_alpha >= 1, "lora_alpha", self.lora_alpha, "an integer >= 1")
         _check(0.0 <= self.lora_dropout < 1.0, "lora_dropout", self.lora_dropout, "a number in [0, 1)")
@@ -96,17 +119,27 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: tuple[str, ...] = _f(("builtin:demo-train",), "Training preference data: .jsonl/.json/.parquet "
-                                  "files, globs, directories of them, `datasets` save_to_disk directories, or "
-                                  "builtin names (builtin:demo-train, demo-test, demo-train-text, demo-test-text; "
-                                  "builtin:NAME:N for N pairs).")
+    dataset: tuple[str, ...] = _f(
+        ("builtin:demo-train",),
+        "Training preference data: .jsonl/.json/.parquet "
+        "files, globs, directories of them, `datasets` save_to_disk directories, or "
+        "builtin names (builtin:demo-train, demo-test, demo-train-text, demo-test-text; "
+        "builtin:NAME:N for N pairs).",
+    )
     eval_dataset: tuple[str, ...] = _f((), "Held-out preference data, same forms as `dataset`; empty = no eval.")
-    max_length: int | None = _f(1024, "Maximum tokens per prompt+completion sequence; longer ones are "
-                                "truncated per `truncation_mode`. null = no truncation.")
-    truncation_mode: Literal["keep_start", "keep_end"] = _f("keep_start", "keep_start cuts the end of the "
-                                                            "sequence, keep_end cuts its start.")
-    cache_dir: str = _f("~/.cache/dpo-pipeline", "Root of the content-addressed cache (tokenized data, reference "
-                        "scores, converted builtin models). Local path, NFS, or a pyarrow URI.")
+    max_length: int | None = _f(
+        1024,
+        "Maximum tokens per prompt+completion sequence; longer ones are "
+        "truncated per `truncation_mode`. null = no truncation.",
+    )
+    truncation_mode: Literal["keep_start", "keep_end"] = _f(
+        "keep_start", "keep_start cuts the end of the sequence, keep_end cuts its start."
+    )
+    cache_dir: str = _f(
+        "~/.cache/dpo-pipeline",
+        "Root of the content-addressed cache (tokenized data, reference "
+        "scores, converted builtin models). Local path, NFS, or a pyarrow URI.",
+    )
     output_dir: str = _f("trainer_output", "Where reports, metrics, checkpoints and the final model go.")
 
     def __post_init__(self) -> None:
@@ -120,19 +153,28 @@ class DataConfig:
 @dataclass(frozen=True)
 class LossConfig:
     beta: float = _f(0.1, "Deviation from the reference: higher = closer. For ipo it is τ of the IPO paper.")
-    loss_type: tuple[str, ...] = _f(("sigmoid",), "One or more of: " + ", ".join(LOSS_TYPES) + ". Several are "
-                                    "combined as a weighted sum (MPO).")
+    loss_type: tuple[str, ...] = _f(
+        ("sigmoid",), "One or more of: " + ", ".join(LOSS_TYPES) + ". Several are combined as a weighted sum (MPO)."
+    )
     loss_weights: tuple[float, ...] | None = _f(None, "One weight per loss_type; default 1.0 each.")
-    label_smoothing: float = _f(0.0, "Robust DPO: probability a label is flipped, in [0, 0.5). EXO: ε, must be "
-                                "> 0. aot/aot_unpaired: conservative smoothing.")
+    label_smoothing: float = _f(
+        0.0,
+        "Robust DPO: probability a label is flipped, in [0, 0.5). EXO: ε, must be "
+        "> 0. aot/aot_unpaired: conservative smoothing.",
+    )
     f_divergence_type: str = _f("reverse_kl", "f-DPO regularizer: " + ", ".join(F_DIVERGENCE_TYPES) + ".")
     f_alpha_divergence_coef: float = _f(0.5, "α of the alpha_divergence regularizer.")
-    f_divergence_clamp: bool = _f(False, "Clamp the exponent of the forward_kl score at 80, as TRL does for "
-                                  "alpha_divergence, so a log-ratio below -80 gives a finite loss and "
-                                  "gradient instead of inf/NaN. false = TRL 1.16's numbers.")
+    f_divergence_clamp: bool = _f(
+        False,
+        "Clamp the exponent of the forward_kl score at 80, as TRL does for "
+        "alpha_divergence, so a log-ratio below -80 gives a finite loss and "
+        "gradient instead of inf/NaN. false = TRL 1.16's numbers.",
+    )
     use_weighting: bool = _f(False, "WPO: weight each pair by the policy's length-normalised probabilities.")
-    ld_alpha: float | None = _f(None, "LD-DPO α in [0, 1]: weight of completion tokens beyond the shorter "
-                                "completion's length. null = plain DPO.")
+    ld_alpha: float | None = _f(
+        None,
+        "LD-DPO α in [0, 1]: weight of completion tokens beyond the shorter completion's length. null = plain DPO.",
+    )
     discopop_tau: float = _f(0.05, "DiscoPOP temperature τ.")
 
     def __post_init__(self) -> None:
@@ -142,32 +184,56 @@ class LossConfig:
             _check(name in LOSS_TYPES, "loss_type", name, "one of " + ", ".join(LOSS_TYPES))
         _check(len(set(self.loss_type)) == len(self.loss_type), "loss_type", self.loss_type, "no repeated names")
         if self.loss_weights is not None:
-            _check(len(self.loss_weights) == len(self.loss_type), "loss_weights", self.loss_weights,
-                   f"{len(self.loss_type)} weight(s), one per loss_type {list(self.loss_type)}")
+            _check(
+                len(self.loss_weights) == len(self.loss_type),
+                "loss_weights",
+                self.loss_weights,
+                f"{len(self.loss_type)} weight(s), one per loss_type {list(self.loss_type)}",
+            )
             for w in self.loss_weights:
                 _check(math.isfinite(w), "loss_weights", self.loss_weights, "finite numbers")
-        _check(self.f_divergence_type in F_DIVERGENCE_TYPES, "f_divergence_type", self.f_divergence_type,
-               "one of " + ", ".join(F_DIVERGENCE_TYPES))
+        _check(
+            self.f_divergence_type in F_DIVERGENCE_TYPES,
+            "f_divergence_type",
+            self.f_divergence_type,
+            "one of " + ", ".join(F_DIVERGENCE_TYPES),
+        )
         if self.f_divergence_type != "reverse_kl":
             bad = [t for t in self.loss_type if t not in F_DIVERGENCE_LOSS_TYPES]
-            _check(not bad, "f_divergence_type", self.f_divergence_type,
-                   f"reverse_kl with loss types {bad}: only {sorted(F_DIVERGENCE_LOSS_TYPES)} accept another "
-                   "f-divergence (TRL 1.16 rule)")
+            _check(
+                not bad,
+                "f_divergence_type",
+                self.f_divergence_type,
+                f"reverse_kl with loss types {bad}: only {sorted(F_DIVERGENCE_LOSS_TYPES)} accept another "
+                "f-divergence (TRL 1.16 rule)",
+            )
         if self.use_weighting:
             bad = [t for t in self.loss_type if t in ("aot", "aot_unpaired")]
             _check(not bad, "use_weighting", True, f"false with loss types {bad} (WPO is undefined for AOT)")
         _check(0.0 <= self.label_smoothing <= 1.0, "label_smoothing", self.label_smoothing, "a number in [0, 1]")
         if "robust" in self.loss_type:
-            _check(self.label_smoothing < 0.5, "label_smoothing", self.label_smoothing,
-                   "a number in [0, 0.5) with loss_type robust")
+            _check(
+                self.label_smoothing < 0.5,
+                "label_smoothing",
+                self.label_smoothing,
+                "a number in [0, 0.5) with loss_type robust",
+            )
         if "exo_pair" in self.loss_type:
-            _check(self.label_smoothing > 0.0, "label_smoothing", self.label_smoothing,
-                   "a number > 0 with loss_type exo_pair (the EXO paper suggests 1e-3)")
+            _check(
+                self.label_smoothing > 0.0,
+                "label_smoothing",
+                self.label_smoothing,
+                "a number > 0 with loss_type exo_pair (the EXO paper suggests 1e-3)",
+            )
         if self.ld_alpha is not None:
             _check(0.0 <= self.ld_alpha <= 1.0, "ld_alpha", self.ld_alpha, "a number in [0, 1], or null")
         _check(self.discopop_tau > 0, "discopop_tau", self.discopop_tau, "a number > 0")
-        _check(math.isfinite(self.f_alpha_divergence_coef), "f_alpha_divergence_coef",
-               self.f_alpha_divergence_coef, "a finite number")
+        _check(
+            math.isfinite(self.f_alpha_divergence_coef),
+            "f_alpha_divergence_coef",
+            self.f_alpha_divergence_coef,
+            "a finite number",
+        )
 
     @property
     def weights(self) -> tuple[float, ...]:
@@ -183,8 +249,9 @@ class TrainConfig:
     warmup_steps: int = _f(0, "Warm-up steps; overrides warmup_ratio when > 0.")
     weight_decay: float = _f(0.0, "AdamW decoupled weight decay.")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm; 0 disables clipping.")
-    per_device_train_batch_size: int = _f(8, "Preference pairs per worker per micro-batch (one forward of 2B "
-                                          "sequences).")
+    per_device_train_batch_size: int = _f(
+        8, "Preference pairs per worker per micro-batch (one forward of 2B sequences)."
+    )
     per_device_eval_batch_size: int = _f(8, "Pairs per worker per eval batch.")
     gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
     num_train_epochs: float = _f(3.0, "Passes over the training data (fractions allowed).")
@@ -193,15 +260,22 @@ class TrainConfig:
     save_steps: int = _f(500, "Optimizer steps per checkpoint.")
     eval_steps: int | None = _f(None, "Optimizer steps per evaluation; null = logging_steps.")
     seed: int = _f(42, "Seed for weights init of adapters, data order and dropout; same seed = same run.")
-    precompute_ref_batch_size: int | None = _f(None, "Pairs per reference-scoring batch; null = "
-                                               "per_device_train_batch_size.")
-    max_tokens_per_batch: int | None = _f(None, "Token budget per micro-batch (chosen + rejected tokens, "
-                                          "padding counted when padding_free is off) instead of a fixed "
-                                          "number of pairs; pairs are length-grouped within shuffled windows. "
-                                          "null = per_device_train/eval_batch_size pairs.")
-    report_to: tuple[str, ...] = _f(("none",), "Experiment loggers besides the TensorBoard events, which are always "
-                                    "written: none, or one or more of wandb, mlflow (tensorboard is accepted and "
-                                    "changes nothing). Nothing is imported or contacted unless named here.")
+    precompute_ref_batch_size: int | None = _f(
+        None, "Pairs per reference-scoring batch; null = per_device_train_batch_size."
+    )
+    max_tokens_per_batch: int | None = _f(
+        None,
+        "Token budget per micro-batch (chosen + rejected tokens, "
+        "padding counted when padding_free is off) instead of a fixed "
+        "number of pairs; pairs are length-grouped within shuffled windows. "
+        "null = per_device_train/eval_batch_size pairs.",
+    )
+    report_to: tuple[str, ...] = _f(
+        ("none",),
+        "Experiment loggers besides the TensorBoard events, which are always "
+        "written: none, or one or more of wandb, mlflow (tensorboard is accepted and "
+        "changes nothing). Nothing is imported or contacted unless named here.",
+    )
 
     def __post_init__(self) -> None:
         _check(self.learning_rate >= 0, "learning_rate", self.learning_rate, "a number >= 0")
@@ -209,19 +283,32 @@ class TrainConfig:
         _check(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "an integer >= 0")
         _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0")
         _check(self.max_grad_norm >= 0, "max_grad_norm", self.max_grad_norm, "a number >= 0")
-        for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                    "logging_steps", "save_steps"):
+        for key in (
+            "per_device_train_batch_size",
+            "per_device_eval_batch_size",
+            "gradient_accumulation_steps",
+            "logging_steps",
+            "save_steps",
+        ):
             _check(getattr(self, key) >= 1, key, getattr(self, key), "an integer >= 1")
         _check(self.num_train_epochs > 0, "num_train_epochs", self.num_train_epochs, "a number > 0")
         _check(self.max_steps == -1 or self.max_steps >= 1, "max_steps", self.max_steps, "-1 or an integer >= 1")
         if self.eval_steps is not None:
             _check(self.eval_steps >= 1, "eval_steps", self.eval_steps, "an integer >= 1, or null")
         if self.max_tokens_per_batch is not None:
-            _check(self.max_tokens_per_batch >= 2, "max_tokens_per_batch", self.max_tokens_per_batch,
-                   "an integer >= 2 (one pair needs at least 2 tokens), or null")
+            _check(
+                self.max_tokens_per_batch >= 2,
+                "max_tokens_per_batch",
+                self.max_tokens_per_batch,
+                "an integer >= 2 (one pair needs at least 2 tokens), or null",
+            )
         if self.precompute_ref_batch_size is not None:
-            _check(self.precompute_ref_batch_size >= 1, "precompute_ref_batch_size",
-                   self.precompute_ref_batch_size, "an integer >= 1, or null")
+            _check(
+                self.precompute_ref_batch_size >= 1,
+                "precompute_ref_batch_size",
+                self.precompute_ref_batch_size,
+                "an integer >= 1, or null",
+            )
         for name in self.report_to:  # no `all`: a logger runs only where it is named
             _check(name in REPORT_TO, "report_to", name, "one of " + ", ".join(REPORT_TO))
         _check(len(set(self.report_to)) == len(self.report_to), "report_to", self.report_to, "no repeated names")
@@ -237,17 +324,20 @@ class TrainConfig:
 class ScaleConfig:
     num_workers: int = _f(1, "Ray Train workers (one DeepSpeed rank each).")
     use_gpu: bool = _f(False, "One GPU per training worker and per reference actor.")
-    cpus_per_worker: int | None = _f(None, "CPUs per training worker (sets its torch threads); null = the "
-                                     "machine's CPUs / num_workers.")
+    cpus_per_worker: int | None = _f(
+        None, "CPUs per training worker (sets its torch threads); null = the machine's CPUs / num_workers."
+    )
     zero_stage: Literal[0, 1, 2, 3] = _f(2, "DeepSpeed ZeRO stage: 0 (plain DDP), 1, 2 or 3.")
     offload_optimizer: bool = _f(False, "ZeRO-Offload the optimizer state to CPU memory (stage >= 1).")
     offload_param: bool = _f(False, "ZeRO-Offload parameters to CPU memory (stage 3 only).")
     ref_actors: int = _f(1, "Actors in the reference-scoring pool (one model copy each).")
-    cpus_per_ref_actor: int | None = _f(None, "CPUs per scoring actor (sets its torch threads); null = the "
-                                        "machine's CPUs / ref_actors.")
+    cpus_per_ref_actor: int | None = _f(
+        None, "CPUs per scoring actor (sets its torch threads); null = the machine's CPUs / ref_actors."
+    )
     max_failures: int = _f(1, "Times a crashed training worker group is restarted from the last checkpoint.")
-    storage_path: str | None = _f(None, "Ray Train storage for checkpoints (local path or s3:// gs:// URI); "
-                                  "null = <output_dir>/ray.")
+    storage_path: str | None = _f(
+        None, "Ray Train storage for checkpoints (local path or s3:// gs:// URI); null = <output_dir>/ray."
+    )
     run_name: str = _f("dpo", "Ray Train run name; rerunning with the same storage_path and run_name resumes.")
 
     def __post_init__(self) -> None:
@@ -264,8 +354,7 @@ class ScaleConfig:
             _check(self.zero_stage >= 1, "offload_optimizer", True, "false unless zero_stage >= 1")
 
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "loss": LossConfig, "train": TrainConfig,
-            "scale": ScaleConfig}
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "loss": LossConfig, "train": TrainConfig, "scale": ScaleConfig}
 
 
 @dataclass(frozen=True)
@@ -302,13 +391,16 @@ class Config:
 
     def with_absolute_paths(self) -> Config:
         """Local paths made absolute, so Ray workers (whose working directory differs) write where meant."""
+
         def absolute(p: str | None) -> str | None:
             return p if p is None or "://" in p else str(Path(p).expanduser().resolve())
 
         d = self.data
-        return dataclasses.replace(self, data=dataclasses.replace(
-            d, cache_dir=absolute(d.cache_dir), output_dir=absolute(d.output_dir)), scale=dataclasses.replace(
-            self.scale, storage_path=absolute(self.scale.storage_path)))
+        return dataclasses.replace(
+            self,
+            data=dataclasses.replace(d, cache_dir=absolute(d.cache_dir), output_dir=absolute(d.output_dir)),
+            scale=dataclasses.replace(self.scale, storage_path=absolute(self.scale.storage_path)),
+        )
 
     def replace(self, **overrides: Any) -> Config:
         """A copy with flat keys replaced (validated again)."""
@@ -334,8 +426,10 @@ def config_from_dict(values: dict[str, Any], source: str = "config") -> Config:
     unknown = sorted(set(values) - set(known))
     if unknown:
         hints = [_suggest(k, known) for k in unknown]
-        raise ConfigError(f"{source}: unknown key(s) {', '.join(h for h in hints)}. Run `dpo-pipeline train "
-                          "--help` for the list of keys.")
+        raise ConfigError(
+            f"{source}: unknown key(s) {', '.join(h for h in hints)}. Run `dpo-pipeline train "
+            "--help` for the list of keys."
+        )
     per_section: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
     for key, raw in values.items():
         section, _ = known[key]
@@ -381,8 +475,9 @@ def coerce(raw: Any, tp: Any, key: str, source: str = "config") -> Any:
     try:
         return _coerce(raw, tp)
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"{source}: {key}={raw!r} is not {describe_type(tp)}{': ' + str(e) if str(e) else ''}"
-                          ) from None
+        raise ConfigError(
+            f"{source}: {key}={raw!r} is not {describe_type(tp)}{': ' + str(e) if str(e) else ''}"
+        ) from None
 
 
 def _coerce(raw: Any, tp: Any) -> Any:

@@ -33,6 +33,7 @@ DEFAULT_SIZES = {"train": 3000, "test": 300}
 _TEST_BUCKETS = 10  # 1 in 10 of all possible prompts is held out
 _MAX_DRAWS_PER_PAIR = 1000  # fresh-prompt attempts before a family counts as exhausted
 
+# fmt: off
 _WORDS = (
     "apple", "river", "garden", "planet", "window", "silver", "bottle", "candle", "rocket", "pencil",
     "orange", "tiger", "castle", "forest", "jacket", "monkey", "island", "winter", "summer", "button",
@@ -73,11 +74,13 @@ _UNITS = (  # (larger unit, smaller unit, true factor, wrong factors a student m
     ("years", "months", 12, (10, 52)),
     ("dollars", "cents", 100, (10, 1000)),
 )
+# fmt: on
 
 Family = Callable[[random.Random], tuple[str, str, list[str]]]  # rng -> (question, answer, wrong answers)
 
 
 # --- task families: each returns the question, its answer, and candidate wrong answers ---
+
 
 def _swap_digits(n: int) -> int:
     """The last two digits exchanged (85 -> 58, 123 -> 132)."""
@@ -109,8 +112,11 @@ def _unit_conversion(rng: random.Random) -> tuple[str, str, list[str]]:
     big, small, factor, wrong_factors = rng.choice(_UNITS)
     x = rng.randint(2, 99)
     if rng.random() < 0.5:
-        return (f"Convert {x} {big} to {small}.", f"{x * factor} {small}",
-                [*(f"{x * f} {small}" for f in wrong_factors), f"{x} {small}"])  # wrong factor, unconverted
+        return (
+            f"Convert {x} {big} to {small}.",
+            f"{x * factor} {small}",
+            [*(f"{x * f} {small}" for f in wrong_factors), f"{x} {small}"],
+        )  # wrong factor, unconverted
     wrong = [f"{x * factor // f} {big}" for f in wrong_factors if x * factor % f == 0]
     return f"Convert {x * factor} {small} to {big}.", f"{x} {big}", [*wrong, f"{x * factor} {big}"]
 
@@ -119,7 +125,7 @@ def _reverse(rng: random.Random) -> tuple[str, str, list[str]]:
     word = rng.choice(_WORDS)
     rev = word[::-1]
     i = rng.randrange(len(rev) - 1)
-    one_swap = rev[:i] + rev[i + 1] + rev[i] + rev[i + 2:]
+    one_swap = rev[:i] + rev[i + 1] + rev[i] + rev[i + 2 :]
     template = rng.choice(("Reverse the letters of '{}'.", "Spell '{}' backwards."))
     return template.format(word), rev, [word, one_swap]
 
@@ -144,16 +150,18 @@ def _uppercase(rng: random.Random) -> tuple[str, str, list[str]]:
 
 def _title_case(rng: random.Random) -> tuple[str, str, list[str]]:
     phrase = " ".join(rng.sample(_WORDS, 2))
-    return (f"Capitalize the first letter of each word in '{phrase}'.", phrase.title(),
-            [phrase.upper(), phrase.capitalize()])
+    return (
+        f"Capitalize the first letter of each word in '{phrase}'.",
+        phrase.title(),
+        [phrase.upper(), phrase.capitalize()],
+    )
 
 
 def _sort_words(rng: random.Random) -> tuple[str, str, list[str]]:
     words = rng.sample(_WORDS, rng.choice((3, 4)))
     ordered = sorted(words)
     wrong = [ordered[::-1], words]  # reverse order, left unsorted
-    return (f"Sort these words alphabetically: {', '.join(words)}.", ", ".join(ordered),
-            [", ".join(w) for w in wrong])
+    return (f"Sort these words alphabetically: {', '.join(words)}.", ", ".join(ordered), [", ".join(w) for w in wrong])
 
 
 def _compare(rng: random.Random) -> tuple[str, str, list[str]]:
@@ -168,18 +176,22 @@ def _rounding(rng: random.Random) -> tuple[str, str, list[str]]:
     n = place * rng.randint(1000 // place, 9999 // place - 1) + rng.randint(1, place - 1)
     down = n // place * place
     answer = down + place if n - down >= place / 2 else down
-    wrong = (down if answer > down else down + place,  # rounded the wrong way
-             (n + wrong_place // 2) // wrong_place * wrong_place)  # to the wrong place
-    return (f"Round {n} to the nearest {'ten' if place == 10 else 'hundred'}.", str(answer),
-            [str(w) for w in wrong])
+    wrong = (
+        down if answer > down else down + place,  # rounded the wrong way
+        (n + wrong_place // 2) // wrong_place * wrong_place,
+    )  # to the wrong place
+    return (f"Round {n} to the nearest {'ten' if place == 10 else 'hundred'}.", str(answer), [str(w) for w in wrong])
 
 
 def _sequence(rng: random.Random) -> tuple[str, str, list[str]]:
     start, step = rng.randint(1, 99), rng.randint(2, 15)
     terms = [start + k * step for k in range(4)]
     nxt = terms[-1] + step
-    return (f"What number comes next: {', '.join(map(str, terms))}?", str(nxt),
-            [str(w) for w in (nxt + 1, nxt - 1, nxt + step, terms[-1])])
+    return (
+        f"What number comes next: {', '.join(map(str, terms))}?",
+        str(nxt),
+        [str(w) for w in (nxt + 1, nxt - 1, nxt + step, terms[-1])],
+    )
 
 
 FAMILIES: dict[str, Family] = {
@@ -201,13 +213,15 @@ FAMILIES: dict[str, Family] = {
 
 # --- pairs ---
 
+
 def _split_of(question: str) -> Literal["train", "test"]:
     digest = hashlib.blake2b(question.encode(), digest_size=8).digest()
     return "test" if int.from_bytes(digest, "big") % _TEST_BUCKETS == 0 else "train"
 
 
-def generate_pairs(split: Literal["train", "test"], n: int | None = None, seed: int = 0,
-                   conversational: bool = True) -> list[dict]:
+def generate_pairs(
+    split: Literal["train", "test"], n: int | None = None, seed: int = 0, conversational: bool = True
+) -> list[dict]:
     """`n` preference pairs (default 3000 train, 300 test), families in equal shares, unique prompts.
 
     Conversational: `{"prompt": [user msg], "chosen": [assistant msg], "rejected": [assistant msg]}`.
@@ -229,8 +243,9 @@ def generate_pairs(split: Literal["train", "test"], n: int | None = None, seed: 
             if question not in seen and _split_of(question) == split:
                 break
         else:
-            raise PipelineError(f"the builtin {split} split ran out of distinct {name} prompts at {i} pairs; "
-                                f"ask for fewer than {n}")
+            raise PipelineError(
+                f"the builtin {split} split ran out of distinct {name} prompts at {i} pairs; ask for fewer than {n}"
+            )
         seen.add(question)
         rejected = rng.choice(sorted({w for w in wrong if w != answer}))
         pairs.append(_format(question, answer, rejected, conversational))
@@ -240,9 +255,11 @@ def generate_pairs(split: Literal["train", "test"], n: int | None = None, seed: 
 
 def _format(question: str, chosen: str, rejected: str, conversational: bool) -> dict:
     if conversational:
-        return {"prompt": [{"role": "user", "content": question}],
-                "chosen": [{"role": "assistant", "content": chosen}],
-                "rejected": [{"role": "assistant", "content": rejected}]}
+        return {
+            "prompt": [{"role": "user", "content": question}],
+            "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}],
+        }
     return {"prompt": f"{question}\nAnswer:", "chosen": f" {chosen}", "rejected": f" {rejected}"}
 
 
@@ -251,8 +268,9 @@ def builtin_dataset_path(name: str, cache_dir: str | os.PathLike, n: int | None 
     standard form for the -text names; `n` pairs instead of the default size), written once, atomically,
     and reused afterwards."""
     if name not in BUILTIN_DATASETS:
-        raise PipelineError(f"unknown builtin dataset {name!r}; valid names: "
-                            f"{', '.join('builtin:' + b for b in BUILTIN_DATASETS)}")
+        raise PipelineError(
+            f"unknown builtin dataset {name!r}; valid names: {', '.join('builtin:' + b for b in BUILTIN_DATASETS)}"
+        )
     path = local_cache_dir(cache_dir) / "datasets" / (f"{name}.jsonl" if n is None else f"{name}-{n}.jsonl")
     if path.is_file():
         return path

@@ -25,7 +25,8 @@ def collate_pairs(columns: dict[str, Sequence[Any]], pad_token_id: int) -> PairB
     chosen = [list(map(int, ids)) for ids in columns[schema.CHOSEN_INPUT_IDS]]
     rejected = [list(map(int, ids)) for ids in columns[schema.REJECTED_INPUT_IDS]]
     starts = [int(s) for s in columns[schema.CHOSEN_COMPLETION_START]] + [
-        int(s) for s in columns[schema.REJECTED_COMPLETION_START]]
+        int(s) for s in columns[schema.REJECTED_COMPLETION_START]
+    ]
     sequences = chosen + rejected
     width = max(len(s) for s in sequences)
     n = len(sequences)
@@ -35,7 +36,7 @@ def collate_pairs(columns: dict[str, Sequence[Any]], pad_token_id: int) -> PairB
     for i, (ids, start) in enumerate(zip(sequences, starts)):
         input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         attention_mask[i, : len(ids)] = 1
-        completion_mask[i, start: len(ids)] = 1
+        completion_mask[i, start : len(ids)] = 1
     counts = [scored_tokens(len(ids), start) for ids, start in zip(sequences, starts)]
     b = len(chosen)
     shared = [min(counts[i], counts[b + i]) for i in range(b)]
@@ -59,12 +60,19 @@ def check_supported(model: Any) -> None:
         if value not in (neutral, None):
             from pipeline.errors import PipelineError
 
-            raise PipelineError(f"{config.model_type} models use {attr}={value}, which the chunked log-prob "
-                                "function does not apply yet")
+            raise PipelineError(
+                f"{config.model_type} models use {attr}={value}, which the chunked log-prob function does not apply yet"
+            )
 
 
-def sequence_forward(model: Any, batch: PairBatch, chunk_size: int = 1024, with_metrics: bool = False,
-                     min_chunks: int = 1, padding_free: bool = False) -> SequenceStats:
+def sequence_forward(
+    model: Any,
+    batch: PairBatch,
+    chunk_size: int = 1024,
+    with_metrics: bool = False,
+    min_chunks: int = 1,
+    padding_free: bool = False,
+) -> SequenceStats:
     """One forward of the model body over the 2B sequences, then the chunked log-prob function.
 
     padding_free: run the packed row (the model must use a varlen attention, see `pipeline.kernels`), then
@@ -76,14 +84,28 @@ def sequence_forward(model: Any, batch: PairBatch, chunk_size: int = 1024, with_
     if padding_free:
         row = pack(batch)
         cu = row.cu_seq_lens.to(device)
-        packed = body(input_ids=row.input_ids.to(device), position_ids=row.position_ids.to(device),
-                      cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=row.max_length, max_length_k=row.max_length,
-                      use_cache=False).last_hidden_state
+        packed = body(
+            input_ids=row.input_ids.to(device),
+            position_ids=row.position_ids.to(device),
+            cu_seq_lens_q=cu,
+            cu_seq_lens_k=cu,
+            max_length_q=row.max_length,
+            max_length_k=row.max_length,
+            use_cache=False,
+        ).last_hidden_state
         real = batch.attention_mask.to(device).bool()
         hidden = packed.new_zeros(*real.shape, packed.size(-1)).masked_scatter(real.unsqueeze(-1), packed[0])
     else:
-        hidden = body(input_ids=input_ids, attention_mask=batch.attention_mask.to(device),
-                      use_cache=False).last_hidden_state
-    return sequence_stats(hidden, lm_head, input_ids, batch.completion_mask.to(device),
-                          batch.shared_len.to(device), chunk_size=chunk_size, with_metrics=with_metrics,
-                          min_chunks=min_chunks)
+        hidden = body(
+            input_ids=input_ids, attention_mask=batch.attention_mask.to(device), use_cache=False
+        ).last_hidden_state
+    return sequence_stats(
+        hidden,
+        lm_head,
+        input_ids,
+        batch.completion_mask.to(device),
+        batch.shared_len.to(device),
+        chunk_size=chunk_size,
+        with_metrics=with_metrics,
+        min_chunks=min_chunks,
+    )

@@ -33,7 +33,8 @@ class Kernels:
 
     def describe(self) -> str:
         attention = {VARLEN_SDPA: "per-sequence SDPA (packed)", "flash_attention_2": "flash-attention-2"}.get(
-            self.attn_implementation, self.attn_implementation)
+            self.attn_implementation, self.attn_implementation
+        )
         layout = "padding-free packed rows" if self.padding_free else "right-padded rows"
         return f"{layout}, attention {attention}, Liger kernels {'on' if self.liger else 'off'}"
 
@@ -59,16 +60,20 @@ def choose_kernels(model_cfg: Any, cuda: bool, dtype: str) -> Kernels:
     if impl == "auto":
         impl = "flash_attention_2" if cuda and flash_attn_available() and dtype != "float32" else "sdpa"
     elif impl == "flash_attention_2" and not (cuda and flash_attn_available()):
-        raise ConfigError("attn_implementation=flash_attention_2 needs CUDA and the flash-attn package "
-                          "(pip install 'dpo-pipeline[gpu]'); use auto or sdpa here.")
+        raise ConfigError(
+            "attn_implementation=flash_attention_2 needs CUDA and the flash-attn package "
+            "(pip install 'dpo-pipeline[gpu]'); use auto or sdpa here."
+        )
     if impl == "sdpa" and model_cfg.padding_free:
         impl = VARLEN_SDPA
     liger = model_cfg.use_liger_kernel
     if liger is None:
         liger = cuda and liger_available()
     elif liger and not (cuda and liger_available()):
-        raise ConfigError("use_liger_kernel=true needs CUDA and the liger-kernel package "
-                          "(pip install 'dpo-pipeline[gpu]'); leave it unset (auto) or false here.")
+        raise ConfigError(
+            "use_liger_kernel=true needs CUDA and the liger-kernel package "
+            "(pip install 'dpo-pipeline[gpu]'); leave it unset (auto) or false here."
+        )
     if impl == VARLEN_SDPA:
         register_varlen_sdpa()
     return Kernels(impl, model_cfg.padding_free, liger)
@@ -81,8 +86,9 @@ def apply_liger(model: Any, kernels: Kernels) -> None:
         return
     from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
-    _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
-                                    fused_linear_cross_entropy=False)
+    _apply_liger_kernel_to_instance(
+        model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False
+    )
 
 
 def register_varlen_sdpa() -> None:
@@ -91,22 +97,38 @@ def register_varlen_sdpa() -> None:
     AttentionInterface.register(VARLEN_SDPA, varlen_sdpa_forward)
 
 
-def varlen_sdpa_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
-                        attention_mask: Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                        cu_seq_lens_q: Tensor | None = None, **kwargs: Any) -> tuple[Tensor, None]:
+def varlen_sdpa_forward(
+    module: torch.nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    cu_seq_lens_q: Tensor | None = None,
+    **kwargs: Any,
+) -> tuple[Tensor, None]:
     """Causal attention within each packed sequence: query (1, heads, T, d), key/value (1, kv_heads, T, d),
     `cu_seq_lens_q` (S+1,) the sequence boundaries. Returns (1, T, heads, d) like transformers' SDPA."""
     if cu_seq_lens_q is None:
-        raise RuntimeError(f"{VARLEN_SDPA} runs packed rows only: call pipeline.forward.sequence_forward with a "
-                           "padding-free batch (cu_seq_lens_q missing)")
+        raise RuntimeError(
+            f"{VARLEN_SDPA} runs packed rows only: call pipeline.forward.sequence_forward with a "
+            "padding-free batch (cu_seq_lens_q missing)"
+        )
     if attention_mask is not None:
         raise RuntimeError(f"{VARLEN_SDPA} got an attention mask; packed rows need none")
     bounds = cu_seq_lens_q.tolist()
     gqa = query.size(1) != key.size(1)
     parts = [
         torch.nn.functional.scaled_dot_product_attention(
-            query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], dropout_p=dropout, scale=scaling, is_causal=True,
-            enable_gqa=gqa)
+            query[:, :, s:e],
+            key[:, :, s:e],
+            value[:, :, s:e],
+            dropout_p=dropout,
+            scale=scaling,
+            is_causal=True,
+            enable_gqa=gqa,
+        )
         for s, e in itertools.pairwise(bounds)
     ]
     return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None

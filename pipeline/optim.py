@@ -70,6 +70,13 @@ def deepspeed_config(cfg: Config, num_workers: int) -> dict[str, Any]:
         "wall_clock_breakdown": False,
     }
     if s.offload_optimizer:
-        out["optimizer"] = {"type": "AdamW", "params": {"lr": t.learning_rate, "betas": list(ADAM_BETAS),
-                                                        "eps": ADAM_EPS, "weight_decay": t.weight_decay}}
+        out["optimizer"] = {
+            "type": "AdamW",
+            "params": {
+                "lr": t.learning_rate,
+                "betas": list(ADAM_BETAS),
+                "eps": ADAM_EPS,
+                "weight_decay": t.weight_decay,
+            },
+        }
     return out

@@ -19,20 +19,36 @@ from matplotlib.figure import Figure
 
 DPI = 120
 SIZE = (8.0, 4.5)  # inches: 960 x 540 pixels
-COLOURS = {"rewards/chosen": "tab:green", "logps/chosen": "tab:green", "rewards/rejected": "tab:red",
-           "logps/rejected": "tab:red"}
+COLOURS = {
+    "rewards/chosen": "tab:green",
+    "logps/chosen": "tab:green",
+    "rewards/rejected": "tab:red",
+    "logps/rejected": "tab:red",
+}
 TRAIN_COLOUR, EVAL_COLOUR = "tab:blue", "tab:orange"
 
 # file, title, y label, metrics: one figure each, train and eval in the same axes
 CURVES = (
     ("loss.png", "DPO loss", "loss (nats)", ("loss",)),
     ("rewards_margins.png", "Reward margin: chosen − rejected", "β · log-ratio margin (nats)", ("rewards/margins",)),
-    ("rewards_accuracies.png", "Reward accuracy: pairs whose chosen reward beats the rejected one",
-     "fraction of pairs", ("rewards/accuracies",)),
-    ("rewards.png", "Implicit rewards of the chosen and rejected completions", "β · log-ratio (nats)",
-     ("rewards/chosen", "rewards/rejected")),
-    ("logps.png", "Policy log-probabilities of the completions", "log-prob of a completion (nats)",
-     ("logps/chosen", "logps/rejected")),
+    (
+        "rewards_accuracies.png",
+        "Reward accuracy: pairs whose chosen reward beats the rejected one",
+        "fraction of pairs",
+        ("rewards/accuracies",),
+    ),
+    (
+        "rewards.png",
+        "Implicit rewards of the chosen and rejected completions",
+        "β · log-ratio (nats)",
+        ("rewards/chosen", "rewards/rejected"),
+    ),
+    (
+        "logps.png",
+        "Policy log-probabilities of the completions",
+        "log-prob of a completion (nats)",
+        ("logps/chosen", "logps/rejected"),
+    ),
 )
 
 
@@ -69,14 +85,22 @@ def smoothing_span(points: int) -> int:
 
 def points(records: Sequence[dict[str, Any]], metric: str) -> tuple[np.ndarray, np.ndarray]:
     """(steps, values) of `metric`, finite values only."""
-    pairs = [(r["step"], r[metric]) for r in records
-             if isinstance(r.get(metric), (int, float)) and np.isfinite(r[metric])]
+    pairs = [
+        (r["step"], r[metric]) for r in records if isinstance(r.get(metric), (int, float)) and np.isfinite(r[metric])
+    ]
     steps = np.array([s for s, _ in pairs], dtype=np.float64)
     return steps, np.array([v for _, v in pairs], dtype=np.float64)
 
 
-def curve_plot(out_dir: Path, file: str, title: str, ylabel: str, metrics: Sequence[str],
-               train: Sequence[dict[str, Any]], evals: Sequence[dict[str, Any]]) -> Plot:
+def curve_plot(
+    out_dir: Path,
+    file: str,
+    title: str,
+    ylabel: str,
+    metrics: Sequence[str],
+    train: Sequence[dict[str, Any]],
+    evals: Sequence[dict[str, Any]],
+) -> Plot:
     """One figure: each metric's train curve (raw + EMA) and eval curve over optimizer steps."""
     fig, ax = _figure()
     spans = [_draw_train(ax, train, m) for m in metrics]
@@ -111,11 +135,19 @@ def margin_histogram(out_dir: Path, margins: dict[str, np.ndarray]) -> Plot:
     fig, ax = _figure()
     finite = {split: m[np.isfinite(m)] for split, m in margins.items()}
     everything = np.concatenate([m for m in finite.values()] or [np.zeros(0)])
-    bins = np.histogram_bin_edges(everything, bins=min(60, max(10, int(np.sqrt(len(everything)))))) \
-        if len(everything) else 10
+    bins = (
+        np.histogram_bin_edges(everything, bins=min(60, max(10, int(np.sqrt(len(everything))))))
+        if len(everything)
+        else 10
+    )
     for split, values in finite.items():
-        ax.hist(values, bins=bins, alpha=0.5, color=TRAIN_COLOUR if split == "train" else EVAL_COLOUR,
-                label=f"{split} ({len(values)} pairs)")
+        ax.hist(
+            values,
+            bins=bins,
+            alpha=0.5,
+            color=TRAIN_COLOUR if split == "train" else EVAL_COLOUR,
+            label=f"{split} ({len(values)} pairs)",
+        )
     ax.axvline(0.0, color="grey", ls=":", lw=1, label="_zero")
     _finish(ax, title, "pairs", xlabel=False)
     ax.set_xlabel("log p_ref(chosen) − log p_ref(rejected)  (nats; > 0: the reference already prefers chosen)")
@@ -123,6 +155,7 @@ def margin_histogram(out_dir: Path, margins: dict[str, np.ndarray]) -> Plot:
 
 
 # --- helpers ---
+
 
 def _figure() -> tuple[Figure, Any]:
     fig = Figure(figsize=SIZE, layout="constrained")
@@ -137,8 +170,9 @@ def _draw_train(ax: Any, train: Sequence[dict[str, Any]], metric: str) -> int:
         return 0
     colour = COLOURS.get(metric, TRAIN_COLOUR)
     span = smoothing_span(len(ys))
-    ax.plot(xs, ys, color=colour, alpha=0.35, lw=1, marker="." if len(xs) <= 50 else None,
-            label=f"train {metric} (raw)")
+    ax.plot(
+        xs, ys, color=colour, alpha=0.35, lw=1, marker="." if len(xs) <= 50 else None, label=f"train {metric} (raw)"
+    )
     ax.plot(xs, ema(ys, span), color=colour, lw=2, label=f"train {metric} (EMA)")
     return span
 
@@ -153,8 +187,15 @@ def _finish(ax: Any, title: str, ylabel: str, xlabel: bool = True) -> None:
     if any(not h.get_label().startswith("_") for h in ax.get_legend_handles_labels()[0]):
         ax.legend(fontsize="small")
     elif not ax.get_lines():  # say so, rather than leave an empty frame
-        ax.text(0.5, 0.5, "not logged (absent or NaN in metrics.jsonl)", transform=ax.transAxes, ha="center",
-                va="center", color="grey")
+        ax.text(
+            0.5,
+            0.5,
+            "not logged (absent or NaN in metrics.jsonl)",
+            transform=ax.transAxes,
+            ha="center",
+            va="center",
+            color="grey",
+        )
 
 
 def _smoothing_note(spans: Sequence[int]) -> str:
@@ -166,8 +207,11 @@ def _series(fig: Figure) -> tuple[Series, ...]:
     """What the figure shows, read back from its artists: labelled lines and histograms."""
     out = []
     for ax in fig.axes:
-        out += [Series(line.get_label(), len(line.get_xdata())) for line in ax.get_lines()
-                if not line.get_label().startswith("_")]
+        out += [
+            Series(line.get_label(), len(line.get_xdata()))
+            for line in ax.get_lines()
+            if not line.get_label().startswith("_")
+        ]
         for bars in ax.containers:
             label = bars.patches[0].get_label() if bars.patches else bars.get_label()
             if not label.startswith("_"):

@@ -29,8 +29,19 @@ SUMMARY = "train_summary.json"
 REPORT = "report.md"
 PLOTS_DIR = "plots"
 DATA_REPORTS = {"train": "data_report.json", "eval": "eval_data_report.json"}
-TABLE_METRICS = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected",
-                 "logps/chosen", "logps/rejected", "entropy", "mean_token_accuracy", "grad_norm", "learning_rate")
+TABLE_METRICS = (
+    "loss",
+    "rewards/accuracies",
+    "rewards/margins",
+    "rewards/chosen",
+    "rewards/rejected",
+    "logps/chosen",
+    "logps/rejected",
+    "entropy",
+    "mean_token_accuracy",
+    "grad_norm",
+    "learning_rate",
+)
 
 
 def fmt(value: float) -> str:
@@ -61,14 +72,16 @@ class Report:
 
 # --- reading a run directory ---
 
+
 def load_run(run_dir: str | Path) -> RunData:
     """Read a run directory; PipelineError if it is not one."""
     d = Path(run_dir).expanduser().resolve()
     if not d.is_dir():
         raise PipelineError(f"{run_dir}: no such directory")
     if not (d / METRICS).is_file():
-        raise PipelineError(f"{run_dir} is not a run directory: {METRICS} is missing (`dpo-pipeline train` writes "
-                            "it into output_dir)")
+        raise PipelineError(
+            f"{run_dir} is not a run directory: {METRICS} is missing (`dpo-pipeline train` writes it into output_dir)"
+        )
     train, evals = [], []
     for n, line in enumerate((d / METRICS).read_text().splitlines(), start=1):
         try:
@@ -82,8 +95,9 @@ def load_run(run_dir: str | Path) -> RunData:
     if not train:
         raise PipelineError(f"{d / METRICS} has no training step yet: nothing to report")
     summary = json.loads((d / SUMMARY).read_text()) if (d / SUMMARY).is_file() else None
-    data_reports = {split: json.loads((d / name).read_text()) for split, name in DATA_REPORTS.items()
-                    if (d / name).is_file()}
+    data_reports = {
+        split: json.loads((d / name).read_text()) for split, name in DATA_REPORTS.items() if (d / name).is_file()
+    }
     margins, notes = _reference_margins((summary or {}).get("inputs"))
     return RunData(d, train, evals, summary, data_reports, margins, notes)
 
@@ -103,24 +117,38 @@ def _reference_margins(inputs: dict[str, Any] | None) -> tuple[dict[str, np.ndar
             continue
         files = sorted(json.loads(manifest.read_text())["files"])
         table = pq.ParquetDataset([str(path / f) for f in files]).read(
-            columns=[schema.REF_CHOSEN_LOGPS, schema.REF_REJECTED_LOGPS])
-        margins[split] = (table.column(schema.REF_CHOSEN_LOGPS).to_numpy()
-                          - table.column(schema.REF_REJECTED_LOGPS).to_numpy())
+            columns=[schema.REF_CHOSEN_LOGPS, schema.REF_REJECTED_LOGPS]
+        )
+        margins[split] = (
+            table.column(schema.REF_CHOSEN_LOGPS).to_numpy() - table.column(schema.REF_REJECTED_LOGPS).to_numpy()
+        )
     return margins, notes
 
 
 # --- writing the report ---
 
+
 def write_report(run_dir: str | Path) -> Report:
     """Write `<run_dir>/report.md` and `<run_dir>/plots/*.png`; returns the path and what each plot shows."""
     run = load_run(run_dir)
     plot_dir = run.dir / PLOTS_DIR
-    curves = [plots.curve_plot(plot_dir, file, title, ylabel, metrics, run.train, run.evals)
-              for file, title, ylabel, metrics in plots.CURVES]
+    curves = [
+        plots.curve_plot(plot_dir, file, title, ylabel, metrics, run.train, run.evals)
+        for file, title, ylabel, metrics in plots.CURVES
+    ]
     curves.append(plots.optimizer_plot(plot_dir, run.train))
     histogram = plots.margin_histogram(plot_dir, run.ref_margins) if run.ref_margins else None
-    text = "\n".join([*_header(run), *_summary(run), *_metrics_table(run), *_curves(curves), *_data(run),
-                      *_reference(run, histogram), *_config(run)])
+    text = "\n".join(
+        [
+            *_header(run),
+            *_summary(run),
+            *_metrics_table(run),
+            *_curves(curves),
+            *_data(run),
+            *_reference(run, histogram),
+            *_config(run),
+        ]
+    )
     made = tuple(curves) + ((histogram,) if histogram else ())
     for stale in set(plot_dir.glob("*.png")) - {plot_dir / p.file for p in made}:  # e.g. a cache entry since deleted
         stale.unlink()
@@ -137,8 +165,11 @@ def _header(run: RunData) -> list[str]:
     if c:
         weights = c["loss_weights"] or [1.0] * len(c["loss_type"])
         losses = " + ".join(f"{w} × {t}" for t, w in zip(c["loss_type"], weights))
-        lines += [f"Policy `{c['model']}` trained for {last['step']} optimizer steps with {losses} (β = {c['beta']}); "
-                  f"reference `{c['ref_model'] or c['model']}`, scored once and cached.", ""]
+        lines += [
+            f"Policy `{c['model']}` trained for {last['step']} optimizer steps with {losses} (β = {c['beta']}); "
+            f"reference `{c['ref_model'] or c['model']}`, scored once and cached.",
+            "",
+        ]
     return lines
 
 
@@ -146,25 +177,34 @@ def _summary(run: RunData) -> list[str]:
     s = run.summary
     lines = ["## Summary", ""]
     if s is None:
-        return [*lines, f"No {SUMMARY}: the run has not finished (or was stopped), so throughput, memory, the "
-                "effective config and the cache entries used are unknown. The curves below show the steps logged "
-                "so far.", ""]
+        return [
+            *lines,
+            f"No {SUMMARY}: the run has not finished (or was stopped), so throughput, memory, the "
+            "effective config and the cache entries used are unknown. The curves below show the steps logged "
+            "so far.",
+            "",
+        ]
     gpu = run.config.get("use_gpu", False)
     memory = "maximum CUDA memory allocated" if gpu else "maximum resident set size of the process"
     resumed = f" ({s['steps_this_run']} in the last launch)" if s["steps_this_run"] != s["train_steps"] else ""
     loggers = ["TensorBoard: `tensorboard --logdir " + str(run.dir / "tensorboard") + "`"]
     loggers += [f"{name}: {where}" for name, where in s.get("loggers", {}).items()]
     lines += [
-        "| | |", "|---|---|",
+        "| | |",
+        "|---|---|",
         f"| optimizer steps | {s['train_steps']}{resumed} |",
         f"| training time | {_duration(s['train_runtime'])} |",
         f"| throughput | {fmt(s['train_samples_per_second'])} pairs/s, {fmt(s['train_tokens_per_second'])} "
         "tokens/s (non-pad) |",
         f"| peak memory, rank 0 | {fmt(s['peak_memory_bytes'] / 1e9)} GB ({memory}) |",
-        f"| workers | {s['num_workers']} × DeepSpeed ZeRO-{s['zero_stage']}"
-        f"{', GPU' if gpu else ', CPU'} |",
-        "| pairs | " + (", ".join(f"{split}: {s['inputs'][split]['pairs']}" for split in _splits(s["inputs"]))
-                        if s.get("inputs") else "not recorded") + " |",
+        f"| workers | {s['num_workers']} × DeepSpeed ZeRO-{s['zero_stage']}{', GPU' if gpu else ', CPU'} |",
+        "| pairs | "
+        + (
+            ", ".join(f"{split}: {s['inputs'][split]['pairs']}" for split in _splits(s["inputs"]))
+            if s.get("inputs")
+            else "not recorded"
+        )
+        + " |",
         "| loggers | " + "; ".join(loggers) + " |",
         "",
     ]
@@ -179,10 +219,15 @@ def _metrics_table(run: RunData) -> list[str]:
         head += [f"eval, first (step {run.evals[0]['step']})", f"eval, last (step {run.evals[-1]['step']})"]
         columns += [run.evals[0], run.evals[-1]]
     every = run.config.get("logging_steps")
-    lines = ["## Metrics", "",
-             "Train values are means over the optimizer steps of one logging window"
-             + (f" ({every} step{'s' if every != 1 else ''})" if every else "") + "; eval values are exact over the "
-             "whole eval set. Rewards are β · log(π/π_ref) in nats; log-probs are summed over completion tokens.", ""]
+    lines = [
+        "## Metrics",
+        "",
+        "Train values are means over the optimizer steps of one logging window"
+        + (f" ({every} step{'s' if every != 1 else ''})" if every else "")
+        + "; eval values are exact over the "
+        "whole eval set. Rewards are β · log(π/π_ref) in nats; log-probs are summed over completion tokens.",
+        "",
+    ]
     if not run.evals:
         lines += [_no_eval(run), ""]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -200,12 +245,23 @@ def _no_eval(run: RunData) -> str:
 
 
 def _curves(made: list[plots.Plot]) -> list[str]:
-    lines = ["## Curves", "", "x axis: optimizer step. Train curves: the logged values (faint) under a smoothed line; "
-             "eval curves: dashed, with markers.", ""]
+    lines = [
+        "## Curves",
+        "",
+        "x axis: optimizer step. Train curves: the logged values (faint) under a smoothed line; "
+        "eval curves: dashed, with markers.",
+        "",
+    ]
     for p in made:
         shown = ", ".join(f"{s.name} ({s.points} points)" for s in p.series) or "nothing logged"
-        lines += [f"### {p.title}", "", f"![{p.title}]({PLOTS_DIR}/{p.file})", "",
-                  f"*Series: {shown}.{' ' + p.note[0].upper() + p.note[1:] + '.' if p.note else ''}*", ""]
+        lines += [
+            f"### {p.title}",
+            "",
+            f"![{p.title}]({PLOTS_DIR}/{p.file})",
+            "",
+            f"*Series: {shown}.{' ' + p.note[0].upper() + p.note[1:] + '.' if p.note else ''}*",
+            "",
+        ]
     return lines
 
 
@@ -215,14 +271,25 @@ def _data(run: RunData) -> list[str]:
         return [*lines, f"No data report in this run directory ({', '.join(DATA_REPORTS.values())}).", ""]
     for split, r in run.data_reports.items():
         dropped = sum(r["dropped"].values())
-        lines += [f"### {split}", "", "| | rows |", "|---|---|", f"| read | {r['rows_read']} |",
-                  f"| kept (pairs) | {r['pairs_kept']} |"]
+        lines += [
+            f"### {split}",
+            "",
+            "| | rows |",
+            "|---|---|",
+            f"| read | {r['rows_read']} |",
+            f"| kept (pairs) | {r['pairs_kept']} |",
+        ]
         lines += [f"| dropped: {reason} | {n} |" for reason, n in sorted(r["dropped"].items())]
         lines += [f"| truncated to max_length (kept) | {r['truncated_pairs']} |", ""]
-        balance = ("every row is accounted for" if r["rows_read"] == r["pairs_kept"] + dropped
-                   else "**rows read ≠ kept + dropped: the data report is inconsistent**")
-        lines += [f"Format: {r.get('format') or 'unknown'}; {balance} ({r['rows_read']} = {r['pairs_kept']} + "
-                  f"{dropped}).", ""]
+        balance = (
+            "every row is accounted for"
+            if r["rows_read"] == r["pairs_kept"] + dropped
+            else "**rows read ≠ kept + dropped: the data report is inconsistent**"
+        )
+        lines += [
+            f"Format: {r.get('format') or 'unknown'}; {balance} ({r['rows_read']} = {r['pairs_kept']} + {dropped}).",
+            "",
+        ]
     if "eval" not in run.data_reports:
         lines += ["No eval data report (no eval set).", ""]
     return lines
@@ -232,9 +299,11 @@ def _reference(run: RunData, histogram: plots.Plot | None) -> list[str]:
     lines = ["## Reference log-probs (from the cache)", ""]
     entries = (run.summary or {}).get("inputs", {})
     for split, m in run.ref_margins.items():
-        lines.append(f"- {split}: `{entries[split]['reference']}`: {len(m)} pairs; margin log p_ref(chosen) − log "
-                     f"p_ref(rejected): mean {fmt(float(np.mean(m)))}, median {fmt(float(np.median(m)))} nats; "
-                     f"{fmt(100 * float(np.mean(m > 0)))}% of pairs > 0 (the reference already prefers chosen).")
+        lines.append(
+            f"- {split}: `{entries[split]['reference']}`: {len(m)} pairs; margin log p_ref(chosen) − log "
+            f"p_ref(rejected): mean {fmt(float(np.mean(m)))}, median {fmt(float(np.median(m)))} nats; "
+            f"{fmt(100 * float(np.mean(m > 0)))}% of pairs > 0 (the reference already prefers chosen)."
+        )
     lines += [f"- {split}: no histogram: {why}." for split, why in run.ref_notes.items()]
     if histogram is not None:
         lines += ["", f"![{histogram.title}]({PLOTS_DIR}/{histogram.file})"]
@@ -245,10 +314,20 @@ def _config(run: RunData) -> list[str]:
     if not run.config:
         return ["## Effective config", "", f"Not recorded (no {SUMMARY}).", ""]
     order = {key: i for i, key in enumerate(config_fields())}  # by section, as --help lists them
-    shown = {k: redact_uri(v) if isinstance(v, str) and "://" in v else v
-             for k, v in sorted(run.config.items(), key=lambda kv: order.get(kv[0], len(order)))}
-    return ["## Effective config", "", "Every key, as the run used it (paste into a YAML file to rerun):", "",
-            "```yaml", yaml.safe_dump(shown, sort_keys=False, allow_unicode=True).rstrip(), "```", ""]
+    shown = {
+        k: redact_uri(v) if isinstance(v, str) and "://" in v else v
+        for k, v in sorted(run.config.items(), key=lambda kv: order.get(kv[0], len(order)))
+    }
+    return [
+        "## Effective config",
+        "",
+        "Every key, as the run used it (paste into a YAML file to rerun):",
+        "",
+        "```yaml",
+        yaml.safe_dump(shown, sort_keys=False, allow_unicode=True).rstrip(),
+        "```",
+        "",
+    ]
 
 
 def _splits(per_split: dict[str, Any]) -> list[str]:

@@ -56,7 +56,7 @@ def _expand_one(spec: str, cache_dir: str) -> list[InputFile]:
     if spec.startswith(BUILTIN_PREFIX):  # builtin:NAME or builtin:NAME:PAIRS
         from pipeline.demo_data import builtin_dataset_path
 
-        name, _, size = spec[len(BUILTIN_PREFIX):].partition(":")
+        name, _, size = spec[len(BUILTIN_PREFIX) :].partition(":")
         if size and not size.isdigit():
             raise DataError(f"{spec}: the size after the name must be a number of pairs, e.g. builtin:{name}:1000")
         return [InputFile(str(builtin_dataset_path(name, cache_dir, int(size) if size else None)), "jsonl")]
@@ -74,8 +74,10 @@ def _expand_one(spec: str, cache_dir: str) -> list[InputFile]:
     if path.is_dir():
         if (path / "dataset_dict.json").is_file():
             splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
-            raise DataError(f"{spec} is a DatasetDict saved with save_to_disk: name one split, e.g. "
-                            + " or ".join(str(path / s) for s in splits))
+            raise DataError(
+                f"{spec} is a DatasetDict saved with save_to_disk: name one split, e.g. "
+                + " or ".join(str(path / s) for s in splits)
+            )
         if (path / "state.json").is_file() and (path / "dataset_info.json").is_file():
             return [InputFile(str(path), "arrow_dataset")]
         found = sorted(p for p in path.rglob("*") if p.is_file() and _suffix(p) is not None)
@@ -106,8 +108,11 @@ def fingerprint_inputs(files: list[InputFile]) -> str:
     """Content hash of every input file, in order (paths do not matter, bytes do)."""
     h = hashlib.blake2b(digest_size=16)
     for f in files:
-        paths = [Path(f.path)] if f.kind != "arrow_dataset" else sorted(
-            p for p in Path(f.path).iterdir() if p.suffix in (".arrow", ".json"))
+        paths = (
+            [Path(f.path)]
+            if f.kind != "arrow_dataset"
+            else sorted(p for p in Path(f.path).iterdir() if p.suffix in (".arrow", ".json"))
+        )
         for p in paths:
             h.update(f"{f.kind}:{p.name if f.kind == 'arrow_dataset' else ''}".encode())
             hash_file(h, p)
@@ -116,8 +121,7 @@ def fingerprint_inputs(files: list[InputFile]) -> str:
 
 def read_rows(f: InputFile) -> Iterator[RawRow]:
     """Rows of one input file; problems reading a row become `RawRow.error`, problems with the file raise."""
-    readers = {"jsonl": _read_jsonl, "json": _read_json, "parquet": _read_parquet,
-               "arrow_dataset": _read_arrow_dataset}
+    readers = {"jsonl": _read_jsonl, "json": _read_json, "parquet": _read_parquet, "arrow_dataset": _read_arrow_dataset}
     yield from readers[f.kind](f.path)
 
 

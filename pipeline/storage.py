@@ -49,12 +49,16 @@ def check_uri(key: str, value: str | None) -> None:
         return
     parts = urlsplit(value)
     if USERINFO.match(value):
-        raise ConfigError(f"{key}: a URI must not contain credentials (user:password@ was given; the value is not "
-                          "shown). Let the provider's credential chain supply them: environment variables, an "
-                          "instance role or workload identity.")
+        raise ConfigError(
+            f"{key}: a URI must not contain credentials (user:password@ was given; the value is not "
+            "shown). Let the provider's credential chain supply them: environment variables, an "
+            "instance role or workload identity."
+        )
     if parts.query or parts.fragment:
-        raise ConfigError(f"{key}={value.split('?')[0]}?...: options in the URI are not supported; configure the "
-                          "filesystem through its environment variables (e.g. AWS_ENDPOINT_URL, AWS_REGION).")
+        raise ConfigError(
+            f"{key}={value.split('?')[0]}?...: options in the URI are not supported; configure the "
+            "filesystem through its environment variables (e.g. AWS_ENDPOINT_URL, AWS_REGION)."
+        )
 
 
 def location(p: str | os.PathLike) -> Location:
@@ -169,6 +173,7 @@ Location = Path | RemotePath
 
 # --- operations that differ between a local disk and a pyarrow filesystem ---
 
+
 def make_temp_dir(parent: Location, prefix: str) -> Location:
     """A new, empty, uniquely named directory under `parent`."""
     if isinstance(parent, RemotePath):
@@ -228,10 +233,13 @@ class LocalMirror:
 def _copy_tree(src_fs: pafs.FileSystem, src: str, dst_fs: pafs.FileSystem, dst: str) -> None:
     """Copy a file, or a directory tree, creating the directories (a local destination needs them)."""
     info = src_fs.get_file_info(src)
-    files = [info] if info.type == pafs.FileType.File else [
-        f for f in src_fs.get_file_info(pafs.FileSelector(src, recursive=True)) if f.type == pafs.FileType.File]
+    files = (
+        [info]
+        if info.type == pafs.FileType.File
+        else [f for f in src_fs.get_file_info(pafs.FileSelector(src, recursive=True)) if f.type == pafs.FileType.File]
+    )
     for f in files:
-        target = dst if f.path == info.path else f"{dst}/{f.path[len(info.path):].lstrip('/')}"
+        target = dst if f.path == info.path else f"{dst}/{f.path[len(info.path) :].lstrip('/')}"
         dst_fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
         pafs.copy_files(f.path, target, source_filesystem=src_fs, destination_filesystem=dst_fs)
 
@@ -267,8 +275,9 @@ def write_problem(e: BaseException) -> str | None:
 def _errno_in(text: str) -> int | None:
     """pyarrow's OSErrors carry the errno only in their message ("... [errno 28] No space left on device")."""
     lowered = text.lower()
-    return next((code for code in WRITE_ERRNOS if f"errno {code}]" in lowered or os.strerror(code).lower()
-                 in lowered), None)
+    return next(
+        (code for code in WRITE_ERRNOS if f"errno {code}]" in lowered or os.strerror(code).lower() in lowered), None
+    )
 
 
 @contextlib.contextmanager

@@ -170,8 +170,9 @@ def _template_ids(tokenizer: Any, messages: list[dict[str, Any]], **kwargs: Any)
     return list(out["input_ids"])
 
 
-def tokenize_row(row: dict[str, Any], tokenizer: Any, max_length: int | None,
-                 truncation_mode: str = "keep_start") -> TokenizedPair | Drop:
+def tokenize_row(
+    row: dict[str, Any], tokenizer: Any, max_length: int | None, truncation_mode: str = "keep_start"
+) -> TokenizedPair | Drop:
     """One parsed row -> a TokenizedPair, a Drop, or RowError."""
     fmt = row_format(row)
     pid = pair_id(row)

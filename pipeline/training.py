@@ -31,11 +31,16 @@ from pipeline.kernels import Kernels, apply_liger
 from pipeline.loggers import ExperimentLogger, tracker_name
 from pipeline.optim import decay_groups, deepspeed_config, lr_lambda, warmup_steps
 
-REF_COLUMNS = (schema.REF_CHOSEN_SHARED_LOGPS, schema.REF_CHOSEN_TAIL_LOGPS, schema.REF_REJECTED_SHARED_LOGPS,
-               schema.REF_REJECTED_TAIL_LOGPS)
+REF_COLUMNS = (
+    schema.REF_CHOSEN_SHARED_LOGPS,
+    schema.REF_CHOSEN_TAIL_LOGPS,
+    schema.REF_REJECTED_SHARED_LOGPS,
+    schema.REF_REJECTED_TAIL_LOGPS,
+)
 
 
 # --- data ---
+
 
 @dataclass(frozen=True)
 class PairTable:
@@ -56,21 +61,39 @@ class PairTable:
 
     def lengths(self) -> np.ndarray:
         """(n, 2) chosen and rejected sequence lengths, for token-budget batches."""
-        return np.stack([pc.list_value_length(self.table[c]).to_numpy()
-                         for c in (schema.CHOSEN_INPUT_IDS, schema.REJECTED_INPUT_IDS)], axis=1)
+        return np.stack(
+            [
+                pc.list_value_length(self.table[c]).to_numpy()
+                for c in (schema.CHOSEN_INPUT_IDS, schema.REJECTED_INPUT_IDS)
+            ],
+            axis=1,
+        )
 
     def schedule(self, cfg: Config, num_workers: int) -> Schedule:
         t = cfg.train
         budget = t.max_tokens_per_batch
-        return Schedule(len(self), t.seed, num_workers, t.per_device_train_batch_size, t.gradient_accumulation_steps,
-                        lengths=self.lengths() if budget else None, max_tokens=budget,
-                        padded=not cfg.model.padding_free)
+        return Schedule(
+            len(self),
+            t.seed,
+            num_workers,
+            t.per_device_train_batch_size,
+            t.gradient_accumulation_steps,
+            lengths=self.lengths() if budget else None,
+            max_tokens=budget,
+            padded=not cfg.model.padding_free,
+        )
 
     def eval_batches(self, cfg: Config, rank: int, num_workers: int) -> list[np.ndarray]:
         budget = cfg.train.max_tokens_per_batch
-        return eval_batches(len(self), rank, num_workers, cfg.train.per_device_eval_batch_size,
-                            lengths=self.lengths() if budget else None, max_tokens=budget,
-                            padded=not cfg.model.padding_free)
+        return eval_batches(
+            len(self),
+            rank,
+            num_workers,
+            cfg.train.per_device_eval_batch_size,
+            lengths=self.lengths() if budget else None,
+            max_tokens=budget,
+            padded=not cfg.model.padding_free,
+        )
 
 
 def load_pairs(iterator: Any) -> PairTable:
@@ -80,13 +103,19 @@ def load_pairs(iterator: Any) -> PairTable:
 
 # --- the policy ---
 
+
 def build_policy(cfg: Config, model_dir: str, kernels: Kernels) -> torch.nn.Module:
     from pipeline.forward import check_supported
     from pipeline.models import load_causal_lm
 
     torch.manual_seed(cfg.train.seed)  # LoRA initialisation
-    model = load_causal_lm(model_dir, cfg.compute_dtype, cfg.model.trust_remote_code,
-                           cfg.model.allow_pickle_weights, kernels.attn_implementation)
+    model = load_causal_lm(
+        model_dir,
+        cfg.compute_dtype,
+        cfg.model.trust_remote_code,
+        cfg.model.allow_pickle_weights,
+        kernels.attn_implementation,
+    )
     check_supported(model)
     apply_liger(model, kernels)
     if cfg.model.gradient_checkpointing:
@@ -94,8 +123,13 @@ def build_policy(cfg: Config, model_dir: str, kernels: Kernels) -> torch.nn.Modu
     if cfg.model.use_peft:
         from peft import LoraConfig, get_peft_model
 
-        lora = LoraConfig(r=cfg.model.lora_r, lora_alpha=cfg.model.lora_alpha, lora_dropout=cfg.model.lora_dropout,
-                          target_modules=list(cfg.model.lora_target_modules or []) or None, task_type="CAUSAL_LM")
+        lora = LoraConfig(
+            r=cfg.model.lora_r,
+            lora_alpha=cfg.model.lora_alpha,
+            lora_dropout=cfg.model.lora_dropout,
+            target_modules=list(cfg.model.lora_target_modules or []) or None,
+            task_type="CAUSAL_LM",
+        )
         if cfg.model.gradient_checkpointing:
             model.enable_input_require_grads()
         model = get_peft_model(model, lora)
@@ -117,13 +151,19 @@ def build_engine(cfg: Config, model: torch.nn.Module, world_size: int, total: in
     def scheduler(opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
         return torch.optim.lr_scheduler.LambdaLR(opt, schedule)
 
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                      model_parameters=[p for p in model.parameters() if p.requires_grad],
-                                      config=ds_config, dist_init_required=False)
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config=ds_config,
+        dist_init_required=False,
+    )
     return engine
 
 
 # --- one micro-batch ---
+
 
 @dataclass
 class MicroResult:
@@ -131,23 +171,33 @@ class MicroResult:
     metric_row: torch.Tensor
 
 
-def micro_step(cfg: Config, engine: Any, pairs: PairTable, idx: np.ndarray, pad_id: int,
-               world_size: int, weight: float = 1.0, loss_scale: float = 1.0) -> MicroResult:
+def micro_step(
+    cfg: Config,
+    engine: Any,
+    pairs: PairTable,
+    idx: np.ndarray,
+    pad_id: int,
+    world_size: int,
+    weight: float = 1.0,
+    loss_scale: float = 1.0,
+) -> MicroResult:
     """ONE forward of 2B sequences, then the combined loss times `loss_scale` (the micro-batch's share of the
     step's pairs, `Schedule.loss_scale`); `weight` 0 marks a filler batch (eval)."""
     rows = pairs.rows(idx)
     batch = collate_pairs(rows, pad_id)
     min_chunks = _agree_on_lm_head_calls(batch, world_size)
-    stats = sequence_forward(engine, batch, with_metrics=True, min_chunks=min_chunks,
-                             padding_free=cfg.model.padding_free)
+    stats = sequence_forward(
+        engine, batch, with_metrics=True, min_chunks=min_chunks, padding_free=cfg.model.padding_free
+    )
     x = preference_inputs(cfg, stats, rows, batch)
     out = dpo_loss(cfg.loss, x)
     row = batch_metric_sums(out, x, stats, input_tokens=batch.num_tokens, loss_scale=loss_scale)
     return MicroResult(out.loss * loss_scale, row * weight)
 
 
-def preference_inputs(cfg: Config, stats: SequenceStats, rows: dict[str, list[Any]],
-                      batch: PairBatch) -> PreferenceInputs:
+def preference_inputs(
+    cfg: Config, stats: SequenceStats, rows: dict[str, list[Any]], batch: PairBatch
+) -> PreferenceInputs:
     b = batch.num_pairs
     device = stats.logps.device
     ref = {k: torch.tensor(rows[k], dtype=stats.logps.dtype, device=device) for k in REF_COLUMNS}
@@ -157,8 +207,7 @@ def preference_inputs(cfg: Config, stats: SequenceStats, rows: dict[str, list[An
         policy_chosen_logps=policy[:b],
         policy_rejected_logps=policy[b:],
         ref_chosen_logps=ld_logps(ref[schema.REF_CHOSEN_SHARED_LOGPS], ref[schema.REF_CHOSEN_TAIL_LOGPS], alpha),
-        ref_rejected_logps=ld_logps(ref[schema.REF_REJECTED_SHARED_LOGPS], ref[schema.REF_REJECTED_TAIL_LOGPS],
-                                    alpha),
+        ref_rejected_logps=ld_logps(ref[schema.REF_REJECTED_SHARED_LOGPS], ref[schema.REF_REJECTED_TAIL_LOGPS], alpha),
         chosen_tokens=stats.tokens[:b],
         rejected_tokens=stats.tokens[b:],
         policy_chosen_full_logps=stats.logps[:b],
@@ -187,12 +236,12 @@ def all_reduce_rows(rows: list[torch.Tensor], world_size: int) -> torch.Tensor:
 
 # --- output ---
 
+
 class MetricsLog:
     """metrics.jsonl (one line per logging step, each step once even after a resume), TensorBoard, the
     optional experiment loggers and a console line with progress and ETA. Only rank 0 makes one."""
 
-    def __init__(self, output_dir: str, start_step: int, total_steps: int,
-                 loggers: Sequence[ExperimentLogger] = ()):
+    def __init__(self, output_dir: str, start_step: int, total_steps: int, loggers: Sequence[ExperimentLogger] = ()):
         self.dir = Path(output_dir).expanduser()
         self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / "metrics.jsonl"
@@ -223,14 +272,18 @@ class MetricsLog:
 
     def _console(self, step: int, v: dict[str, float], prefix: str) -> str:
         if prefix:
-            return (f"[eval] step {step}: loss {v['loss']:.4f} | reward acc {v['rewards/accuracies']:.3f} | "
-                    f"margin {v['rewards/margins']:.4f}")
+            return (
+                f"[eval] step {step}: loss {v['loss']:.4f} | reward acc {v['rewards/accuracies']:.3f} | "
+                f"margin {v['rewards/margins']:.4f}"
+            )
         done = step - self.start_step
         rate = done / (time.time() - self.t0) if done else 0.0
         eta = (self.total - step) / rate if rate else float("nan")
-        return (f"[train] step {step}/{self.total} ({100 * step / self.total:.0f}%) epoch {v['epoch']:.2f} | "
-                f"loss {v['loss']:.4f} | reward acc {v['rewards/accuracies']:.3f} | margin "
-                f"{v['rewards/margins']:.4f} | {v.get('pairs_per_second', 0.0):.2f} pairs/s | ETA {_eta(eta)}")
+        return (
+            f"[train] step {step}/{self.total} ({100 * step / self.total:.0f}%) epoch {v['epoch']:.2f} | "
+            f"loss {v['loss']:.4f} | reward acc {v['rewards/accuracies']:.3f} | margin "
+            f"{v['rewards/margins']:.4f} | {v.get('pairs_per_second', 0.0):.2f} pairs/s | ETA {_eta(eta)}"
+        )
 
     def close(self) -> None:
         self.tb.close()
@@ -249,8 +302,11 @@ def gradient_norm(module: torch.nn.Module) -> float:
     """L2 norm of all gradients, before clipping (what HF Trainer logs as grad_norm); call it after the last
     backward of an optimizer step, when the gradients are already averaged over ranks, and before the step."""
     grads = [p.grad for p in module.parameters() if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))) \
-        if grads else 0.0
+    return (
+        float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+        if grads
+        else 0.0
+    )
 
 
 def peak_memory_bytes() -> int:
@@ -283,4 +339,3 @@ def export_model(cfg: Config, engine: Any, tokenizer: Any, out_dir: Path, rank: 
             merged.save_pretrained(out_dir / "merged", safe_serialization=True)
             tokenizer.save_pretrained(out_dir / "merged")
     os.sync()
-

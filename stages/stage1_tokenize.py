@@ -48,6 +48,7 @@ class TokenizedData(cache.CacheEntry):
 
 # --- the key: everything that changes the token ids ---
 
+
 def tokenized_key(cfg: Config, specs: tuple[str, ...]) -> tuple[str, list[InputFile], str, dict[str, Any]]:
     model_dir = resolve_model(cfg.model.model, cfg.data.cache_dir)
     tokenizer = load_tokenizer(model_dir, cfg.model.trust_remote_code)
@@ -72,6 +73,7 @@ def find_tokenized(cfg: Config, specs: tuple[str, ...]) -> TokenizedData:
 
 # --- Ray user functions: convert a batch, call pipeline/ ---
 
+
 def _read_file(item: dict[str, Any]) -> list[dict[str, Any]]:
     f = InputFile(item["path"], item["kind"])
     return [{"file_index": item["file_index"], **asdict(r), "error": r.error or ""} for r in read_rows(f)]
@@ -84,8 +86,9 @@ class _Tokenize:
         self.truncation_mode = truncation_mode
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        out: dict[str, list[Any]] = {k: [] for k in ("status", "detail", "fmt", "prompt_merged",
-                                                     *schema.TOKENIZED_SCHEMA.names)}
+        out: dict[str, list[Any]] = {
+            k: [] for k in ("status", "detail", "fmt", "prompt_merged", *schema.TOKENIZED_SCHEMA.names)
+        }
         for record, read_error in zip(batch["record"], batch["error"]):
             status, detail, fmt, result = ERROR, None, "", None
             try:
@@ -111,13 +114,17 @@ class _Tokenize:
 
 # --- the stage ---
 
+
 def run_tokenize(cfg: Config, specs: tuple[str, ...], split: str = "train", force: bool = False) -> TokenizedData:
     key, files, model_dir, parts = tokenized_key(cfg, specs)
     path = cache.entry_dir(cfg.data.cache_dir, KIND, key)
     if path.exists() and not force:
         found = TokenizedData(path, key, cache.read_valid_manifest(path, key, "Rerun with --force to rebuild it."))
-        print(f"[tokenize] {split}: reusing cached tokenized data {path} ({found.manifest['rows']} pairs); "
-              "nothing rewritten", flush=True)
+        print(
+            f"[tokenize] {split}: reusing cached tokenized data {path} ({found.manifest['rows']} pairs); "
+            "nothing rewritten",
+            flush=True,
+        )
         return found
 
     start = time.time()
@@ -132,8 +139,9 @@ def run_tokenize(cfg: Config, specs: tuple[str, ...], split: str = "train", forc
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cpus),
     ).materialize()
 
-    summary = tokenized.select_columns(["status", "detail", "fmt", "source", "row", "file_index", "pair_id",
-                                        "truncated", "prompt_merged"]).to_pandas()
+    summary = tokenized.select_columns(
+        ["status", "detail", "fmt", "source", "row", "file_index", "pair_id", "truncated", "prompt_merged"]
+    ).to_pandas()
     summary = summary.sort_values(["file_index", "row"], kind="stable")
     _raise_on_errors(summary)
     dup = summary[summary.status == KEPT].duplicated("pair_id", keep="first")
@@ -152,14 +160,25 @@ def run_tokenize(cfg: Config, specs: tuple[str, ...], split: str = "train", forc
         except BaseException:
             storage.rmtree(tmp)
             raise
-    manifest = cache.write_manifest(path, key, KIND, names, rows=report["pairs_kept"], inputs=parts,
-                                    sources=[f.path for f in files], report=report,
-                                    timings={"tokenize_s": round(time.time() - start, 2)})
+    manifest = cache.write_manifest(
+        path,
+        key,
+        KIND,
+        names,
+        rows=report["pairs_kept"],
+        inputs=parts,
+        sources=[f.path for f in files],
+        report=report,
+        timings={"tokenize_s": round(time.time() - start, 2)},
+    )
     print(f"[tokenize] {split}: {_summary_line(report)} in {time.time() - start:.1f}s", flush=True)
     if report["prompt_boundary_merged"]:
-        print(f"[tokenize] warning: in {report['prompt_boundary_merged']} pair(s) the tokenized prompt is not a "
-              "prefix of prompt+completion (the chat template renders the prompt differently, or tokens merge "
-              "across the boundary); their completion starts where the two diverge, as in TRL.", flush=True)
+        print(
+            f"[tokenize] warning: in {report['prompt_boundary_merged']} pair(s) the tokenized prompt is not a "
+            "prefix of prompt+completion (the chat template renders the prompt differently, or tokens merge "
+            "across the boundary); their completion starts where the two diverge, as in TRL.",
+            flush=True,
+        )
     return TokenizedData(path, key, manifest)
 
 
@@ -189,13 +208,18 @@ def _raise_on_errors(summary: Any) -> None:
     if len(errors):
         lines = [f"  {r.source}, row {r.row}: {r.detail}" for r in errors.head(MAX_ERRORS_SHOWN).itertuples()]
         more = len(errors) - MAX_ERRORS_SHOWN
-        raise DataError(f"{len(errors)} malformed row(s) in the input; fix them and rerun:\n" + "\n".join(lines)
-                        + (f"\n  ... and {more} more" if more > 0 else ""))
+        raise DataError(
+            f"{len(errors)} malformed row(s) in the input; fix them and rerun:\n"
+            + "\n".join(lines)
+            + (f"\n  ... and {more} more" if more > 0 else "")
+        )
     if formats.nunique() > 1:
         minority = formats.value_counts().idxmin()
         first = summary[summary.fmt == minority].iloc[0]
-        raise DataError(f"the input mixes standard (text) and conversational (message list) rows: "
-                        f"{first.source}, row {first.row} is {minority} while most rows are not. Use one format.")
+        raise DataError(
+            f"the input mixes standard (text) and conversational (message list) rows: "
+            f"{first.source}, row {first.row} is {minority} while most rows are not. Use one format."
+        )
 
 
 def _report(summary: Any, duplicates: int, split: str) -> dict[str, Any]:
@@ -216,5 +240,7 @@ def _report(summary: Any, duplicates: int, split: str) -> dict[str, Any]:
 
 def _summary_line(report: dict[str, Any]) -> str:
     dropped = ", ".join(f"{n} {reason}" for reason, n in report["dropped"].items()) or "none"
-    return (f"{report['rows_read']} rows read, {report['pairs_kept']} pairs kept, dropped: {dropped}; "
-            f"{report['truncated_pairs']} truncated to max_length")
+    return (
+        f"{report['rows_read']} rows read, {report['pairs_kept']} pairs kept, dropped: {dropped}; "
+        f"{report['truncated_pairs']} truncated to max_length"
+    )

@@ -57,8 +57,10 @@ def reference_key(cfg: Config, tokenized: TokenizedData) -> tuple[str, str, dict
 def find_reference(cfg: Config, tokenized: TokenizedData) -> ReferenceScores:
     key, _, _ = reference_key(cfg, tokenized)
     path = cache.entry_dir(cfg.data.cache_dir, KIND, key)
-    hint = (f"Produce it with `dpo-pipeline score-ref` (or `dpo-pipeline run`) for reference model "
-            f"{cfg.ref_model_name} and dtype {cfg.compute_dtype}.")
+    hint = (
+        f"Produce it with `dpo-pipeline score-ref` (or `dpo-pipeline run`) for reference model "
+        f"{cfg.ref_model_name} and dtype {cfg.compute_dtype}."
+    )
     return ReferenceScores(path, key, cache.read_valid_manifest(path, key, hint))
 
 
@@ -75,9 +77,11 @@ def shard_name(i: int) -> str:
 
 # --- the Ray user function: convert a block, call pipeline/ ---
 
+
 class _ScoreRef:
-    def __init__(self, model_dir: str, model_cfg: ModelConfig, dtype: str, threads: int, micro_batch: int,
-                 use_gpu: bool):
+    def __init__(
+        self, model_dir: str, model_cfg: ModelConfig, dtype: str, threads: int, micro_batch: int, use_gpu: bool
+    ):
         import torch
 
         from pipeline.forward import check_supported
@@ -86,8 +90,9 @@ class _ScoreRef:
 
         torch.set_num_threads(threads)
         kernels = choose_kernels(model_cfg, cuda=use_gpu and torch.cuda.is_available(), dtype=dtype)
-        self.model = load_causal_lm(model_dir, dtype, model_cfg.trust_remote_code, model_cfg.allow_pickle_weights,
-                                    kernels.attn_implementation)
+        self.model = load_causal_lm(
+            model_dir, dtype, model_cfg.trust_remote_code, model_cfg.allow_pickle_weights, kernels.attn_implementation
+        )
         check_supported(self.model)
         apply_liger(self.model, kernels)
         if use_gpu:
@@ -103,19 +108,24 @@ class _ScoreRef:
         from pipeline.forward import collate_pairs, sequence_forward
 
         columns = block.to_pydict()
-        lengths = [max(len(c), len(r)) for c, r in zip(columns[schema.CHOSEN_INPUT_IDS],
-                                                        columns[schema.REJECTED_INPUT_IDS])]
+        lengths = [
+            max(len(c), len(r)) for c, r in zip(columns[schema.CHOSEN_INPUT_IDS], columns[schema.REJECTED_INPUT_IDS])
+        ]
         order = np.argsort(lengths, kind="stable")
         out: dict[str, list[Any]] = defaultdict(list)
         for start in range(0, len(order), self.micro_batch):
-            idx = order[start: start + self.micro_batch]
+            idx = order[start : start + self.micro_batch]
             sub = {k: [v[i] for i in idx] for k, v in columns.items()}
             batch = collate_pairs(sub, self.pad_id)
             with torch.inference_mode():
                 stats = sequence_forward(self.model, batch, padding_free=self.padding_free)
             b = batch.num_pairs
-            for name, values in (("logps", stats.logps), ("tokens", stats.tokens),
-                                 ("shared", stats.shared_logps), ("tail", stats.tail_logps)):
+            for name, values in (
+                ("logps", stats.logps),
+                ("tokens", stats.tokens),
+                ("shared", stats.shared_logps),
+                ("tail", stats.tail_logps),
+            ):
                 values = values.double().cpu().numpy() if name != "tokens" else values.cpu().numpy()
                 out[f"chosen_{name}"].extend(values[:b])
                 out[f"rejected_{name}"].extend(values[b:])
@@ -124,19 +134,21 @@ class _ScoreRef:
             out["_tokens"].extend(real[:b] + real[b:])
             out["_padded"].extend(np.zeros_like(padding) if self.padding_free else padding)
             out[schema.PAIR_ID].extend(sub[schema.PAIR_ID])
-        return pa.table({
-            schema.PAIR_ID: out[schema.PAIR_ID],
-            schema.REF_CHOSEN_LOGPS: out["chosen_logps"],
-            schema.REF_REJECTED_LOGPS: out["rejected_logps"],
-            schema.CHOSEN_TOKENS: np.asarray(out["chosen_tokens"], dtype=np.int32),
-            schema.REJECTED_TOKENS: np.asarray(out["rejected_tokens"], dtype=np.int32),
-            schema.REF_CHOSEN_SHARED_LOGPS: out["chosen_shared"],
-            schema.REF_CHOSEN_TAIL_LOGPS: out["chosen_tail"],
-            schema.REF_REJECTED_SHARED_LOGPS: out["rejected_shared"],
-            schema.REF_REJECTED_TAIL_LOGPS: out["rejected_tail"],
-            "_tokens": np.asarray(out["_tokens"], dtype=np.int64),
-            "_padded": np.asarray(out["_padded"], dtype=np.int64),
-        })
+        return pa.table(
+            {
+                schema.PAIR_ID: out[schema.PAIR_ID],
+                schema.REF_CHOSEN_LOGPS: out["chosen_logps"],
+                schema.REF_REJECTED_LOGPS: out["rejected_logps"],
+                schema.CHOSEN_TOKENS: np.asarray(out["chosen_tokens"], dtype=np.int32),
+                schema.REJECTED_TOKENS: np.asarray(out["rejected_tokens"], dtype=np.int32),
+                schema.REF_CHOSEN_SHARED_LOGPS: out["chosen_shared"],
+                schema.REF_CHOSEN_TAIL_LOGPS: out["chosen_tail"],
+                schema.REF_REJECTED_SHARED_LOGPS: out["rejected_shared"],
+                schema.REF_REJECTED_TAIL_LOGPS: out["rejected_tail"],
+                "_tokens": np.asarray(out["_tokens"], dtype=np.int64),
+                "_padded": np.asarray(out["_padded"], dtype=np.int64),
+            }
+        )
 
 
 def _read_unscored(batch: dict[str, Any], num_shards: int, wanted: frozenset[int]) -> pa.Table:
@@ -148,16 +160,21 @@ def _read_unscored(batch: dict[str, Any], num_shards: int, wanted: frozenset[int
 
 # --- the stage ---
 
-def run_score_ref(cfg: Config, tokenized: TokenizedData, split: str = "train", force: bool = False,
-                  shard_pairs: int = SHARD_PAIRS) -> ReferenceScores:
+
+def run_score_ref(
+    cfg: Config, tokenized: TokenizedData, split: str = "train", force: bool = False, shard_pairs: int = SHARD_PAIRS
+) -> ReferenceScores:
     key, model_dir, parts = reference_key(cfg, tokenized)
     path = cache.entry_dir(cfg.data.cache_dir, KIND, key)
     if force and path.exists():
         storage.rmtree(path)
     if (path / cache.MANIFEST).exists():
         found = ReferenceScores(path, key, cache.read_valid_manifest(path, key, "Rerun with --force."))
-        print(f"[score-ref] {split}: reusing cached reference scores {path} ({found.manifest['rows']} pairs); "
-              "nothing rewritten", flush=True)
+        print(
+            f"[score-ref] {split}: reusing cached reference scores {path} ({found.manifest['rows']} pairs); "
+            "nothing rewritten",
+            flush=True,
+        )
         return found
 
     fs, files = storage.parquet_source(tokenized.files)
@@ -178,16 +195,26 @@ def run_score_ref(cfg: Config, tokenized: TokenizedData, split: str = "train", f
     elapsed = time.time() - start
     names = [shard_name(i) for i in range(num_shards)]
     manifest = cache.write_manifest(
-        path, key, KIND, names, rows=len(pair_ids), inputs=parts, reference_model=cfg.ref_model_name,
-        split=split, shards=num_shards,
+        path,
+        key,
+        KIND,
+        names,
+        rows=len(pair_ids),
+        inputs=parts,
+        reference_model=cfg.ref_model_name,
+        split=split,
+        shards=num_shards,
         timings={"score_s": round(elapsed, 2), "pairs_scored_now": totals["pairs"]},
         padding_fraction=_padding(totals),
         versions=_versions(),
     )
     (path / PLAN).unlink(missing_ok=True)
     rate = totals["pairs"] / elapsed if elapsed > 0 else 0.0
-    print(f"[score-ref] {split}: {totals['pairs']} pairs scored in {elapsed:.1f}s ({rate:.1f} pairs/s), padding "
-          f"{100 * _padding(totals):.1f}% of batch tokens", flush=True)
+    print(
+        f"[score-ref] {split}: {totals['pairs']} pairs scored in {elapsed:.1f}s ({rate:.1f} pairs/s), padding "
+        f"{100 * _padding(totals):.1f}% of batch tokens",
+        flush=True,
+    )
     return ReferenceScores(path, key, manifest)
 
 
@@ -196,14 +223,17 @@ def _check_plan_and_done(path: storage.Location, key: str, num_shards: int, expe
     plan = {"key": key, "num_shards": num_shards}
     if not (path / PLAN).exists():
         if path.exists() and any(path.iterdir()):
-            raise CacheError(f"cache entry {path} holds files but no {PLAN} or manifest: it was not written by this "
-                             "version. Delete it or rerun with --force.")
+            raise CacheError(
+                f"cache entry {path} holds files but no {PLAN} or manifest: it was not written by this "
+                "version. Delete it or rerun with --force."
+            )
         cache.write_json_atomic(path / PLAN, plan)
         return set()
     found = json.loads((path / PLAN).read_text())
     if found != plan:
-        raise CacheError(f"unfinished cache entry {path} was planned as {found}, now {plan}; delete it or rerun "
-                         "with --force.")
+        raise CacheError(
+            f"unfinished cache entry {path} was planned as {found}, now {plan}; delete it or rerun with --force."
+        )
     done = set()
     for i in range(num_shards):
         f = path / shard_name(i)
@@ -212,20 +242,34 @@ def _check_plan_and_done(path: storage.Location, key: str, num_shards: int, expe
                 with f.open("rb") as fh:
                     rows = pq.ParquetFile(fh).metadata.num_rows
             except (OSError, pa.ArrowException) as e:
-                raise CacheError(f"cache entry {path}: {f.name} is unreadable ({e}); delete the entry or rerun "
-                                 "with --force.") from None
+                raise CacheError(
+                    f"cache entry {path}: {f.name} is unreadable ({e}); delete the entry or rerun with --force."
+                ) from None
             if rows != expected[i]:
-                raise CacheError(f"cache entry {path}: {f.name} has {rows} rows, expected {expected[i]}; delete "
-                                 "the entry or rerun with --force.")
+                raise CacheError(
+                    f"cache entry {path}: {f.name} has {rows} rows, expected {expected[i]}; delete "
+                    "the entry or rerun with --force."
+                )
             done.add(i)
     return done
 
 
-def _score_missing(cfg: Config, tokenized: TokenizedData, model_dir: str, path: storage.Location, num_shards: int,
-                   missing: frozenset[int], expected: np.ndarray, totals: dict[str, int], split: str) -> None:
+def _score_missing(
+    cfg: Config,
+    tokenized: TokenizedData,
+    model_dir: str,
+    path: storage.Location,
+    num_shards: int,
+    missing: frozenset[int],
+    expected: np.ndarray,
+    totals: dict[str, int],
+    split: str,
+) -> None:
     if not cfg.scale.use_gpu:  # refuse a kernel choice this machine cannot run before any actor starts
-        print(f"[score-ref] kernels: {choose_kernels(cfg.model, cuda=False, dtype=cfg.compute_dtype).describe()}",
-              flush=True)
+        print(
+            f"[score-ref] kernels: {choose_kernels(cfg.model, cuda=False, dtype=cfg.compute_dtype).describe()}",
+            flush=True,
+        )
     actors = cfg.scale.ref_actors
     cpus = cfg.scale.cpus_per_ref_actor or max(1, int(ray.cluster_resources().get("CPU", 1)) // actors)
     micro = cfg.train.ref_batch_size
@@ -235,9 +279,16 @@ def _score_missing(cfg: Config, tokenized: TokenizedData, model_dir: str, path: 
     # Read and cut into blocks of one actor call each before any actor holds a core. Fed a whole file as
     # one block, a single actor would score all of it and return it at the end: no spread over the pool,
     # and no shard complete before the file is.
-    ds = ray.data.from_items([{"path": f} for f in tokenized.files]).map_batches(
-        _read_unscored, fn_kwargs={"num_shards": num_shards, "wanted": missing}, batch_size=1,
-    ).repartition(target_num_rows_per_block=micro * BLOCK_BATCHES).materialize()
+    ds = (
+        ray.data.from_items([{"path": f} for f in tokenized.files])
+        .map_batches(
+            _read_unscored,
+            fn_kwargs={"num_shards": num_shards, "wanted": missing},
+            batch_size=1,
+        )
+        .repartition(target_num_rows_per_block=micro * BLOCK_BATCHES)
+        .materialize()
+    )
     scored = ds.map_batches(
         _ScoreRef,
         fn_constructor_args=(model_dir, cfg.model, cfg.compute_dtype, cpus, micro, cfg.scale.use_gpu),
@@ -262,8 +313,10 @@ def _score_missing(cfg: Config, tokenized: TokenizedData, model_dir: str, path: 
             if have[int(i)] == expected[i]:
                 _write_shard(path, int(i), pending.pop(int(i)))
                 written += 1
-                print(f"[score-ref] {split}: {written}/{len(missing)} shards written, {totals['pairs']} pairs "
-                      "scored", flush=True)
+                print(
+                    f"[score-ref] {split}: {written}/{len(missing)} shards written, {totals['pairs']} pairs scored",
+                    flush=True,
+                )
 
 
 def _write_shard(path: storage.Location, i: int, parts: list[pa.Table]) -> None:
@@ -288,5 +341,9 @@ def _versions() -> dict[str, str]:
     import torch
     import transformers
 
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "ray": ray.__version__,
-            "logprob_version": str(LOGPROB_VERSION)}
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "ray": ray.__version__,
+        "logprob_version": str(LOGPROB_VERSION),
+    }

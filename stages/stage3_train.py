@@ -51,15 +51,19 @@ FAULT_ENV = "DPO_PIPELINE_FAULT"
 
 # --- driver: find the cached inputs, join them, launch the workers ---
 
+
 def joined_dataset(tokenized_files: list[str], reference: ReferenceScores, expected: int) -> Any:
     """Tokenized pairs joined with their reference scores by pair_id (never by row order)."""
     tok = ray.data.read_parquet(tokenized_files)
     ref = ray.data.read_parquet(reference.files)
-    joined = tok.join(ref, join_type="inner", num_partitions=max(1, min(16, expected // 4096 + 1)),
-                      on=(schema.PAIR_ID,)).materialize()
+    joined = tok.join(
+        ref, join_type="inner", num_partitions=max(1, min(16, expected // 4096 + 1)), on=(schema.PAIR_ID,)
+    ).materialize()
     if joined.count() != expected:
-        raise CacheError(f"reference scores in {reference.path} cover {joined.count()} of {expected} tokenized "
-                         "pairs; rerun `dpo-pipeline score-ref --force`.")
+        raise CacheError(
+            f"reference scores in {reference.path} cover {joined.count()} of {expected} tokenized "
+            "pairs; rerun `dpo-pipeline score-ref --force`."
+        )
     return joined
 
 
@@ -82,12 +86,16 @@ def run_train(cfg: Config) -> dict[str, Any]:
         choose_kernels(cfg.model, cuda=False, dtype=cfg.compute_dtype)
     schedule = training_schedule(cfg, tokenized.files)
     if schedule.steps_in_epoch(0) < 1:
-        need = (f"num_workers x gradient_accumulation_steps = {schedule.per_step} micro-batches of <= "
-                f"{t.max_tokens_per_batch} tokens" if t.max_tokens_per_batch else
-                f"num_workers x per_device_train_batch_size x gradient_accumulation_steps = "
-                f"{schedule.per_step * t.per_device_train_batch_size} pairs")
-        raise ConfigError(f"one optimizer step needs {need}, but the training data has {n_pairs} pairs; lower "
-                          "them or add data.")
+        need = (
+            f"num_workers x gradient_accumulation_steps = {schedule.per_step} micro-batches of <= "
+            f"{t.max_tokens_per_batch} tokens"
+            if t.max_tokens_per_batch
+            else f"num_workers x per_device_train_batch_size x gradient_accumulation_steps = "
+            f"{schedule.per_step * t.per_device_train_batch_size} pairs"
+        )
+        raise ConfigError(
+            f"one optimizer step needs {need}, but the training data has {n_pairs} pairs; lower them or add data."
+        )
     # the run directory records its inputs (data reports, cache entries) so that `dpo-pipeline report` finds them
     datasets: dict[str, Any] = {}
     inputs: dict[str, dict[str, Any]] = {}
@@ -103,22 +111,39 @@ def run_train(cfg: Config) -> dict[str, Any]:
     total = schedule.total_steps(t.num_train_epochs, t.max_steps)
     cpus = s.cpus_per_worker or max(1, int(ray.cluster_resources().get("CPU", 1)) // s.num_workers)
     storage = s.storage_path or str(location(cfg.data.output_dir) / "ray")
-    batch = (f"micro-batches of <= {t.max_tokens_per_batch} tokens" if t.max_tokens_per_batch else
-             f"global batch {t.per_device_train_batch_size * schedule.per_step}")
-    print(f"[train] {n_pairs} pairs, {batch}, {total} steps on {s.num_workers} worker(s) x {cpus} CPU, "
-          f"ZeRO-{s.zero_stage}; checkpoints in {storage}/{s.run_name}", flush=True)
+    batch = (
+        f"micro-batches of <= {t.max_tokens_per_batch} tokens"
+        if t.max_tokens_per_batch
+        else f"global batch {t.per_device_train_batch_size * schedule.per_step}"
+    )
+    print(
+        f"[train] {n_pairs} pairs, {batch}, {total} steps on {s.num_workers} worker(s) x {cpus} CPU, "
+        f"ZeRO-{s.zero_stage}; checkpoints in {storage}/{s.run_name}",
+        flush=True,
+    )
     if schedule.left_out(0):
-        print(f"[train] {schedule.left_out(0)} pairs per epoch fall after the last full optimizer step and wait "
-              "for the next epoch's shuffle", flush=True)
+        print(
+            f"[train] {schedule.left_out(0)} pairs per epoch fall after the last full optimizer step and wait "
+            "for the next epoch's shuffle",
+            flush=True,
+        )
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": cfg, "model_dir": resolve_model(cfg.model.model, cfg.data.cache_dir),
-                           "total_steps": total, "cpus": cpus, "loggers": loggers, "inputs": inputs},
-        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
-                                     resources_per_worker={"CPU": cpus}),
-        run_config=RunConfig(name=s.run_name, storage_path=storage,
-                             failure_config=FailureConfig(max_failures=s.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        train_loop_config={
+            "cfg": cfg,
+            "model_dir": resolve_model(cfg.model.model, cfg.data.cache_dir),
+            "total_steps": total,
+            "cpus": cpus,
+            "loggers": loggers,
+            "inputs": inputs,
+        },
+        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker={"CPU": cpus}),
+        run_config=RunConfig(
+            name=s.run_name,
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=s.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=[]),  # every rank holds all pairs; the schedule splits
     )
@@ -142,6 +167,7 @@ def _fit(trainer: TorchTrainer) -> None:
 
 
 # --- worker ---
+
 
 def train_loop(config: dict[str, Any]) -> None:
     import deepspeed  # noqa: F401  (imported before the engine to register the CPU accelerator)
@@ -206,9 +232,18 @@ def train_loop(config: dict[str, Any]) -> None:
         with torch.no_grad():
             for idx in eval_plan[rank]:
                 filler = len(idx) == 0  # a rank out of pairs still joins the collectives, with weight 0
-                rows.append(micro_step(cfg, engine, eval_pairs, np.zeros(1, dtype=np.int64) if filler else idx,
-                                       tokenizer.pad_token_id, world, weight=0.0 if filler else 1.0,
-                                       loss_scale=len(idx) * real_batches / len(eval_pairs)).metric_row)
+                rows.append(
+                    micro_step(
+                        cfg,
+                        engine,
+                        eval_pairs,
+                        np.zeros(1, dtype=np.int64) if filler else idx,
+                        tokenizer.pad_token_id,
+                        world,
+                        weight=0.0 if filler else 1.0,
+                        loss_scale=len(idx) * real_batches / len(eval_pairs),
+                    ).metric_row
+                )
         engine.train()
         values = eval_metrics([all_reduce_rows(rows, world).sum(dim=0)])
         if log is not None:
@@ -224,8 +259,15 @@ def train_loop(config: dict[str, Any]) -> None:
     while step < total:
         rows, own_norm = [], None
         for idx in schedule.micro_batches(step, rank):
-            r = micro_step(cfg, engine, train_pairs, idx, tokenizer.pad_token_id, world,
-                           loss_scale=schedule.loss_scale(step, len(idx)))
+            r = micro_step(
+                cfg,
+                engine,
+                train_pairs,
+                idx,
+                tokenizer.pad_token_id,
+                world,
+                loss_scale=schedule.loss_scale(step, len(idx)),
+            )
             engine.backward(r.loss)
             if cfg.scale.zero_stage == 0 and engine.is_gradient_accumulation_boundary():
                 own_norm = gradient_norm(engine.module)  # DeepSpeed clips at ZeRO-0 but keeps no norm
@@ -240,10 +282,13 @@ def train_loop(config: dict[str, Any]) -> None:
             values = finalize(torch.stack(window))
             grad_norm = engine.get_global_grad_norm() if own_norm is None else own_norm
             elapsed = state["train_seconds"] + time.time() - started
-            values |= {"grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                       "learning_rate": engine.get_lr()[0], "epoch": schedule.epoch_progress(step),
-                       "num_tokens": state["num_tokens"],
-                       "pairs_per_second": state["pairs_seen"] / max(elapsed, 1e-9)}
+            values |= {
+                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                "learning_rate": engine.get_lr()[0],
+                "epoch": schedule.epoch_progress(step),
+                "num_tokens": state["num_tokens"],
+                "pairs_per_second": state["pairs_seen"] / max(elapsed, 1e-9),
+            }
             window = []
             if log is not None:
                 log.write(step, values)

@@ -31,10 +31,10 @@ def test_fixed_schedule_matches_the_global_batch_rule():
     order = np.random.default_rng([3, 0]).permutation(37)
     assert s.steps_in_epoch(0) == 4 and s.left_out(0) == 5
     for step in range(4):
-        batch = order[step * 8:(step + 1) * 8]
+        batch = order[step * 8 : (step + 1) * 8]
         for rank in range(2):
             got = s.micro_batches(step, rank)
-            want = [batch[(m * 2 + rank) * 2:(m * 2 + rank + 1) * 2] for m in range(2)]
+            want = [batch[(m * 2 + rank) * 2 : (m * 2 + rank + 1) * 2] for m in range(2)]
             assert [g.tolist() for g in got] == [w.tolist() for w in want]
         assert s.loss_scale(step, 2) == 1.0
     # step 4 is epoch 1, step 0, with a new permutation
@@ -55,8 +55,9 @@ def test_one_worker_of_eight_equals_two_workers_of_four():
 def test_token_budget_schedule(padded):
     n, budget = 3000, 4000
     lengths = _lengths(n)
-    s = Schedule(n, seed=7, num_workers=2, per_device=8, accumulation=3, lengths=lengths, max_tokens=budget,
-                 padded=padded)
+    s = Schedule(
+        n, seed=7, num_workers=2, per_device=8, accumulation=3, lengths=lengths, max_tokens=budget, padded=padded
+    )
     for epoch in range(2):
         steps = s.steps_in_epoch(epoch)
         batches = [b for k in range(steps) for b in s.step_batches(sum(map(s.steps_in_epoch, range(epoch))) + k)]
@@ -71,8 +72,9 @@ def test_token_budget_schedule(padded):
         inner = np.mean([np.ptp(pair_cost(lengths[b], padded)) for b in batches if len(b) > 1])
         assert inner < 0.1 * np.ptp(pair_cost(lengths, padded))
     first = [b.tolist() for b in s.step_batches(0)]
-    again = Schedule(n, seed=7, num_workers=2, per_device=8, accumulation=3, lengths=lengths, max_tokens=budget,
-                     padded=padded)
+    again = Schedule(
+        n, seed=7, num_workers=2, per_device=8, accumulation=3, lengths=lengths, max_tokens=budget, padded=padded
+    )
     assert [b.tolist() for b in again.step_batches(0)] == first  # pure: same inputs, same schedule
     assert [b.tolist() for b in s.step_batches(s.steps_in_epoch(0))] != first  # a new epoch reshuffles
 

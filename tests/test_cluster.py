@@ -85,6 +85,7 @@ def documented_commands(text: str) -> list[list[str]]:
 
 # --- the manifests ---
 
+
 def test_runtime_env_is_valid_for_ray_and_pins_our_versions():
     from ray.runtime_env import RuntimeEnv
 
@@ -118,8 +119,9 @@ def _containers(spec: dict) -> list[tuple[str, dict]]:
     return [(name, c) for name, g in groups for c in g["template"]["spec"]["containers"]]
 
 
-@pytest.mark.parametrize("name", ["kuberay/raycluster.yaml", "kuberay/rayjob-score-ref.yaml",
-                                  "kuberay/rayjob-train.yaml"])
+@pytest.mark.parametrize(
+    "name", ["kuberay/raycluster.yaml", "kuberay/rayjob-score-ref.yaml", "kuberay/rayjob-train.yaml"]
+)
 def test_kuberay_manifests(name):
     from ray.runtime_env import RuntimeEnv
 
@@ -155,15 +157,23 @@ def test_cluster_config_is_on_shared_storage():
 
 def test_readme_documents_each_path_with_token_auth():
     text = (CLUSTER / "README.md").read_text()
-    for needle in ("ray up cluster/aws.yaml", "kubectl apply -f cluster/kuberay/raycluster.yaml",
-                   "rayjob-score-ref.yaml", "rayjob-train.yaml", "ray job submit", "ray job logs",
-                   "RAY_AUTH_MODE=token", "ray get-auth-token"):
+    for needle in (
+        "ray up cluster/aws.yaml",
+        "kubectl apply -f cluster/kuberay/raycluster.yaml",
+        "rayjob-score-ref.yaml",
+        "rayjob-train.yaml",
+        "ray job submit",
+        "ray job logs",
+        "RAY_AUTH_MODE=token",
+        "ray get-auth-token",
+    ):
         assert needle in text, needle
     assert len(documented_commands(text)) >= 3
     assert "(cluster/README.md)" in (REPO / "README.md").read_text()
 
 
 # --- two jobs on a real head ---
+
 
 def free_ports(n: int) -> list[int]:
     """n distinct free TCP ports on 127.0.0.1 (held open together, so they differ)."""
@@ -181,32 +191,64 @@ def ray_head(tmp_path):
     """A Ray head on 127.0.0.1 with token auth, every port chosen free, its own temp dir; `ray start --block`
     runs in its own session, and teardown stops that session only (never a global `ray stop`)."""
     home = tmp_path / "home"
-    token = subprocess.run([str(RAY_BIN), "get-auth-token", "--generate"], env={**os.environ, "HOME": str(home)},
-                           capture_output=True, text=True, check=True).stdout.strip()
+    token = subprocess.run(
+        [str(RAY_BIN), "get-auth-token", "--generate"],
+        env={**os.environ, "HOME": str(home)},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     assert len(token) >= 32
     token_file = tmp_path / "auth_token"
     token_file.write_text(token)
     fake = {"HF_TOKEN": "hf_" + secrets.token_hex(17), "AWS_SECRET_ACCESS_KEY": secrets.token_urlsafe(30)}
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RAY_ADDRESS")}
-    env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file), **fake,
-            "PATH": f"{RAY_BIN.parent}:{env.get('PATH', '')}", "RAY_USAGE_STATS_ENABLED": "0"}
+    env |= {
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(token_file),
+        **fake,
+        "PATH": f"{RAY_BIN.parent}:{env.get('PATH', '')}",
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
     gcs, dash, client, nm, om, agent, agent_grpc, rt_agent, metrics, lo = free_ports(10)
     temp_dir = tempfile.mkdtemp(prefix="rayj", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     log = (tmp_path / "head.log").open("w")
     head = subprocess.Popen(
-        [str(RAY_BIN), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
-         f"--ray-client-server-port={client}", f"--node-manager-port={nm}", f"--object-manager-port={om}",
-         f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
-         f"--runtime-env-agent-port={rt_agent}", f"--metrics-export-port={metrics}",
-         f"--min-worker-port={lo}", f"--max-worker-port={lo + 200}", "--num-cpus=2", f"--temp-dir={temp_dir}",
-         "--disable-usage-stats"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        [
+            str(RAY_BIN),
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            f"--port={gcs}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash}",
+            "--include-dashboard=true",
+            f"--ray-client-server-port={client}",
+            f"--node-manager-port={nm}",
+            f"--object-manager-port={om}",
+            f"--dashboard-agent-listen-port={agent}",
+            f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--runtime-env-agent-port={rt_agent}",
+            f"--metrics-export-port={metrics}",
+            f"--min-worker-port={lo}",
+            f"--max-worker-port={lo + 200}",
+            "--num-cpus=2",
+            f"--temp-dir={temp_dir}",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     address = f"http://127.0.0.1:{dash}"
     try:
         deadline = time.time() + 180
-        while subprocess.run([str(RAY_BIN), "job", "list", "--address", address], env=env,
-                             capture_output=True).returncode != 0:
+        while (
+            subprocess.run([str(RAY_BIN), "job", "list", "--address", address], env=env, capture_output=True).returncode
+            != 0
+        ):
             assert head.poll() is None, (tmp_path / "head.log").read_text()[-3000:]
             assert time.time() < deadline, "the head did not come up in 180 s"
             time.sleep(2)
@@ -223,16 +265,46 @@ def ray_head(tmp_path):
 
 def submit(head: dict, submission_id: str, entrypoint: str) -> str:
     """`ray job submit --no-wait`, then `ray job logs --follow` until it ends; returns the logs."""
-    runtime_env = {"excludes": [".git", ".venv/", ".cache/", "runs/", "__pycache__/", "*.egg-info/"],
-                   "env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}}
+    runtime_env = {
+        "excludes": [".git", ".venv/", ".cache/", "runs/", "__pycache__/", "*.egg-info/"],
+        "env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"},
+    }
     base = [str(RAY_BIN), "job"]
-    subprocess.run([*base, "submit", "--address", head["address"], "--submission-id", submission_id,
-                    "--working-dir", str(REPO), "--runtime-env-json", json.dumps(runtime_env), "--no-wait",
-                    "--", *shlex.split(entrypoint)], env=head["env"], check=True, capture_output=True, timeout=120)
-    logs = subprocess.run([*base, "logs", "--address", head["address"], "--follow", submission_id],
-                          env=head["env"], capture_output=True, text=True, timeout=480).stdout
-    status = subprocess.run([*base, "status", "--address", head["address"], submission_id], env=head["env"],
-                            capture_output=True, text=True, timeout=60)
+    subprocess.run(
+        [
+            *base,
+            "submit",
+            "--address",
+            head["address"],
+            "--submission-id",
+            submission_id,
+            "--working-dir",
+            str(REPO),
+            "--runtime-env-json",
+            json.dumps(runtime_env),
+            "--no-wait",
+            "--",
+            *shlex.split(entrypoint),
+        ],
+        env=head["env"],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    logs = subprocess.run(
+        [*base, "logs", "--address", head["address"], "--follow", submission_id],
+        env=head["env"],
+        capture_output=True,
+        text=True,
+        timeout=480,
+    ).stdout
+    status = subprocess.run(
+        [*base, "status", "--address", head["address"], submission_id],
+        env=head["env"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert f"Job '{submission_id}' succeeded" in status.stdout + status.stderr, f"{status}\n{logs[-4000:]}"
     return logs
 
@@ -242,24 +314,39 @@ def test_two_jobs_share_the_cache_on_a_token_auth_head(ray_head, tiny_model_dir,
     env = ray_head["env"]
     # token auth is really on: the same request without the token is refused
     no_token = {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN_PATH"} | {"HOME": str(tmp_path)}
-    refused = subprocess.run([str(RAY_BIN), "job", "list", "--address", ray_head["address"]], env=no_token,
-                             capture_output=True, text=True)
+    refused = subprocess.run(
+        [str(RAY_BIN), "job", "list", "--address", ray_head["address"]], env=no_token, capture_output=True, text=True
+    )
     assert refused.returncode != 0
 
     words = ["red", "blue", "green", "gold"]
-    rows = [{"prompt": f"Colour {i}?", "chosen": f" {words[i % 4]}", "rejected": f" not {words[(i + 1) % 4]} {i}"}
-            for i in range(16)]
+    rows = [
+        {"prompt": f"Colour {i}?", "chosen": f" {words[i % 4]}", "rejected": f" not {words[(i + 1) % 4]} {i}"}
+        for i in range(16)
+    ]
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    config = {"model": str(tiny_model_dir), "dataset": [str(tmp_path / "pairs.jsonl")],
-              "cache_dir": str(tmp_path / "cache"), "output_dir": str(tmp_path / "out"), "max_steps": 2,
-              "per_device_train_batch_size": 4, "logging_steps": 1, "save_steps": 2, "zero_stage": 0,
-              "gradient_checkpointing": False, "learning_rate": 1e-3, "ref_actors": 1, "num_workers": 1}
+    config = {
+        "model": str(tiny_model_dir),
+        "dataset": [str(tmp_path / "pairs.jsonl")],
+        "cache_dir": str(tmp_path / "cache"),
+        "output_dir": str(tmp_path / "out"),
+        "max_steps": 2,
+        "per_device_train_batch_size": 4,
+        "logging_steps": 1,
+        "save_steps": 2,
+        "zero_stage": 0,
+        "gradient_checkpointing": False,
+        "learning_rate": 1e-3,
+        "ref_actors": 1,
+        "num_workers": 1,
+    }
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(config))
     cfg = f"--config {tmp_path / 'job.yaml'}"
 
     # as cluster/README.md shows it: one job for stages 1-2 (a shell chains them), one for stage 3
-    first = submit(ray_head, "dpo-score-ref", f'bash -c "python -m pipeline tokenize {cfg} && '
-                                              f'python -m pipeline score-ref {cfg}"')
+    first = submit(
+        ray_head, "dpo-score-ref", f'bash -c "python -m pipeline tokenize {cfg} && python -m pipeline score-ref {cfg}"'
+    )
     assert "[score-ref] train: scoring 16 pairs" in first, first[-3000:]
     reference = next((tmp_path / "cache" / "reference").iterdir())
     manifest = json.loads((reference / "manifest.json").read_text())

@@ -53,8 +53,9 @@ def test_bad_values_name_the_key(values, message):
 def test_command_line_overrides_yaml(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("beta: 0.3\nloss_type: [sigmoid, sft]\nloss_weights: [0.5, 0.5]\nmax_length: null\n")
-    args = build_parser().parse_args(["train", "--config", str(path), "--beta", "0.2",
-                                      "--loss_weights", "0.8,0.2", "--use_peft", "true"])
+    args = build_parser().parse_args(
+        ["train", "--config", str(path), "--beta", "0.2", "--loss_weights", "0.8,0.2", "--use_peft", "true"]
+    )
     cfg = parse_config(args)
     assert cfg.loss.beta == 0.2
     assert cfg.loss.loss_type == ("sigmoid", "sft")

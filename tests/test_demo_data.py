@@ -15,11 +15,20 @@ import pytest
 from pipeline.demo_data import BUILTIN_DATASETS, FAMILIES, builtin_dataset_path, generate_pairs
 from pipeline.errors import PipelineError
 
-_UNIT_FACTORS = {("kilometers", "meters"): 1000, ("meters", "centimeters"): 100,
-                 ("centimeters", "millimeters"): 10, ("kilograms", "grams"): 1000,
-                 ("liters", "milliliters"): 1000, ("hours", "minutes"): 60, ("minutes", "seconds"): 60,
-                 ("days", "hours"): 24, ("weeks", "days"): 7, ("feet", "inches"): 12, ("years", "months"): 12,
-                 ("dollars", "cents"): 100}
+_UNIT_FACTORS = {
+    ("kilometers", "meters"): 1000,
+    ("meters", "centimeters"): 100,
+    ("centimeters", "millimeters"): 10,
+    ("kilograms", "grams"): 1000,
+    ("liters", "milliliters"): 1000,
+    ("hours", "minutes"): 60,
+    ("minutes", "seconds"): 60,
+    ("days", "hours"): 24,
+    ("weeks", "days"): 7,
+    ("feet", "inches"): 12,
+    ("years", "months"): 12,
+    ("dollars", "cents"): 100,
+}
 
 
 def _convert(x: str, src: str, dst: str) -> str:
@@ -48,16 +57,16 @@ _SOLVERS: list[tuple[str, str, Callable[..., str]]] = [
     ("subtraction", r"What is (\d+) - (\d+)\?", lambda a, b: str(int(a) - int(b))),
     ("multiplication", r"What is (\d+) × (\d+)\?", lambda a, b: str(int(a) * int(b))),
     ("unit_conversion", r"Convert (\d+) ([a-z]+) to ([a-z]+)\.", _convert),
-    ("reverse", r"(?:Reverse the letters of '([a-z]+)'|Spell '([a-z]+)' backwards)\.",
-     lambda a, b: (a or b)[::-1]),
-    ("count_letter", r"How many times does the letter '([a-z])' appear in '([a-z]+)'\?",
-     lambda c, w: str(w.count(c))),
+    ("reverse", r"(?:Reverse the letters of '([a-z]+)'|Spell '([a-z]+)' backwards)\.", lambda a, b: (a or b)[::-1]),
+    ("count_letter", r"How many times does the letter '([a-z])' appear in '([a-z]+)'\?", lambda c, w: str(w.count(c))),
     ("word_length", r"How many letters (?:are in|does) '([a-z]+)'(?: have)?\?", lambda w: str(len(w))),
     ("uppercase", r"Write '([a-z ]+)' in capital letters\.", str.upper),
-    ("title_case", r"Capitalize the first letter of each word in '([a-z ]+)'\.",
-     lambda p: " ".join(w[0].upper() + w[1:] for w in p.split())),
-    ("sort_words", r"Sort these words alphabetically: ([a-z, ]+)\.",
-     lambda ws: ", ".join(sorted(ws.split(", ")))),
+    (
+        "title_case",
+        r"Capitalize the first letter of each word in '([a-z ]+)'\.",
+        lambda p: " ".join(w[0].upper() + w[1:] for w in p.split()),
+    ),
+    ("sort_words", r"Sort these words alphabetically: ([a-z, ]+)\.", lambda ws: ", ".join(sorted(ws.split(", ")))),
     ("compare", r"Which is larger, (\d+) or (\d+)\?", lambda a, b: str(max(int(a), int(b)))),
     ("compare", r"Which is smaller, (\d+) or (\d+)\?", lambda a, b: str(min(int(a), int(b)))),
     ("rounding", r"Round (\d+) to the nearest (ten|hundred)\.", _round),
@@ -99,8 +108,9 @@ def test_no_prompt_shared_between_train_and_test(splits):
 def test_deterministic_per_seed(splits):
     assert _digest(generate_pairs("train")) == _digest(splits["train"])
     assert _digest(generate_pairs("train", n=200, seed=1)) != _digest(generate_pairs("train", n=200))
-    assert _digest(generate_pairs("train", n=50, seed=3, conversational=False)) == \
-        _digest(generate_pairs("train", n=50, seed=3, conversational=False))
+    assert _digest(generate_pairs("train", n=50, seed=3, conversational=False)) == _digest(
+        generate_pairs("train", n=50, seed=3, conversational=False)
+    )
 
 
 def test_chosen_is_right_and_rejected_is_wrong(splits):

@@ -49,8 +49,12 @@ def mounted(target: Path, *args: str):
 def setup(tiny_model_dir, tmp_path):
     rows = [{"prompt": f"Add {i} and {i}:", "chosen": f" {2 * i}", "rejected": f" {2 * i + 1}"} for i in range(12)]
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    config = {"model": str(tiny_model_dir), "dataset": [str(tmp_path / "pairs.jsonl")],
-              "cache_dir": str(tmp_path / "cache"), "output_dir": str(tmp_path / "out")}
+    config = {
+        "model": str(tiny_model_dir),
+        "dataset": [str(tmp_path / "pairs.jsonl")],
+        "cache_dir": str(tmp_path / "cache"),
+        "output_dir": str(tmp_path / "out"),
+    }
     path = tmp_path / "c.yaml"
     path.write_text(json.dumps(config))
     return path, config
@@ -61,6 +65,7 @@ def manifests(root: Path) -> list[Path]:
 
 
 # --- unwritable ---
+
 
 def test_cache_dir_under_a_regular_file(setup, tmp_path, capsys):
     cfg, _ = setup
@@ -85,6 +90,7 @@ def test_read_only_output_dir(setup, tmp_path, capsys):
 
 
 # --- full ---
+
 
 def fill(mount: Path) -> None:
     """Write until the filesystem is full (ENOSPC), so the next data write fails."""
@@ -136,6 +142,7 @@ def test_full_disk_while_scoring_then_rerun(ray_session, setup, capsys):
 
 # --- Ctrl-C ---
 
+
 def started_by(marker: str) -> list[psutil.Process]:
     """Live processes whose environment carries `marker`: the driver and everything it started, however
     re-parented (Ray's processes inherit the driver's environment)."""
@@ -151,8 +158,16 @@ def started_by(marker: str) -> list[psutil.Process]:
 def test_ctrl_c_stops_every_process_and_a_rerun_resumes(setup, tmp_path):
     cfg, config = setup
     out = Path(config["output_dir"])
-    config |= {"max_steps": 40, "save_steps": 2, "logging_steps": 1, "per_device_train_batch_size": 4,
-               "zero_stage": 0, "gradient_checkpointing": False, "learning_rate": 1e-3, "run_name": "ctrlc"}
+    config |= {
+        "max_steps": 40,
+        "save_steps": 2,
+        "logging_steps": 1,
+        "per_device_train_batch_size": 4,
+        "zero_stage": 0,
+        "gradient_checkpointing": False,
+        "learning_rate": 1e-3,
+        "run_name": "ctrlc",
+    }
     cfg.write_text(json.dumps(config))
     marker = uuid.uuid4().hex
     env = {**os.environ, "RAY_ADDRESS": "", "DPO_TEST_MARKER": marker}

@@ -23,16 +23,26 @@ from pipeline.loggers import open_loggers, redact_uri, resolve_loggers
 from pipeline.training import MetricsLog
 
 HAVE_MLFLOW = importlib.util.find_spec("mlflow") is not None
-TRAIN = {"loss": 0.65, "rewards/accuracies": 0.75, "rewards/margins": 0.125, "grad_norm": float("nan"),
-         "learning_rate": 1e-4, "epoch": 0.5, "pairs_per_second": 1.5}
+TRAIN = {
+    "loss": 0.65,
+    "rewards/accuracies": 0.75,
+    "rewards/margins": 0.125,
+    "grad_norm": float("nan"),
+    "learning_rate": 1e-4,
+    "epoch": 0.5,
+    "pairs_per_second": 1.5,
+}
 EVAL = {"loss": 0.6, "rewards/accuracies": 0.5, "rewards/margins": 0.25}
 
 
 def test_report_to_values():
     assert config_from_dict({}).train.report_to == ("none",)  # as transformers 5: no external logger by default
     assert config_from_dict({"report_to": "wandb,mlflow"}).train.report_to == ("wandb", "mlflow")
-    with pytest.raises(ConfigError, match=r"report_to='all' is not allowed: expected one of none, tensorboard, "
-                                          r"wandb, mlflow"):
+    with pytest.raises(
+        ConfigError,
+        match=r"report_to='all' is not allowed: expected one of none, tensorboard, "
+        r"wandb, mlflow",
+    ):
         config_from_dict({"report_to": ["all"]})
     with pytest.raises(ConfigError, match=r"none alone"):
         config_from_dict({"report_to": ["none", "wandb"]})
@@ -60,18 +70,35 @@ def test_missing_package_is_a_config_error_before_any_work(tmp_path, monkeypatch
         monkeypatch.setitem(sys.modules, name, None)
     # the dataset does not exist: reaching it would be a DataError, so the ConfigError proves the order
     base = {"dataset": [str(tmp_path / "absent.jsonl")], "output_dir": str(tmp_path / "out")}
-    with pytest.raises(ConfigError, match=r"report_to names wandb, mlflow but the package is not installed: pip "
-                                          r"install wandb mlflow-skinny \(or mlflow\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"report_to names wandb, mlflow but the package is not installed: pip "
+        r"install wandb mlflow-skinny \(or mlflow\)",
+    ):
         run_train(config_from_dict({**base, "report_to": ["wandb", "mlflow"]}))
-    assert main(["run", "--dataset", str(tmp_path / "absent.jsonl"), "--output_dir", str(tmp_path / "out"),
-                 "--report_to", "mlflow"]) == 2
+    assert (
+        main(
+            [
+                "run",
+                "--dataset",
+                str(tmp_path / "absent.jsonl"),
+                "--output_dir",
+                str(tmp_path / "out"),
+                "--report_to",
+                "mlflow",
+            ]
+        )
+        == 2
+    )
     assert "report_to names mlflow but the package is not installed" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
 def test_redact_uri():
-    assert redact_uri("https://user:s3cret@mlflow.example.com:5000/x?token=abc#f") == \
-        "https://***@mlflow.example.com:5000/x?***#f"
+    assert (
+        redact_uri("https://user:s3cret@mlflow.example.com:5000/x?token=abc#f")
+        == "https://***@mlflow.example.com:5000/x?***#f"
+    )
     assert redact_uri("file:///runs/demo/mlruns") == "file:///runs/demo/mlruns"
     assert redact_uri("databricks") == "databricks"
 
@@ -106,12 +133,23 @@ def test_wandb_logger(tmp_path, monkeypatch):
     log.write(2, TRAIN)
     log.write(2, EVAL, prefix="eval_")
     log.close()
-    assert calls["init"] == {"project": "my-project", "mode": "offline", "name": "sweep-1", "dir": str(tmp_path),
-                             "config": cfg.flat()}
+    assert calls["init"] == {
+        "project": "my-project",
+        "mode": "offline",
+        "name": "sweep-1",
+        "dir": str(tmp_path),
+        "config": cfg.flat(),
+    }
     (step1, train), (step2, evals) = calls["log"]
     assert step1 == step2 == 2
-    assert train == {"train/loss": 0.65, "train/rewards/accuracies": 0.75, "train/rewards/margins": 0.125,
-                     "train/learning_rate": 1e-4, "train/epoch": 0.5, "train/pairs_per_second": 1.5}  # no NaN
+    assert train == {
+        "train/loss": 0.65,
+        "train/rewards/accuracies": 0.75,
+        "train/rewards/margins": 0.125,
+        "train/learning_rate": 1e-4,
+        "train/epoch": 0.5,
+        "train/pairs_per_second": 1.5,
+    }  # no NaN
     assert evals == {"eval/loss": 0.6, "eval/rewards/accuracies": 0.5, "eval/rewards/margins": 0.25}
     assert calls["finished"]
 
@@ -123,8 +161,7 @@ def test_mlflow_logger_local_store(tmp_path, monkeypatch):
     for name in ("MLFLOW_TRACKING_URI", "MLFLOW_ALLOW_FILE_STORE", "MLFLOW_DISABLE_TELEMETRY"):
         monkeypatch.delenv(name, raising=False)  # restored after the test, whatever the logger sets
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "dpo-sweep")
-    cfg = config_from_dict({"report_to": ["mlflow"], "output_dir": str(tmp_path), "run_name": "beta-0.2",
-                            "beta": 0.2})
+    cfg = config_from_dict({"report_to": ["mlflow"], "output_dir": str(tmp_path), "run_name": "beta-0.2", "beta": 0.2})
     spec = resolve_loggers(cfg)
     store = (tmp_path / "mlruns").as_uri()
     assert spec.mlflow == {"tracking_uri": store, "experiment": "dpo-sweep", "run_name": "beta-0.2"}
@@ -139,10 +176,17 @@ def test_mlflow_logger_local_store(tmp_path, monkeypatch):
     (found,) = client.search_runs([client.get_experiment_by_name("dpo-sweep").experiment_id])
     assert found.info.run_name == "beta-0.2" and found.info.status == "FINISHED"
     assert found.data.params["beta"] == "0.2" and found.data.params["report_to"] == "['mlflow']"
-    history = {k: sorted((m.step, m.value) for m in client.get_metric_history(found.info.run_id, k))
-               for k in ("loss", "eval_loss", "rewards/margins", "eval_rewards/margins", "grad_norm")}
-    assert history == {"loss": [(1, 0.65), (2, 0.5)], "eval_loss": [(2, 0.6)], "rewards/margins": [(1, 0.125),
-                       (2, 0.125)], "eval_rewards/margins": [(2, 0.25)], "grad_norm": []}
+    history = {
+        k: sorted((m.step, m.value) for m in client.get_metric_history(found.info.run_id, k))
+        for k in ("loss", "eval_loss", "rewards/margins", "eval_rewards/margins", "grad_norm")
+    }
+    assert history == {
+        "loss": [(1, 0.65), (2, 0.5)],
+        "eval_loss": [(2, 0.6)],
+        "rewards/margins": [(1, 0.125), (2, 0.125)],
+        "eval_rewards/margins": [(2, 0.25)],
+        "grad_norm": [],
+    }
 
 
 def test_mlflow_destination_is_redacted(tmp_path, monkeypatch):
@@ -161,6 +205,9 @@ def test_training_console_line(tmp_path, capsys):
     log.write(3, EVAL, prefix="eval_")
     log.close()
     train, evals = capsys.readouterr().out.splitlines()
-    assert re.fullmatch(r"\[train\] step 3/10 \(30%\) epoch 0\.50 \| loss 0\.6500 \| reward acc 0\.750 \| margin "
-                        r"0\.1250 \| 1\.50 pairs/s \| ETA (\d+m\d\ds|\?)", train), train
+    assert re.fullmatch(
+        r"\[train\] step 3/10 \(30%\) epoch 0\.50 \| loss 0\.6500 \| reward acc 0\.750 \| margin "
+        r"0\.1250 \| 1\.50 pairs/s \| ETA (\d+m\d\ds|\?)",
+        train,
+    ), train
     assert evals == "[eval] step 3: loss 0.6000 | reward acc 0.500 | margin 0.2500"

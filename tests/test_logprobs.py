@@ -88,11 +88,25 @@ def test_padded_rows_equal_unpadded():
     hidden, head, ids, mask, shared_len = make_batch(dtype=torch.float64)
     batch = sequence_stats(hidden, head, ids, mask, shared_len, chunk_size=2, with_metrics=True)
     for row, length in enumerate([9, 6, 8]):  # each sequence alone, without its padding
-        alone = sequence_stats(hidden[row : row + 1, :length], head, ids[row : row + 1, :length],
-                               mask[row : row + 1, :length], shared_len[row : row + 1], chunk_size=2,
-                               with_metrics=True)
-        for name in ("logps", "tokens", "shared_logps", "tail_logps", "wpo_logps", "logits_sum",
-                     "entropy_sum", "top1_hits"):
+        alone = sequence_stats(
+            hidden[row : row + 1, :length],
+            head,
+            ids[row : row + 1, :length],
+            mask[row : row + 1, :length],
+            shared_len[row : row + 1],
+            chunk_size=2,
+            with_metrics=True,
+        )
+        for name in (
+            "logps",
+            "tokens",
+            "shared_logps",
+            "tail_logps",
+            "wpo_logps",
+            "logits_sum",
+            "entropy_sum",
+            "top1_hits",
+        ):
             torch.testing.assert_close(getattr(alone, name)[0], getattr(batch, name)[row], atol=1e-12, rtol=0)
 
 

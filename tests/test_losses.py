@@ -71,15 +71,26 @@ def naive_pair_loss(name: str, c: LossConfig, rho_w: Tensor, rho_l: Tensor, n_w:
     return -logsig(b * (s_w / max(n_w, 1) - s_l / max(n_l, 1)))
 
 
-def naive_loss(c: LossConfig, pw: Tensor, pl: Tensor, rw: Tensor, rl: Tensor, n_w: list[int],
-               n_l: list[int], full_w: Tensor | None = None, wpo_w: Tensor | None = None,
-               wpo_l: Tensor | None = None) -> Tensor:
+def naive_loss(
+    c: LossConfig,
+    pw: Tensor,
+    pl: Tensor,
+    rw: Tensor,
+    rl: Tensor,
+    n_w: list[int],
+    n_l: list[int],
+    full_w: Tensor | None = None,
+    wpo_w: Tensor | None = None,
+    wpo_l: Tensor | None = None,
+) -> Tensor:
     """Σ_k w_k · mean_b(ω_b · loss_k,b), with the batch-level losses (aot, sft) written out too."""
     batch = len(n_w)
     omega = [1.0] * batch
     if c.use_weighting:
-        omega = [math.exp(wpo_w[i].item() / max(n_w[i], 1)) * math.exp(wpo_l[i].item() / max(n_l[i], 1))
-                 for i in range(batch)]
+        omega = [
+            math.exp(wpo_w[i].item() / max(n_w[i], 1)) * math.exp(wpo_l[i].item() / max(n_l[i], 1))
+            for i in range(batch)
+        ]
     total = torch.zeros((), dtype=torch.float64)
     for name, weight in zip(c.loss_type, c.weights, strict=True):
         if name == "sft":
@@ -94,11 +105,12 @@ def naive_loss(c: LossConfig, pw: Tensor, pl: Tensor, rw: Tensor, rl: Tensor, n_
                 a = sorted((pw[i] - rw[i] for i in range(batch)), key=lambda v: v.item())
                 r = sorted((pl[i] - rl[i] for i in range(batch)), key=lambda v: v.item())
             eps = c.label_smoothing
-            per = [-(1 - eps) * logsig(c.beta * (a[i] - r[i])) - eps * logsig(-c.beta * (a[i] - r[i]))
-                   for i in range(batch)]
+            per = [
+                -(1 - eps) * logsig(c.beta * (a[i] - r[i])) - eps * logsig(-c.beta * (a[i] - r[i]))
+                for i in range(batch)
+            ]
         else:
-            per = [naive_pair_loss(name, c, pw[i] - rw[i], pl[i] - rl[i], n_w[i], n_l[i])
-                   for i in range(batch)]
+            per = [naive_pair_loss(name, c, pw[i] - rw[i], pl[i] - rl[i], n_w[i], n_l[i]) for i in range(batch)]
         total = total + weight * sum(omega[i] * per[i] for i in range(batch)) / batch
     return total
 
@@ -114,19 +126,26 @@ def batch(seed: int = 0, spread: float = 3.0) -> dict[str, Tensor]:
     base = -10 * torch.rand(4, 5, generator=g, dtype=torch.float64)
     pw, pl = base[0], base[1]
     return {
-        "pw": pw, "pl": pl,
+        "pw": pw,
+        "pl": pl,
         "rw": pw + spread * (torch.rand(5, generator=g, dtype=torch.float64) - 0.5),
         "rl": pl + spread * (torch.rand(5, generator=g, dtype=torch.float64) - 0.5),
-        "full_w": base[2] - 5, "wpo_w": base[3] * 0.3, "wpo_l": base[2] * 0.2,
+        "full_w": base[2] - 5,
+        "wpo_w": base[3] * 0.3,
+        "wpo_l": base[2] * 0.2,
     }
 
 
 def inputs(t: dict[str, Tensor], **over) -> PreferenceInputs:
     kw = {
-        "policy_chosen_logps": t["pw"], "policy_rejected_logps": t["pl"],
-        "ref_chosen_logps": t["rw"], "ref_rejected_logps": t["rl"],
-        "chosen_tokens": torch.tensor(N_W), "rejected_tokens": torch.tensor(N_L),
-        "wpo_chosen_logps": t["wpo_w"], "wpo_rejected_logps": t["wpo_l"],
+        "policy_chosen_logps": t["pw"],
+        "policy_rejected_logps": t["pl"],
+        "ref_chosen_logps": t["rw"],
+        "ref_rejected_logps": t["rl"],
+        "chosen_tokens": torch.tensor(N_W),
+        "rejected_tokens": torch.tensor(N_L),
+        "wpo_chosen_logps": t["wpo_w"],
+        "wpo_rejected_logps": t["wpo_l"],
     }
     return PreferenceInputs(**{**kw, **over})
 
@@ -140,18 +159,31 @@ def cfg(loss_type=("sigmoid",), **kw) -> LossConfig:
 CASES = (
     [cfg((name,)) for name in LOSS_TYPES]
     + [cfg((name,), beta=0.5) for name in LOSS_TYPES]
-    + [cfg((name,), f_divergence_type=kind, f_alpha_divergence_coef=alpha)
-       for name in sorted(F_DIVERGENCE_LOSS_TYPES)
-       for kind, alpha in [("forward_kl", 0.5), ("js_divergence", 0.5), ("alpha_divergence", 0.3),
-                           ("alpha_divergence", 2.0), ("alpha_divergence", 1.0)]]
-    + [cfg(("robust",), label_smoothing=0.2), cfg(("exo_pair",), label_smoothing=0.1),
-       cfg(("aot",), label_smoothing=0.1), cfg(("aot_unpaired",), label_smoothing=0.25),
-       cfg(("discopop",), discopop_tau=0.5)]
+    + [
+        cfg((name,), f_divergence_type=kind, f_alpha_divergence_coef=alpha)
+        for name in sorted(F_DIVERGENCE_LOSS_TYPES)
+        for kind, alpha in [
+            ("forward_kl", 0.5),
+            ("js_divergence", 0.5),
+            ("alpha_divergence", 0.3),
+            ("alpha_divergence", 2.0),
+            ("alpha_divergence", 1.0),
+        ]
+    ]
+    + [
+        cfg(("robust",), label_smoothing=0.2),
+        cfg(("exo_pair",), label_smoothing=0.1),
+        cfg(("aot",), label_smoothing=0.1),
+        cfg(("aot_unpaired",), label_smoothing=0.25),
+        cfg(("discopop",), discopop_tau=0.5),
+    ]
     + [cfg((name,), use_weighting=True) for name in LOSS_TYPES if name not in ("aot", "aot_unpaired")]
-    + [cfg(("sigmoid", "bco_pair", "sft"), loss_weights=(0.8, 0.2, 1.0)),
-       cfg(("sigmoid", "sft"), loss_weights=(1.0, 0.5), use_weighting=True),
-       cfg(("ipo", "hinge", "aot"), loss_weights=(0.3, -0.1, 2.0)),
-       cfg(("sigmoid_norm", "sft"), f_divergence_type="js_divergence", use_weighting=True)]
+    + [
+        cfg(("sigmoid", "bco_pair", "sft"), loss_weights=(0.8, 0.2, 1.0)),
+        cfg(("sigmoid", "sft"), loss_weights=(1.0, 0.5), use_weighting=True),
+        cfg(("ipo", "hinge", "aot"), loss_weights=(0.3, -0.1, 2.0)),
+        cfg(("sigmoid_norm", "sft"), f_divergence_type="js_divergence", use_weighting=True),
+    ]
 )
 
 
@@ -188,8 +220,7 @@ def test_value_and_gradient_match_naive(c: LossConfig):
     pw2, pl2 = t["pw"].clone().requires_grad_(True), t["pl"].clone().requires_grad_(True)
     full_w2 = t["full_w"].clone().requires_grad_(True)
     expected = naive_loss(c, pw2, pl2, t["rw"], t["rl"], N_W, N_L, full_w2, t["wpo_w"], t["wpo_l"])
-    expected_grads = torch.autograd.grad(expected, (pw2, pl2, full_w2), allow_unused=True,
-                                         materialize_grads=True)
+    expected_grads = torch.autograd.grad(expected, (pw2, pl2, full_w2), allow_unused=True, materialize_grads=True)
 
     torch.testing.assert_close(out.loss, expected, atol=1e-12, rtol=1e-10)
     for ours, theirs in zip(grads, expected_grads, strict=True):
@@ -198,16 +229,16 @@ def test_value_and_gradient_match_naive(c: LossConfig):
     torch.testing.assert_close(out.rejected_rewards, c.beta * (t["pl"] - t["rl"]))
     assert not out.chosen_rewards.requires_grad
     assert list(out.losses) == list(c.loss_type)
-    torch.testing.assert_close(sum(out.losses[n] * w for n, w in zip(c.loss_type, c.weights, strict=True)),
-                               out.loss)
+    torch.testing.assert_close(sum(out.losses[n] * w for n, w in zip(c.loss_type, c.weights, strict=True)), out.loss)
 
 
 def test_float32_matches_float64():
     t = batch()
     c = cfg(("sigmoid", "ipo", "discopop", "sft"))
     x64 = inputs(t)
-    x32 = PreferenceInputs(**{k: (v.float() if v.is_floating_point() else v) for k, v in vars(x64).items()
-                              if v is not None})
+    x32 = PreferenceInputs(
+        **{k: (v.float() if v.is_floating_point() else v) for k, v in vars(x64).items() if v is not None}
+    )
     torch.testing.assert_close(dpo_loss(c, x32).loss.double(), dpo_loss(c, x64).loss, atol=1e-5, rtol=1e-6)
 
 
@@ -226,7 +257,8 @@ def test_sigmoid_worked_by_hand():
         policy_rejected_logps=torch.tensor([-9.0, -4.0], dtype=torch.float64),
         ref_chosen_logps=torch.tensor([-6.0, -3.0], dtype=torch.float64),
         ref_rejected_logps=torch.tensor([-8.0, -4.0], dtype=torch.float64),
-        chosen_tokens=torch.tensor([2, 2]), rejected_tokens=torch.tensor([2, 2]),
+        chosen_tokens=torch.tensor([2, 2]),
+        rejected_tokens=torch.tensor([2, 2]),
     )
     out = dpo_loss(LossConfig(beta=0.1), x)
     assert out.loss.item() == pytest.approx(0.6456430249707685, abs=1e-15)
@@ -245,8 +277,10 @@ def test_ld_alpha_weights_the_tail_and_sft_uses_the_full_sum():
     x = PreferenceInputs(
         policy_chosen_logps=ld_logps(shared_w, tail_w, c.ld_alpha),
         policy_rejected_logps=ld_logps(shared_l, tail_l, c.ld_alpha),
-        ref_chosen_logps=ref, ref_rejected_logps=ref,
-        chosen_tokens=torch.tensor([5, 3]), rejected_tokens=torch.tensor([3, 7]),
+        ref_chosen_logps=ref,
+        ref_rejected_logps=ref,
+        chosen_tokens=torch.tensor([5, 3]),
+        rejected_tokens=torch.tensor([3, 7]),
         policy_chosen_full_logps=shared_w + tail_w,
     )
     out = dpo_loss(c, x)
@@ -259,8 +293,9 @@ def test_ld_alpha_weights_the_tail_and_sft_uses_the_full_sum():
 
 
 def test_sft_is_a_token_mean_not_a_sequence_mean():
-    x = PreferenceInputs(*(torch.tensor([-1.0, -9.0]),) * 4, chosen_tokens=torch.tensor([1, 3]),
-                         rejected_tokens=torch.tensor([1, 1]))
+    x = PreferenceInputs(
+        *(torch.tensor([-1.0, -9.0]),) * 4, chosen_tokens=torch.tensor([1, 3]), rejected_tokens=torch.tensor([1, 1])
+    )
     assert dpo_loss(LossConfig(loss_type=("sft",)), x).loss.item() == pytest.approx(10 / 4)  # not (1 + 3) / 2
 
 
@@ -283,15 +318,22 @@ def test_aot_sorts_within_the_batch():
         c = cfg((name,))
         shuffled = {k: v[perm] for k, v in t.items()}
         n_w, n_l = [N_W[i] for i in perm], [N_L[i] for i in perm]
-        x = PreferenceInputs(shuffled["pw"], shuffled["pl"], shuffled["rw"], shuffled["rl"],
-                             torch.tensor(n_w), torch.tensor(n_l))
+        x = PreferenceInputs(
+            shuffled["pw"], shuffled["pl"], shuffled["rw"], shuffled["rl"], torch.tensor(n_w), torch.tensor(n_l)
+        )
         torch.testing.assert_close(dpo_loss(c, x).loss, dpo_loss(c, inputs(t)).loss)
 
 
 def test_f_divergence_scores():
     rho = torch.tensor([-2.0, -0.3, 0.0, 0.7, 3.0], dtype=torch.float64)
-    for kind, alpha in [("reverse_kl", 0.5), ("forward_kl", 0.5), ("js_divergence", 0.5),
-                        ("alpha_divergence", 0.5), ("alpha_divergence", 1.5), ("alpha_divergence", 1.0)]:
+    for kind, alpha in [
+        ("reverse_kl", 0.5),
+        ("forward_kl", 0.5),
+        ("js_divergence", 0.5),
+        ("alpha_divergence", 0.5),
+        ("alpha_divergence", 1.5),
+        ("alpha_divergence", 1.0),
+    ]:
         expected = torch.stack([naive_score(r, kind, alpha) for r in rho])
         torch.testing.assert_close(f_divergence_score(rho, kind, alpha), expected)
     # α → 1 is reverse KL; within 1e-6 of 1 TRL takes the limit.
@@ -299,13 +341,12 @@ def test_f_divergence_scores():
     # the clamp: (α−1)ρ is capped at 80 (11 for float16), so e^{(α−1)ρ} stays finite
     big = torch.tensor([500.0])
     assert f_divergence_score(big, "alpha_divergence", 2.0).item() == pytest.approx(math.expm1(80.0))
-    assert f_divergence_score(big.half(), "alpha_divergence", 2.0).item() == pytest.approx(math.expm1(11.0),
-                                                                                           rel=1e-3)
+    assert f_divergence_score(big.half(), "alpha_divergence", 2.0).item() == pytest.approx(math.expm1(11.0), rel=1e-3)
     # forward_kl = alpha_divergence at α = 0; the clamp option only matters past the cap
-    torch.testing.assert_close(f_divergence_score(rho, "forward_kl", clamp=True),
-                               f_divergence_score(rho, "alpha_divergence", 0.0))
-    torch.testing.assert_close(f_divergence_score(rho, "forward_kl", clamp=True),
-                               f_divergence_score(rho, "forward_kl"))
+    torch.testing.assert_close(
+        f_divergence_score(rho, "forward_kl", clamp=True), f_divergence_score(rho, "alpha_divergence", 0.0)
+    )
+    torch.testing.assert_close(f_divergence_score(rho, "forward_kl", clamp=True), f_divergence_score(rho, "forward_kl"))
     with pytest.raises(ValueError, match="unknown"):
         f_divergence_score(rho, "hellinger")
 
@@ -320,8 +361,16 @@ def test_finite_at_extreme_margins(name, margin, dtype):
     pw = torch.tensor([margin / 2, 0.0, -margin], dtype=dtype, requires_grad=True)
     pl = torch.tensor([-margin / 2, margin, 0.0], dtype=dtype, requires_grad=True)
     zero = torch.zeros(3, dtype=dtype)
-    x = PreferenceInputs(pw, pl, zero - 1.0, zero - 1.0, torch.tensor([3, 1, 2]), torch.tensor([2, 5, 1]),
-                         wpo_chosen_logps=zero - 2, wpo_rejected_logps=zero - 3)
+    x = PreferenceInputs(
+        pw,
+        pl,
+        zero - 1.0,
+        zero - 1.0,
+        torch.tensor([3, 1, 2]),
+        torch.tensor([2, 5, 1]),
+        wpo_chosen_logps=zero - 2,
+        wpo_rejected_logps=zero - 3,
+    )
     configs = [cfg((name,))]
     if name not in ("aot", "aot_unpaired"):
         configs.append(cfg((name,), use_weighting=True))
@@ -365,15 +414,22 @@ def test_discopop_is_finite_where_trl_is_nan():
 @pytest.mark.parametrize("batch_size", [1, 4, 33])
 def test_sigmoid_is_ln2_when_policy_is_reference(batch_size):
     logps = -20 * torch.rand(2, batch_size)
-    x = PreferenceInputs(logps[0], logps[1], logps[0].clone(), logps[1].clone(),
-                         torch.full((batch_size,), 3), torch.full((batch_size,), 4))
+    x = PreferenceInputs(
+        logps[0],
+        logps[1],
+        logps[0].clone(),
+        logps[1].clone(),
+        torch.full((batch_size,), 3),
+        torch.full((batch_size,), 4),
+    )
     out = dpo_loss(LossConfig(), x)
     assert out.loss.item() == pytest.approx(math.log(2), abs=1e-7)
     assert out.chosen_rewards.abs().max() == 0 and out.rejected_rewards.abs().max() == 0
 
 
-@pytest.mark.parametrize("name,strict", [("sigmoid", True), ("robust", True), ("sigmoid_norm", True),
-                                         ("aot", True), ("hinge", False)])
+@pytest.mark.parametrize(
+    "name,strict", [("sigmoid", True), ("robust", True), ("sigmoid_norm", True), ("aot", True), ("hinge", False)]
+)
 def test_monotone_in_the_margin(name, strict):
     margins = torch.linspace(-30, 30, 121, dtype=torch.float64)
     zero = torch.zeros(1, dtype=torch.float64)
@@ -388,17 +444,20 @@ def test_monotone_in_the_margin(name, strict):
 # --- config validation (TRL's rules) ---
 
 
-@pytest.mark.parametrize("kw,match", [
-    ({"loss_type": ("exo_pair",), "label_smoothing": 0.0}, "exo_pair"),
-    ({"loss_type": ("robust",), "label_smoothing": 0.5}, "robust"),
-    ({"loss_type": ("aot",), "use_weighting": True}, "use_weighting"),
-    ({"loss_type": ("aot_unpaired", "sigmoid"), "use_weighting": True}, "use_weighting"),
-    ({"loss_type": ("nca_pair",), "f_divergence_type": "js_divergence"}, "f_divergence_type"),
-    ({"loss_type": ("sigmoid", "apo_zero"), "f_divergence_type": "forward_kl"}, "f_divergence_type"),
-    ({"loss_type": ("sigmoid", "sft"), "loss_weights": (1.0,)}, "loss_weights"),
-    ({"loss_type": ("kto",)}, "loss_type"),
-    ({"f_divergence_type": "hellinger"}, "f_divergence_type"),
-])
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        ({"loss_type": ("exo_pair",), "label_smoothing": 0.0}, "exo_pair"),
+        ({"loss_type": ("robust",), "label_smoothing": 0.5}, "robust"),
+        ({"loss_type": ("aot",), "use_weighting": True}, "use_weighting"),
+        ({"loss_type": ("aot_unpaired", "sigmoid"), "use_weighting": True}, "use_weighting"),
+        ({"loss_type": ("nca_pair",), "f_divergence_type": "js_divergence"}, "f_divergence_type"),
+        ({"loss_type": ("sigmoid", "apo_zero"), "f_divergence_type": "forward_kl"}, "f_divergence_type"),
+        ({"loss_type": ("sigmoid", "sft"), "loss_weights": (1.0,)}, "loss_weights"),
+        ({"loss_type": ("kto",)}, "loss_type"),
+        ({"f_divergence_type": "hellinger"}, "f_divergence_type"),
+    ],
+)
 def test_config_rejects_what_trl_rejects(kw, match):
     with pytest.raises(ConfigError, match=match):
         LossConfig(**kw)

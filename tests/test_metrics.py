@@ -10,9 +10,19 @@ from pipeline.core.logprobs import SequenceStats
 from pipeline.core.losses import PreferenceInputs, dpo_loss
 from pipeline.core.metrics import SLOTS, batch_metric_sums, finalize
 
-TRL_NAMES = {"loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-             "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected", "entropy",
-             "mean_token_accuracy"}
+TRL_NAMES = {
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+    "logits/chosen",
+    "logits/rejected",
+    "entropy",
+    "mean_token_accuracy",
+}
 
 
 def micro_batch(chosen, rejected, ref_chosen, ref_rejected, tokens, logits_sum, entropy_sum, top1_hits):
@@ -20,21 +30,30 @@ def micro_batch(chosen, rejected, ref_chosen, ref_rejected, tokens, logits_sum, 
     first)."""
     t = torch.tensor
     stats = SequenceStats(
-        logps=t(chosen + rejected), tokens=t(tokens), shared_logps=t(chosen + rejected),
-        tail_logps=torch.zeros(len(tokens)), wpo_logps=torch.zeros(len(tokens)), logits_sum=t(logits_sum),
-        entropy_sum=t(entropy_sum), top1_hits=t(top1_hits),
+        logps=t(chosen + rejected),
+        tokens=t(tokens),
+        shared_logps=t(chosen + rejected),
+        tail_logps=torch.zeros(len(tokens)),
+        wpo_logps=torch.zeros(len(tokens)),
+        logits_sum=t(logits_sum),
+        entropy_sum=t(entropy_sum),
+        top1_hits=t(top1_hits),
     )
     b = len(chosen)
-    x = PreferenceInputs(t(chosen), t(rejected), t(ref_chosen), t(ref_rejected), stats.tokens[:b],
-                         stats.tokens[b:])
+    x = PreferenceInputs(t(chosen), t(rejected), t(ref_chosen), t(ref_rejected), stats.tokens[:b], stats.tokens[b:])
     return dpo_loss(LossConfig(beta=0.5), x), x, stats
 
 
 def test_one_micro_batch_by_hand():
     # ρ_w = (1, −1), ρ_l = (−1, −1) → rewards (β = 0.5): chosen (0.5, −0.5), rejected (−0.5, −0.5)
     out, x, stats = micro_batch(
-        chosen=[-4.0, -6.0], rejected=[-9.0, -3.0], ref_chosen=[-5.0, -5.0], ref_rejected=[-8.0, -2.0],
-        tokens=[2, 3, 4, 1], logits_sum=[1.0, 2.0, -2.0, 0.5], entropy_sum=[3.0, 4.0, 2.0, 1.0],
+        chosen=[-4.0, -6.0],
+        rejected=[-9.0, -3.0],
+        ref_chosen=[-5.0, -5.0],
+        ref_rejected=[-8.0, -2.0],
+        tokens=[2, 3, 4, 1],
+        logits_sum=[1.0, 2.0, -2.0, 0.5],
+        entropy_sum=[3.0, 4.0, 2.0, 1.0],
         top1_hits=[1, 3, 0, 1],
     )
     m = finalize(batch_metric_sums(out, x, stats))
@@ -62,11 +81,23 @@ def test_all_reduced_rows_equal_trl_gather_then_mean_over_micro_batches():
     """Two ranks, two micro-batches per step: summing the ranks' rows (the all-reduce) then finalising gives
     TRL's numbers: per micro-batch, a ratio over everything gathered from the ranks; then the plain mean."""
     args = [  # [micro-batch][rank]
-        [([-4.0], [-9.0], [-5.0], [-8.0], [2, 4], [1.0, -2.0], [3.0, 2.0], [1, 0]),
-         ([-6.0, -1.0], [-3.0, -2.0], [-5.0, -1.5], [-2.0, -2.5], [3, 1, 1, 6], [2.0, 1.0, 0.5, 0.1],
-          [4.0, 1.0, 1.0, 2.0], [3, 1, 1, 0])],
-        [([-7.0], [-7.5], [-7.0], [-7.0], [5, 5], [0.1, 0.2], [5.0, 5.0], [2, 2]),
-         ([-2.0], [-4.0], [-3.0], [-3.0], [1, 2], [0.3, 0.4], [0.5, 0.5], [0, 1])],
+        [
+            ([-4.0], [-9.0], [-5.0], [-8.0], [2, 4], [1.0, -2.0], [3.0, 2.0], [1, 0]),
+            (
+                [-6.0, -1.0],
+                [-3.0, -2.0],
+                [-5.0, -1.5],
+                [-2.0, -2.5],
+                [3, 1, 1, 6],
+                [2.0, 1.0, 0.5, 0.1],
+                [4.0, 1.0, 1.0, 2.0],
+                [3, 1, 1, 0],
+            ),
+        ],
+        [
+            ([-7.0], [-7.5], [-7.0], [-7.0], [5, 5], [0.1, 0.2], [5.0, 5.0], [2, 2]),
+            ([-2.0], [-4.0], [-3.0], [-3.0], [1, 2], [0.3, 0.4], [0.5, 0.5], [0, 1]),
+        ],
     ]
     built = [[micro_batch(*a) for a in mb] for mb in args]
     rows = torch.stack([sum(batch_metric_sums(*r) for r in ranks) for ranks in built])  # the all-reduce
@@ -79,8 +110,7 @@ def test_all_reduced_rows_equal_trl_gather_then_mean_over_micro_batches():
             "cl": torch.cat([x.policy_chosen_logps for _, x, _ in ranks]),
             "rl": torch.cat([x.policy_rejected_logps for _, x, _ in ranks]),
         }
-        halves = [(s.tokens.chunk(2), s.logits_sum.chunk(2), s.top1_hits.chunk(2), s.entropy_sum)
-                  for _, _, s in ranks]
+        halves = [(s.tokens.chunk(2), s.logits_sum.chunk(2), s.top1_hits.chunk(2), s.entropy_sum) for _, _, s in ranks]
         ct = sum(h[0][0].sum() for h in halves)
         rt = sum(h[0][1].sum() for h in halves)
         return {

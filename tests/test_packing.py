@@ -17,8 +17,12 @@ from pipeline.models import load_causal_lm
 
 
 def _columns(chosen: list[list[int]], rejected: list[list[int]], starts: list[tuple[int, int]]) -> dict:
-    return {"chosen_input_ids": chosen, "rejected_input_ids": rejected,
-            "chosen_completion_start": [s[0] for s in starts], "rejected_completion_start": [s[1] for s in starts]}
+    return {
+        "chosen_input_ids": chosen,
+        "rejected_input_ids": rejected,
+        "chosen_completion_start": [s[0] for s in starts],
+        "rejected_completion_start": [s[1] for s in starts],
+    }
 
 
 def _random_pairs(n: int, seed: int, vocab: int = 400) -> dict:
@@ -38,8 +42,10 @@ def _models(model_dir, dtype: str = "float32"):
     cfg = ModelConfig()
     packed = choose_kernels(cfg, cuda=False, dtype=dtype)
     padded = choose_kernels(dataclasses.replace(cfg, padding_free=False), cuda=False, dtype=dtype)
-    return (load_causal_lm(str(model_dir), dtype, attn_implementation=padded.attn_implementation),
-            load_causal_lm(str(model_dir), dtype, attn_implementation=packed.attn_implementation))
+    return (
+        load_causal_lm(str(model_dir), dtype, attn_implementation=padded.attn_implementation),
+        load_causal_lm(str(model_dir), dtype, attn_implementation=packed.attn_implementation),
+    )
 
 
 def test_pack_by_hand():

@@ -28,7 +28,7 @@ def command_lines() -> list[str]:
         for line in block.replace("\\\n", " ").splitlines():
             line = line.split(" #", 1)[0].strip().replace("$beta", "0.2")
             if "dpo-pipeline " in line and not line.startswith("#"):
-                out.append(line[line.index("dpo-pipeline "):].rstrip("; "))
+                out.append(line[line.index("dpo-pipeline ") :].rstrip("; "))
     return out
 
 

@@ -39,23 +39,49 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 def run(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
     words = ["red", "blue", "green", "gold", "black", "white", "pink", "grey"]
-    train = [{"prompt": f"Name colour number {i}:", "chosen": f" {words[i % 8]} {i}",
-              "rejected": f" {words[(i + 3) % 8]} {words[i % 5]} {i + 1}"} for i in range(32)]
+    train = [
+        {
+            "prompt": f"Name colour number {i}:",
+            "chosen": f" {words[i % 8]} {i}",
+            "rejected": f" {words[(i + 3) % 8]} {words[i % 5]} {i + 1}",
+        }
+        for i in range(32)
+    ]
     train += [train[0], {"prompt": "Say it:", "chosen": " same", "rejected": " same"}]  # dropped: duplicate, identical
-    evals = [{"prompt": f"Which colour is {i}?", "chosen": f" {words[i % 8]}", "rejected": f" not {words[i % 8]}"}
-             for i in range(6)]
+    evals = [
+        {"prompt": f"Which colour is {i}?", "chosen": f" {words[i % 8]}", "rejected": f" not {words[i % 8]}"}
+        for i in range(6)
+    ]
     for name, rows in (("train.jsonl", train), ("eval.jsonl", evals)):
         (root / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = root / "run"
-    cfg = {"model": str(tiny_model_dir), "cache_dir": str(root / "cache"), "output_dir": str(out),
-           "run_name": "report", "dataset": [str(root / "train.jsonl")], "eval_dataset": [str(root / "eval.jsonl")],
-           "max_steps": STEPS, "learning_rate": 1e-3, "warmup_steps": 1, "per_device_train_batch_size": 8,
-           "logging_steps": 1, "eval_steps": EVAL_STEPS, "save_steps": 100, "zero_stage": 0,
-           "gradient_checkpointing": False, "report_to": ["mlflow"] if HAVE_MLFLOW else ["none"]}
+    cfg = {
+        "model": str(tiny_model_dir),
+        "cache_dir": str(root / "cache"),
+        "output_dir": str(out),
+        "run_name": "report",
+        "dataset": [str(root / "train.jsonl")],
+        "eval_dataset": [str(root / "eval.jsonl")],
+        "max_steps": STEPS,
+        "learning_rate": 1e-3,
+        "warmup_steps": 1,
+        "per_device_train_batch_size": 8,
+        "logging_steps": 1,
+        "eval_steps": EVAL_STEPS,
+        "save_steps": 100,
+        "zero_stage": 0,
+        "gradient_checkpointing": False,
+        "report_to": ["mlflow"] if HAVE_MLFLOW else ["none"],
+    }
     (root / "config.yaml").write_text(yaml.safe_dump(cfg))
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # MLflow's default: under output_dir
-    proc = subprocess.run([sys.executable, "-m", "pipeline", "run", "--config", str(root / "config.yaml")],
-                          env={**env, "RAY_ADDRESS": ""}, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", "run", "--config", str(root / "config.yaml")],
+        env={**env, "RAY_ADDRESS": ""},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     return out, proc, lines
@@ -71,6 +97,7 @@ def eval_lines(lines):
 
 # --- the run ---
 
+
 def test_run_writes_report_and_shows_progress(run):
     out, proc, lines = run
     assert f"[report] {out / 'report.md'}" in proc.stdout
@@ -79,8 +106,11 @@ def test_run_writes_report_and_shows_progress(run):
     # are progress bars, in a pipe Ray logs them as "operator: done/total" lines
     assert re.search(r"MapBatches\(_Tokenize\)\S*: \d+/\d+", proc.stderr)
     assert re.search(r"MapBatches\(_ScoreRef\)\S*: \d+/\d+", proc.stderr)
-    last = re.search(r"\[train\] step 6/6 \(100%\) epoch [\d.]+ \| loss ([\d.]+) \| reward acc ([\d.]+) \| margin "
-                     r"\S+ \| [\d.]+ pairs/s \| ETA \d+m\d\ds", proc.stdout)
+    last = re.search(
+        r"\[train\] step 6/6 \(100%\) epoch [\d.]+ \| loss ([\d.]+) \| reward acc ([\d.]+) \| margin "
+        r"\S+ \| [\d.]+ pairs/s \| ETA \d+m\d\ds",
+        proc.stdout,
+    )
     assert last, proc.stdout[-2000:]
     final = train_lines(lines)[-1]
     assert float(last.group(1)) == pytest.approx(final["loss"], abs=5e-5)
@@ -94,6 +124,7 @@ def test_grad_norm_is_logged_at_zero_stage_0(run):
 
 # --- the plots ---
 
+
 def test_every_plot_is_a_png_with_the_expected_series(run):
     import matplotlib.image
 
@@ -103,11 +134,16 @@ def test_every_plot_is_a_png_with_the_expected_series(run):
     assert (n_train, n_eval) == (STEPS, STEPS // EVAL_STEPS + 1)  # eval at step 0, every 2 steps and at the end
     expected = {}
     for file, _, _, metrics in CURVES:
-        expected[file] = {**{f"train {m} (raw)": n_train for m in metrics}, **{f"train {m} (EMA)": n_train
-                                                                               for m in metrics},
-                          **{f"eval {m}": n_eval for m in metrics}}
-    expected["optimizer.png"] = {"learning_rate": n_train, "train grad_norm (raw)": n_train,
-                                 "train grad_norm (EMA)": n_train}
+        expected[file] = {
+            **{f"train {m} (raw)": n_train for m in metrics},
+            **{f"train {m} (EMA)": n_train for m in metrics},
+            **{f"eval {m}": n_eval for m in metrics},
+        }
+    expected["optimizer.png"] = {
+        "learning_rate": n_train,
+        "train grad_norm (raw)": n_train,
+        "train grad_norm (EMA)": n_train,
+    }
     expected["ref_margins.png"] = {"train (32 pairs)": 32, "eval (6 pairs)": 6}
 
     assert {p.file: {s.name: s.points for s in p.series} for p in report.plots} == expected
@@ -137,6 +173,7 @@ def test_gradient_norm_is_the_l2_norm_of_all_gradients():
 
 # --- the numbers in report.md ---
 
+
 def table_row(text: str, first_cell: str) -> list[str]:
     row = next(line for line in text.splitlines() if line.startswith(f"| {first_cell} |"))
     return [c.strip() for c in row.strip("|").split("|")][1:]
@@ -151,9 +188,12 @@ def test_report_states_the_numbers_of_the_run(run):
     write_report(out)
     text = (out / "report.md").read_text()
     train, evals = train_lines(lines), eval_lines(lines)
-    assert table_row(text, "metric") == [f"train, first (step {train[0]['step']})",
-                                         f"train, last (step {train[-1]['step']})", "eval, first (step 0)",
-                                         f"eval, last (step {STEPS})"]
+    assert table_row(text, "metric") == [
+        f"train, first (step {train[0]['step']})",
+        f"train, last (step {train[-1]['step']})",
+        "eval, first (step 0)",
+        f"eval, last (step {STEPS})",
+    ]
     for metric in TABLE_METRICS:
         cells = table_row(text, metric)
         expected = [train[0][metric], train[-1][metric]]
@@ -172,20 +212,24 @@ def test_report_states_the_numbers_of_the_run(run):
 
     # data reports: 34 rows read, 2 dropped for the reasons planted in the fixture
     data = json.loads((out / "data_report.json").read_text())
-    assert (data["rows_read"], data["pairs_kept"], data["dropped"]) == (34, 32, {"duplicate_pair": 1,
-                                                                                  "identical_completions": 1})
-    train_data = text[text.index("### train\n"):text.index("### eval\n")]
+    assert (data["rows_read"], data["pairs_kept"], data["dropped"]) == (
+        34,
+        32,
+        {"duplicate_pair": 1, "identical_completions": 1},
+    )
+    train_data = text[text.index("### train\n") : text.index("### eval\n")]
     assert table_row(train_data, "read") == ["34"] and table_row(train_data, "kept (pairs)") == ["32"]
     assert table_row(train_data, "dropped: duplicate_pair") == ["1"]
     assert table_row(train_data, "dropped: identical_completions") == ["1"]
-    assert table_row(text[text.index("### eval\n"):], "kept (pairs)") == ["6"]
+    assert table_row(text[text.index("### eval\n") :], "kept (pairs)") == ["6"]
 
     # reference margins: recomputed here from the cache entry's Parquet files
     ref_dir = Path(summary["inputs"]["train"]["reference"])
     table = pq.read_table(sorted(ref_dir.glob("*.parquet")))
     margins = table.column("ref_chosen_logps").to_numpy() - table.column("ref_rejected_logps").to_numpy()
-    mean, median = re.search(rf"- train: `{re.escape(str(ref_dir))}`: 32 pairs; .* mean (\S+), median (\S+) nats",
-                             text).groups()
+    mean, median = re.search(
+        rf"- train: `{re.escape(str(ref_dir))}`: 32 pairs; .* mean (\S+), median (\S+) nats", text
+    ).groups()
     assert close(mean, float(np.mean(margins))) and close(median, float(np.median(margins)))
 
     config = yaml.safe_load(text.split("```yaml\n", 1)[1].split("```", 1)[0])
@@ -198,8 +242,13 @@ def test_report_on_a_run_without_summary_eval_or_data_reports(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     report = write_report(tmp_path)
     text = report.path.read_text()
-    for said in ("No train_summary.json", "No eval line in metrics.jsonl", "No data report",
-                 "the cache entries used are not recorded", "Not recorded"):
+    for said in (
+        "No train_summary.json",
+        "No eval line in metrics.jsonl",
+        "No data report",
+        "the cache entries used are not recorded",
+        "Not recorded",
+    ):
         assert said in text
     loss = next(p for p in report.plots if p.file == "loss.png")
     assert {s.name: s.points for s in loss.series} == {"train loss (raw)": 3, "train loss (EMA)": 3}
@@ -209,13 +258,16 @@ def test_report_on_a_run_without_summary_eval_or_data_reports(tmp_path):
 
 # --- the command ---
 
+
 def test_report_command(run, tmp_path, capsys):
     out = run[0]
     assert main(["report", str(out)]) == 0
     assert f"report: {out / 'report.md'}" in capsys.readouterr().out
     assert main(["report", str(tmp_path)]) == 2
-    assert capsys.readouterr().err.strip() == (f"error: {tmp_path} is not a run directory: metrics.jsonl is missing "
-                                               "(`dpo-pipeline train` writes it into output_dir)")
+    assert capsys.readouterr().err.strip() == (
+        f"error: {tmp_path} is not a run directory: metrics.jsonl is missing "
+        "(`dpo-pipeline train` writes it into output_dir)"
+    )
     assert main(["report", str(tmp_path / "nope")]) == 2
     assert "no such directory" in capsys.readouterr().err
     with pytest.raises(SystemExit):
@@ -224,6 +276,7 @@ def test_report_command(run, tmp_path, capsys):
 
 
 # --- MLflow, from the same run ---
+
 
 @pytest.mark.skipif(not HAVE_MLFLOW, reason="mlflow is not installed (the dev extra installs mlflow-skinny)")
 def test_mlflow_received_the_metrics(run, monkeypatch):
@@ -238,8 +291,9 @@ def test_mlflow_received_the_metrics(run, monkeypatch):
     assert found.data.params["beta"] == "0.1" and found.data.params["loss_type"] == "['sigmoid']"
 
     def history(key):
-        return [(m.step, m.value) for m in sorted(client.get_metric_history(found.info.run_id, key),
-                                                  key=lambda m: m.step)]
+        return [
+            (m.step, m.value) for m in sorted(client.get_metric_history(found.info.run_id, key), key=lambda m: m.step)
+        ]
 
     for key in ("loss", "rewards/accuracies", "rewards/margins", "grad_norm", "learning_rate"):
         assert history(key) == [(x["step"], pytest.approx(x[key], rel=1e-12)) for x in train_lines(lines)]

@@ -18,10 +18,18 @@ AWS_SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
 
 
 def test_patterns_and_environment_values():
-    env = {"AWS_SECRET_ACCESS_KEY": AWS_SECRET, "RAY_AUTH_TOKEN": "0123456789abcdef", "MY_PASSWORD": "hunter2hunter2",
-           "TOKENIZERS_PARALLELISM": "false", "HF_TOKEN": "short", "PATH": "/usr/bin:/bin"}
-    text = (f"token {HF} id {AWS_ID} secret {AWS_SECRET} ray 0123456789abcdef pw hunter2hunter2 "
-            f"uri s3://{AWS_ID}:{AWS_SECRET}@bucket/key plain s3://bucket/a:b@c path /usr/bin:/bin false short")
+    env = {
+        "AWS_SECRET_ACCESS_KEY": AWS_SECRET,
+        "RAY_AUTH_TOKEN": "0123456789abcdef",
+        "MY_PASSWORD": "hunter2hunter2",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_TOKEN": "short",
+        "PATH": "/usr/bin:/bin",
+    }
+    text = (
+        f"token {HF} id {AWS_ID} secret {AWS_SECRET} ray 0123456789abcdef pw hunter2hunter2 "
+        f"uri s3://{AWS_ID}:{AWS_SECRET}@bucket/key plain s3://bucket/a:b@c path /usr/bin:/bin false short"
+    )
     out = redact(text, env)
     for secret in (HF, AWS_ID, AWS_SECRET, "0123456789abcdef", "hunter2hunter2"):
         assert secret not in out
@@ -33,8 +41,20 @@ def test_patterns_and_environment_values():
 
 
 def test_secret_names():
-    assert all(map(is_secret_name, ["HF_TOKEN", "RAY_AUTH_TOKEN", "AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID",
-                                    "WANDB_API_KEY", "DB_PASSWORD", "GOOGLE_APPLICATION_CREDENTIALS"]))
+    assert all(
+        map(
+            is_secret_name,
+            [
+                "HF_TOKEN",
+                "RAY_AUTH_TOKEN",
+                "AWS_SECRET_ACCESS_KEY",
+                "AWS_ACCESS_KEY_ID",
+                "WANDB_API_KEY",
+                "DB_PASSWORD",
+                "GOOGLE_APPLICATION_CREDENTIALS",
+            ],
+        )
+    )
     assert not any(map(is_secret_name, ["TOKENIZERS_PARALLELISM", "RAY_AUTH_MODE", "PATH", "KEYBOARD"]))
 
 
@@ -62,8 +82,15 @@ def test_cli_output_never_shows_secrets(ray_session, tmp_path, monkeypatch, caps
     assert "output_dir: a URI must not contain credentials" in err
     assert AWS_SECRET not in err and AWS_ID not in err
 
-    cfg.write_text(json.dumps({"cache_dir": str(tmp_path / "cache"), "output_dir": str(tmp_path / "out"),
-                               "dataset": [str(tmp_path / f"data-{HF}.jsonl")]}))
+    cfg.write_text(
+        json.dumps(
+            {
+                "cache_dir": str(tmp_path / "cache"),
+                "output_dir": str(tmp_path / "out"),
+                "dataset": [str(tmp_path / f"data-{HF}.jsonl")],
+            }
+        )
+    )
     assert main(["tokenize", "--config", str(cfg), "--model", str(tmp_path / f"no-model-{HF}")]) == 2
     captured = capsys.readouterr()
     assert "error: model" in captured.err and f"no-model-{MASK}" in captured.err
@@ -71,6 +98,7 @@ def test_cli_output_never_shows_secrets(ray_session, tmp_path, monkeypatch, caps
 
 
 # --- model loading: no remote code and no pickle unless the user opts in ---
+
 
 def test_defaults_are_off():
     from pipeline.config import ModelConfig
@@ -107,15 +135,24 @@ def test_remote_code_never_runs_unless_trusted(tiny_model_dir, tmp_path):
     shutil.copytree(tiny_model_dir, repo)
     marker = tmp_path / "EXECUTED"
     code = f"from pathlib import Path\nPath({str(marker)!r}).touch()\nfrom transformers import LlamaConfig\n"
-    files = {"configuration_custom.py": ("LlamaConfig", "class CustomConfig(LlamaConfig):\n    model_type = 'x'"),
-             "modeling_custom.py": ("LlamaForCausalLM", "class CustomModel(LlamaForCausalLM):\n    pass"),
-             "tokenization_custom.py": ("PreTrainedTokenizerFast", "class CustomTokenizer(PreTrainedTokenizerFast):\n"
-                                                                   "    pass")}
+    files = {
+        "configuration_custom.py": ("LlamaConfig", "class CustomConfig(LlamaConfig):\n    model_type = 'x'"),
+        "modeling_custom.py": ("LlamaForCausalLM", "class CustomModel(LlamaForCausalLM):\n    pass"),
+        "tokenization_custom.py": (
+            "PreTrainedTokenizerFast",
+            "class CustomTokenizer(PreTrainedTokenizerFast):\n    pass",
+        ),
+    }
     for name, (base, body) in files.items():
         (repo / name).write_text(code.replace("LlamaConfig", base) + body + "\n")
     config = json.loads((repo / "config.json").read_text())
-    config |= {"model_type": "x", "auto_map": {"AutoConfig": "configuration_custom.CustomConfig",
-                                                      "AutoModelForCausalLM": "modeling_custom.CustomModel"}}
+    config |= {
+        "model_type": "x",
+        "auto_map": {
+            "AutoConfig": "configuration_custom.CustomConfig",
+            "AutoModelForCausalLM": "modeling_custom.CustomModel",
+        },
+    }
     (repo / "config.json").write_text(json.dumps(config))
     tok_config = json.loads((repo / "tokenizer_config.json").read_text())
     tok_config["auto_map"] = {"AutoTokenizer": [None, "tokenization_custom.CustomTokenizer"]}

@@ -16,8 +16,9 @@ from stages.stage1_tokenize import run_tokenize, write_data_report
 
 
 def make_cfg(tiny_model_dir, tmp_path, **kw):
-    return config_from_dict({"model": str(tiny_model_dir), "cache_dir": str(tmp_path / "cache"),
-                             "output_dir": str(tmp_path / "out"), **kw})
+    return config_from_dict(
+        {"model": str(tiny_model_dir), "cache_dir": str(tmp_path / "cache"), "output_dir": str(tmp_path / "out"), **kw}
+    )
 
 
 def write_jsonl(path, rows):
@@ -31,18 +32,24 @@ def read_table(data):
 
 def test_counts_cache_reuse_and_force(ray_session, tiny_model_dir, tmp_path, tokenizer, capsys):
     rows = [{"prompt": f"Question {i}?", "chosen": f" answer {i}", "rejected": f" wrong {i}"} for i in range(6)]
-    rows += [rows[0],  # duplicate
-             {"prompt": "Same?", "chosen": " yes", "rejected": " yes"},  # identical completions
-             {"prompt": "Empty?", "chosen": "", "rejected": " no"},  # empty completion
-             {"prompt": "long " * 40, "chosen": " a", "rejected": " b"}]  # prompt alone fills max_length
+    rows += [
+        rows[0],  # duplicate
+        {"prompt": "Same?", "chosen": " yes", "rejected": " yes"},  # identical completions
+        {"prompt": "Empty?", "chosen": "", "rejected": " no"},  # empty completion
+        {"prompt": "long " * 40, "chosen": " a", "rejected": " b"},
+    ]  # prompt alone fills max_length
     src = write_jsonl(tmp_path / "train.jsonl", rows)
     cfg = make_cfg(tiny_model_dir, tmp_path, max_length=16)
     data = run_tokenize(cfg, (src,), "train")
     report = json.loads(write_data_report(cfg.data.output_dir, data, "train").read_text())
     assert report["rows_read"] == 10
     assert report["pairs_kept"] == 6
-    assert report["dropped"] == {"duplicate_pair": 1, "identical_completions": 1, "empty_completion": 1,
-                                 "prompt_too_long": 1}
+    assert report["dropped"] == {
+        "duplicate_pair": 1,
+        "identical_completions": 1,
+        "empty_completion": 1,
+        "prompt_too_long": 1,
+    }
     assert report["rows_read"] == report["pairs_kept"] + sum(report["dropped"].values())
 
     table = read_table(data)
@@ -86,27 +93,40 @@ def test_corrupt_entry_is_refused(ray_session, tiny_model_dir, tmp_path):
 def test_malformed_rows_stop_the_run_with_locations(ray_session, tiny_model_dir, tmp_path):
     path = tmp_path / "bad.jsonl"
     good = json.dumps({"prompt": "q", "chosen": " a", "rejected": " b"})
-    path.write_bytes("\n".join([
-        good,
-        '{"prompt": "q", "chosen": " a"',  # broken JSON
-        json.dumps({"prompt": "q", "rejected": " b"}),  # missing column
-        json.dumps({"prompt": "q", "chosen": None, "rejected": " b"}),  # null
-        json.dumps({"prompt": "q", "chosen": 7, "rejected": " b"}),  # wrong type
-    ]).encode() + b'\n{"prompt": "\xff", "chosen": "a", "rejected": "b"}\n')
+    path.write_bytes(
+        "\n".join(
+            [
+                good,
+                '{"prompt": "q", "chosen": " a"',  # broken JSON
+                json.dumps({"prompt": "q", "rejected": " b"}),  # missing column
+                json.dumps({"prompt": "q", "chosen": None, "rejected": " b"}),  # null
+                json.dumps({"prompt": "q", "chosen": 7, "rejected": " b"}),  # wrong type
+            ]
+        ).encode()
+        + b'\n{"prompt": "\xff", "chosen": "a", "rejected": "b"}\n'
+    )
     with pytest.raises(DataError) as e:
         run_tokenize(make_cfg(tiny_model_dir, tmp_path), (str(path),))
     msg = str(e.value)
     assert "5 malformed row(s)" in msg
-    for line, problem in [(2, "broken JSON"), (3, "missing column 'chosen'"), (4, "'chosen' is null"),
-                          (5, "'chosen' must be a string or a list of messages, got int"),
-                          (6, "text is not valid UTF-8")]:
+    for line, problem in [
+        (2, "broken JSON"),
+        (3, "missing column 'chosen'"),
+        (4, "'chosen' is null"),
+        (5, "'chosen' must be a string or a list of messages, got int"),
+        (6, "text is not valid UTF-8"),
+    ]:
         assert f"{path}, row {line}: {problem}" in msg
 
 
 def test_mixed_formats_are_refused(ray_session, tiny_model_dir, tmp_path):
     rows = [{"prompt": "q", "chosen": " a", "rejected": " b"}] * 1 + [
-        {"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "assistant", "content": "a"}],
-         "rejected": [{"role": "assistant", "content": "b"}]}] * 3
+        {
+            "prompt": [{"role": "user", "content": "q"}],
+            "chosen": [{"role": "assistant", "content": "a"}],
+            "rejected": [{"role": "assistant", "content": "b"}],
+        }
+    ] * 3
     src = write_jsonl(tmp_path / "mixed.jsonl", rows)
     with pytest.raises(DataError, match=r"mixes standard \(text\) and conversational .* row 1 is standard"):
         run_tokenize(make_cfg(tiny_model_dir, tmp_path), (src,))

@@ -42,35 +42,50 @@ ATOL, RTOL = 1e-5, 1e-6
 # Explicit-prompt standard rows; completions from 1 to ~40 tokens, chosen longer in some pairs and rejected
 # in others, and two pairs that max_length truncates (their completions lose the end, EOS included).
 ROWS = [
-    {"prompt": "What is the capital of France?", "chosen": " Paris.",
-     "rejected": " I think it might be Lyon, or possibly Marseille, but I am really not sure."},
+    {
+        "prompt": "What is the capital of France?",
+        "chosen": " Paris.",
+        "rejected": " I think it might be Lyon, or possibly Marseille, but I am really not sure.",
+    },
     {"prompt": "2+2=", "chosen": " 4", "rejected": " 5"},
-    {"prompt": "Write a haiku about rain.",
-     "chosen": " Soft rain on the roof,\nthe garden drinks in silence,\nclouds walk slowly home.",
-     "rejected": " Rain."},
+    {
+        "prompt": "Write a haiku about rain.",
+        "chosen": " Soft rain on the roof,\nthe garden drinks in silence,\nclouds walk slowly home.",
+        "rejected": " Rain.",
+    },
     {"prompt": "Say hi.", "chosen": " Hi!", "rejected": " Hello there, how are you doing today?"},
     {"prompt": "Translate 'chat' from French.", "chosen": " Cat.", "rejected": " Chat means to talk."},
     {"prompt": "Name three primary colours.", "chosen": " Red, yellow and blue.", "rejected": " Green."},
     {"prompt": "Is the earth flat? Answer in one word.", "chosen": " No.", "rejected": " Yes, obviously."},
-    {"prompt": "Tell me a long story about a dragon who learned to bake bread in a small village.",
-     "chosen": " Once upon a time a dragon named Ember lived above a village that smelled of fresh bread "
-               "every morning, and he longed to learn how it was made.",
-     "rejected": " No."},
-    {"prompt": "Describe the sea.", "chosen": " Vast, blue and restless under a changing sky.",
-     "rejected": " Wet."},
+    {
+        "prompt": "Tell me a long story about a dragon who learned to bake bread in a small village.",
+        "chosen": " Once upon a time a dragon named Ember lived above a village that smelled of fresh bread "
+        "every morning, and he longed to learn how it was made.",
+        "rejected": " No.",
+    },
+    {"prompt": "Describe the sea.", "chosen": " Vast, blue and restless under a changing sky.", "rejected": " Wet."},
     {"prompt": "Count to five.", "chosen": " 1, 2, 3, 4, 5.", "rejected": " 1, 2, 4."},
-    {"prompt": "Why is the sky blue?",
-     "chosen": " Sunlight scatters off air molecules, and blue light scatters most.",
-     "rejected": " Because the ocean reflects onto it, which is a common myth that many people still believe "
-                 "even though it is not true at all, as any good physics textbook will explain to you in some "
-                 "detail, with diagrams and equations."},
+    {
+        "prompt": "Why is the sky blue?",
+        "chosen": " Sunlight scatters off air molecules, and blue light scatters most.",
+        "rejected": " Because the ocean reflects onto it, which is a common myth that many people still believe "
+        "even though it is not true at all, as any good physics textbook will explain to you in some "
+        "detail, with diagrams and equations.",
+    },
     {"prompt": "Give me a word that rhymes with cat.", "chosen": " Hat.", "rejected": " Dog."},
 ]
 
 
 def make_cfg(model_dir, root, **kw):
-    return config_from_dict({"model": str(model_dir), "cache_dir": str(root / "cache"),
-                             "output_dir": str(root / "out"), "max_length": MAX_LENGTH, **kw})
+    return config_from_dict(
+        {
+            "model": str(model_dir),
+            "cache_dir": str(root / "cache"),
+            "output_dir": str(root / "out"),
+            "max_length": MAX_LENGTH,
+            **kw,
+        }
+    )
 
 
 def write_jsonl(path, rows):
@@ -92,6 +107,7 @@ def assert_close(actual, expected, what):
 
 # --- the independent per-pair reference ---
 
+
 def token_logps(model, ids: list[int], start: int) -> list[float]:
     """log p(x_t | x_<t) for every completion token t >= max(start, 1) of ONE unpadded sequence, float64."""
     with torch.no_grad():
@@ -110,10 +126,14 @@ def independent_scores(model_dir, rows: list[dict]) -> dict[str, dict]:
         j = token_logps(model, r[schema.REJECTED_INPUT_IDS], r[schema.REJECTED_COMPLETION_START])
         k = min(len(c), len(j))
         out[r[schema.PAIR_ID]] = {
-            schema.REF_CHOSEN_LOGPS: sum(c), schema.REF_REJECTED_LOGPS: sum(j),
-            schema.CHOSEN_TOKENS: len(c), schema.REJECTED_TOKENS: len(j),
-            schema.REF_CHOSEN_SHARED_LOGPS: sum(c[:k]), schema.REF_CHOSEN_TAIL_LOGPS: sum(c[k:]),
-            schema.REF_REJECTED_SHARED_LOGPS: sum(j[:k]), schema.REF_REJECTED_TAIL_LOGPS: sum(j[k:]),
+            schema.REF_CHOSEN_LOGPS: sum(c),
+            schema.REF_REJECTED_LOGPS: sum(j),
+            schema.CHOSEN_TOKENS: len(c),
+            schema.REJECTED_TOKENS: len(j),
+            schema.REF_CHOSEN_SHARED_LOGPS: sum(c[:k]),
+            schema.REF_CHOSEN_TAIL_LOGPS: sum(c[k:]),
+            schema.REF_REJECTED_SHARED_LOGPS: sum(j[:k]),
+            schema.REF_REJECTED_TAIL_LOGPS: sum(j[k:]),
         }
     return out
 
@@ -124,13 +144,19 @@ def assert_matches(scores: dict[str, dict], expected: dict[str, dict]):
         got = scores[pid]
         assert got[schema.CHOSEN_TOKENS] == want[schema.CHOSEN_TOKENS]
         assert got[schema.REJECTED_TOKENS] == want[schema.REJECTED_TOKENS]
-        for name in (schema.REF_CHOSEN_LOGPS, schema.REF_REJECTED_LOGPS, schema.REF_CHOSEN_SHARED_LOGPS,
-                     schema.REF_CHOSEN_TAIL_LOGPS, schema.REF_REJECTED_SHARED_LOGPS,
-                     schema.REF_REJECTED_TAIL_LOGPS):
+        for name in (
+            schema.REF_CHOSEN_LOGPS,
+            schema.REF_REJECTED_LOGPS,
+            schema.REF_CHOSEN_SHARED_LOGPS,
+            schema.REF_CHOSEN_TAIL_LOGPS,
+            schema.REF_REJECTED_SHARED_LOGPS,
+            schema.REF_REJECTED_TAIL_LOGPS,
+        ):
             assert_close(got[name], want[name], f"{pid} {name}")
 
 
 # --- one tokenized set and one scored entry, shared by the tests below ---
+
 
 @pytest.fixture(scope="module")
 def stage(ray_session, tiny_model_dir, tmp_path_factory):
@@ -155,6 +181,7 @@ def expected(stage, tiny_model_dir, tokenized_rows):
 
 
 # --- 1. the numbers ---
+
 
 def test_stage_scores_equal_independent_per_pair_forward(stage, expected):
     _, data, ref, _ = stage
@@ -189,22 +216,30 @@ def test_chunked_padded_and_single_pair_forwards_agree(stage, expected, tokenize
     assert batch.attention_mask.sum(dim=1).unique().numel() > 5  # many lengths in one padded batch
     with torch.inference_mode():
         small, large = (sequence_forward(model, batch, chunk_size=n) for n in (3, 4096))
-        alone = [sequence_forward(model, collate_pairs({k: [v[i]] for k, v in columns.items()}, pad_id))
-                 for i in range(b)]
+        alone = [
+            sequence_forward(model, collate_pairs({k: [v[i]] for k, v in columns.items()}, pad_id)) for i in range(b)
+        ]
     for i, r in enumerate(tokenized_rows):
         want = expected[r[schema.PAIR_ID]]
         for row, side in ((i, "chosen"), (b + i, "rejected")):
             one = alone[i]
             one_row = 0 if side == "chosen" else 1
             assert int(small.tokens[row]) == int(one.tokens[one_row]) == want[f"{side}_tokens"]
-            for field, name in (("logps", f"ref_{side}_logps"), ("shared_logps", f"ref_{side}_shared_logps"),
-                                ("tail_logps", f"ref_{side}_tail_logps")):
-                for how, stats, k in (("chunks of 3", small, row), ("chunks of 4096", large, row),
-                                      ("alone", one, one_row)):
+            for field, name in (
+                ("logps", f"ref_{side}_logps"),
+                ("shared_logps", f"ref_{side}_shared_logps"),
+                ("tail_logps", f"ref_{side}_tail_logps"),
+            ):
+                for how, stats, k in (
+                    ("chunks of 3", small, row),
+                    ("chunks of 4096", large, row),
+                    ("alone", one, one_row),
+                ):
                     assert_close(float(getattr(stats, field)[k]), want[name], f"pair {i} {name}, {how}")
 
 
 # --- 2. cache hit and --force ---
+
 
 def test_second_run_reuses_and_force_rescores_identically(stage, capsys):
     cfg, data, ref, _ = stage
@@ -260,12 +295,18 @@ def test_kill_midway_then_resume_scores_only_missing_shards(stage, tmp_path, cap
     cfg = stage[0].replace(cache_dir=str(tmp_path / "cache"))
     key, _, _ = reference_key(cfg, data)
     entry = Path(cfg.data.cache_dir) / "reference" / key
-    args = {"address": ray_address(), "path": str(data.path), "key": data.key, "manifest": data.manifest,
-            "cfg": cfg.flat()}
+    args = {
+        "address": ray_address(),
+        "path": str(data.path),
+        "key": data.key,
+        "manifest": data.manifest,
+        "cfg": cfg.flat(),
+    }
     log = tmp_path / "killed.log"
     with log.open("w") as fh:
-        proc = subprocess.Popen([sys.executable, "-c", KILLABLE, json.dumps(args)], cwd=REPO, stdout=fh,
-                                stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", KILLABLE, json.dumps(args)], cwd=REPO, stdout=fh, stderr=subprocess.STDOUT
+        )
     try:
         deadline = time.time() + 120
         while not list(entry.glob("shard-*.parquet")):
@@ -343,6 +384,7 @@ def test_scoring_actor_killed_midway_is_retried(stage, tmp_path, monkeypatch):
 
 # --- 4. refusals ---
 
+
 def test_corrupt_truncated_edited_and_missing_entries_are_refused(stage, tmp_path):
     cfg, data, ref, _ = stage
     cfg = cfg.replace(cache_dir=str(tmp_path / "cache"))
@@ -392,6 +434,7 @@ def test_corrupt_truncated_edited_and_missing_entries_are_refused(stage, tmp_pat
 
 # --- 5. what the key covers ---
 
+
 def test_key_covers_tokenization_and_weights_but_no_training_setting(stage, tiny_model_dir, tokenizer, tmp_path):
     cfg, data, ref, src = stage
     assert reference_key(cfg, data)[0] == ref.key
@@ -438,6 +481,7 @@ def test_key_changes_when_one_embedding_row_changes(stage, tmp_path):
 
 # --- 6. with LoRA the reference is the base model ---
 
+
 def test_use_peft_reference_is_the_base_model(stage, expected, capsys):
     """The reference is `ref_model` or `model`, the base weights, never an adapter: same key, so the same entry,
     whose scores are the base model's (the independent forward above loads the base directory alone)."""
@@ -452,6 +496,7 @@ def test_use_peft_reference_is_the_base_model(stage, expected, capsys):
 
 
 # --- 7. several actors ---
+
 
 def test_two_actors_batches_of_four_and_one_pair_shards(ray_session, stage, expected, tmp_path, monkeypatch):
     """Two actors with one CPU each, blocks of one micro-batch of 4 mixed-length pairs, and shard_pairs=1:

@@ -35,16 +35,36 @@ def prepared(ray_session, tiny_model_dir, tmp_path_factory):
     """Tokenized and reference-scored train (32 pairs) and eval (6 pairs) data in one cache."""
     root = tmp_path_factory.mktemp("train")
     words = ["red", "blue", "green", "gold", "black", "white", "pink", "grey"]
-    train = [{"prompt": f"Name colour number {i}:", "chosen": f" {words[i % 8]} {i}",
-              "rejected": f" {words[(i + 3) % 8]} {words[i % 5]} {i + 1}"} for i in range(32)]
-    evals = [{"prompt": f"Which colour is {i}?", "chosen": f" {words[i % 8]}", "rejected": f" not {words[i % 8]}"}
-             for i in range(6)]
+    train = [
+        {
+            "prompt": f"Name colour number {i}:",
+            "chosen": f" {words[i % 8]} {i}",
+            "rejected": f" {words[(i + 3) % 8]} {words[i % 5]} {i + 1}",
+        }
+        for i in range(32)
+    ]
+    evals = [
+        {"prompt": f"Which colour is {i}?", "chosen": f" {words[i % 8]}", "rejected": f" not {words[i % 8]}"}
+        for i in range(6)
+    ]
     for name, rows in (("train.jsonl", train), ("eval.jsonl", evals)):
         (root / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    base = {"model": str(tiny_model_dir), "cache_dir": str(root / "cache"), "dataset": [str(root / "train.jsonl")],
-            "eval_dataset": [str(root / "eval.jsonl")], "max_steps": STEPS, "learning_rate": 1e-3,
-            "per_device_train_batch_size": 8, "logging_steps": 1, "save_steps": 2, "zero_stage": 0,
-            "gradient_checkpointing": False, "lr_scheduler_type": "linear", "warmup_steps": 1, "max_grad_norm": 1.0}
+    base = {
+        "model": str(tiny_model_dir),
+        "cache_dir": str(root / "cache"),
+        "dataset": [str(root / "train.jsonl")],
+        "eval_dataset": [str(root / "eval.jsonl")],
+        "max_steps": STEPS,
+        "learning_rate": 1e-3,
+        "per_device_train_batch_size": 8,
+        "logging_steps": 1,
+        "save_steps": 2,
+        "zero_stage": 0,
+        "gradient_checkpointing": False,
+        "lr_scheduler_type": "linear",
+        "warmup_steps": 1,
+        "max_grad_norm": 1.0,
+    }
     cfg = config_from_dict({**base, "output_dir": str(root / "prep")})
     for split, specs in (("train", cfg.data.dataset), ("eval", cfg.data.eval_dataset)):
         run_score_ref(cfg, run_tokenize(cfg, specs, split), split)
@@ -89,8 +109,19 @@ def test_one_worker_zero0_outputs(baseline, prepared, tiny_model_dir):
     assert len({x["step"] for x in lines if "eval_loss" in x}) == len([x for x in lines if "eval_loss" in x])
     # warm-up: step 1 runs at lr 0, so step 2 still sees the reference; from step 3 the policy has moved
     assert losses(lines)[1] == pytest.approx(LN2, abs=1e-5) and abs(losses(lines)[2] - LN2) > 1e-3
-    for key in ("rewards/margins", "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected",
-                "entropy", "mean_token_accuracy", "num_tokens", "grad_norm", "learning_rate", "epoch"):
+    for key in (
+        "rewards/margins",
+        "logps/chosen",
+        "logps/rejected",
+        "logits/chosen",
+        "logits/rejected",
+        "entropy",
+        "mean_token_accuracy",
+        "num_tokens",
+        "grad_norm",
+        "learning_rate",
+        "epoch",
+    ):
         assert key in lines[-2] or key in lines[-1]
     # linear schedule, 1 warm-up step, 4 steps: the rate after step s is lr * lambda(s)
     lrs = [x["learning_rate"] for x in lines if "loss" in x]
@@ -124,8 +155,14 @@ def test_one_worker_zero0_outputs(baseline, prepared, tiny_model_dir):
 def test_two_workers_match_one_worker(prepared, baseline, zero_stage, padding_free):
     """The baseline runs padding-free (the default); the ZeRO-2 run uses right-padded rows with SDPA masks,
     so it also shows the two layouts follow the same trajectory."""
-    _, _, lines = train(prepared, f"w2z{zero_stage}", num_workers=2, per_device_train_batch_size=4,
-                        zero_stage=zero_stage, padding_free=padding_free)
+    _, _, lines = train(
+        prepared,
+        f"w2z{zero_stage}",
+        num_workers=2,
+        per_device_train_batch_size=4,
+        zero_stage=zero_stage,
+        padding_free=padding_free,
+    )
     assert_reference_start(lines)
     assert losses(lines) == pytest.approx(losses(baseline[2]), abs=2e-4)
 
@@ -142,8 +179,13 @@ def test_killed_worker_is_survived_and_resume_matches(prepared, baseline, tmp_pa
     cfg = {**base, "output_dir": str(out), "run_name": "killed", "max_failures": 1}
     (tmp_path / "c.yaml").write_text(json.dumps(cfg))
     env = {**os.environ, FAULT_ENV: f"kill:3:{tmp_path / 'marker'}", "RAY_ADDRESS": ""}
-    proc = subprocess.run([sys.executable, "-m", "pipeline", "train", "--config", str(tmp_path / "c.yaml")],
-                          env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", "train", "--config", str(tmp_path / "c.yaml")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "marker").exists()  # the fault really happened
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -171,8 +213,9 @@ def test_rerun_with_same_name_resumes(prepared, baseline, tmp_path):
     (tmp_path / "c.yaml").write_text(json.dumps(cfg))
     cmd = [sys.executable, "-m", "pipeline", "train", "--config", str(tmp_path / "c.yaml")]
     env = {**os.environ, "RAY_ADDRESS": ""}
-    failed = subprocess.run(cmd, env={**env, FAULT_ENV: f"raise:3:{tmp_path / 'marker'}"}, capture_output=True,
-                            text=True, timeout=600)
+    failed = subprocess.run(
+        cmd, env={**env, FAULT_ENV: f"raise:3:{tmp_path / 'marker'}"}, capture_output=True, text=True, timeout=600
+    )
     assert failed.returncode != 0
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -188,8 +231,16 @@ def test_token_budget_batches_on_two_workers(prepared):
     from pipeline.training import PairTable
     from stages.stage1_tokenize import find_tokenized
 
-    cfg, summary, lines = train(prepared, "budget", max_tokens_per_batch=60, num_workers=2, zero_stage=2,
-                                gradient_accumulation_steps=2, max_steps=-1, num_train_epochs=1.0)
+    cfg, summary, lines = train(
+        prepared,
+        "budget",
+        max_tokens_per_batch=60,
+        num_workers=2,
+        zero_stage=2,
+        gradient_accumulation_steps=2,
+        max_steps=-1,
+        num_train_epochs=1.0,
+    )
     assert_reference_start(lines)
     files = find_tokenized(cfg.with_absolute_paths(), cfg.data.dataset).files
     import pyarrow.parquet as pq
@@ -207,8 +258,7 @@ def test_token_budget_batches_on_two_workers(prepared):
 
 
 def test_lora_run_exports_adapter_and_merged(prepared):
-    cfg, _, lines = train(prepared, "lora", use_peft=True, lora_r=4, lora_alpha=8, lora_dropout=0.0,
-                                learning_rate=1e-2)
+    cfg, _, lines = train(prepared, "lora", use_peft=True, lora_r=4, lora_alpha=8, lora_dropout=0.0, learning_rate=1e-2)
     assert_reference_start(lines)  # with a fresh adapter the policy is the base model, i.e. the reference
     assert abs(losses(lines)[2] - LN2) > 1e-3  # the adapter moved the policy
     final = Path(cfg.data.output_dir) / "final"
@@ -223,10 +273,14 @@ def test_lora_run_exports_adapter_and_merged(prepared):
 
 def test_bad_setups_are_clear_errors(prepared, tmp_path):
     _, base = prepared
-    with pytest.raises(ConfigError, match=r"needs num_workers x per_device_train_batch_size x .* = 64 pairs, but "
-                                          r"the training data has 32"):
-        run_train(config_from_dict({**base, "output_dir": str(tmp_path), "per_device_train_batch_size": 32,
-                                    "num_workers": 2}))
+    with pytest.raises(
+        ConfigError,
+        match=r"needs num_workers x per_device_train_batch_size x .* = 64 pairs, but "
+        r"the training data has 32",
+    ):
+        run_train(
+            config_from_dict({**base, "output_dir": str(tmp_path), "per_device_train_batch_size": 32, "num_workers": 2})
+        )
     with pytest.raises(CacheError, match=r"Produce it with `dpo-pipeline tokenize`"):
         run_train(config_from_dict({**base, "output_dir": str(tmp_path), "max_length": 9}))
     with pytest.raises(CacheError, match=r"Produce it with `dpo-pipeline score-ref`.* dtype bfloat16"):

@@ -88,12 +88,28 @@ def test_pipeline_on_uris_matches_local_paths(ray_session, tiny_model_dir, tmp_p
     in the URI locations, and a second scoring run that reuses the entry."""
     rows = [{"prompt": f"Count {i}:", "chosen": f" {i} {i + 1}", "rejected": f" {i + 2}"} for i in range(12)]
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    base = {"model": str(tiny_model_dir), "dataset": [str(tmp_path / "pairs.jsonl")], "max_steps": 2,
-            "per_device_train_batch_size": 4, "precompute_ref_batch_size": 1, "logging_steps": 1, "save_steps": 1,
-            "zero_stage": 0, "gradient_checkpointing": False, "learning_rate": 1e-3}
+    base = {
+        "model": str(tiny_model_dir),
+        "dataset": [str(tmp_path / "pairs.jsonl")],
+        "max_steps": 2,
+        "per_device_train_batch_size": 4,
+        "precompute_ref_batch_size": 1,
+        "logging_steps": 1,
+        "save_steps": 1,
+        "zero_stage": 0,
+        "gradient_checkpointing": False,
+        "learning_rate": 1e-3,
+    }
     local = config_from_dict({**base, "cache_dir": str(tmp_path / "local"), "output_dir": str(tmp_path / "lo")})
-    remote = config_from_dict({**base, "cache_dir": uri(tmp_path / "remote"), "output_dir": uri(tmp_path / "ro"),
-                               "storage_path": uri(tmp_path / "ckpt"), "run_name": "uri"})
+    remote = config_from_dict(
+        {
+            **base,
+            "cache_dir": uri(tmp_path / "remote"),
+            "output_dir": uri(tmp_path / "ro"),
+            "storage_path": uri(tmp_path / "ckpt"),
+            "run_name": "uri",
+        }
+    )
 
     def scores(ref):
         fs, files = storage.parquet_source(ref.files)

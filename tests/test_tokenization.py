@@ -69,8 +69,10 @@ def test_conversational_explicit(tokenizer):
 
 def test_conversational_implicit(tokenizer):
     user = {"role": "user", "content": "Name a colour."}
-    row = {"chosen": [user, {"role": "assistant", "content": "Blue."}],
-           "rejected": [user, {"role": "assistant", "content": "Seven."}]}
+    row = {
+        "chosen": [user, {"role": "assistant", "content": "Blue."}],
+        "rejected": [user, {"role": "assistant", "content": "Seven."}],
+    }
     out = tokenize_row(row, tokenizer, 1024)
     prompt_text = SYSTEM + "<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\n"
     assert out.chosen_input_ids == ids(tokenizer, prompt_text + "Blue.<|im_end|>\n")
@@ -78,10 +80,12 @@ def test_conversational_implicit(tokenizer):
 
 
 def test_conversational_system_and_chat_template_kwargs(tokenizer):
-    row = {"prompt": [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"}],
-           "chosen": [{"role": "assistant", "content": "Hello."}],
-           "rejected": [{"role": "assistant", "content": "Go away."}],
-           "chat_template_kwargs": {"unused_flag": True}}
+    row = {
+        "prompt": [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"}],
+        "chosen": [{"role": "assistant", "content": "Hello."}],
+        "rejected": [{"role": "assistant", "content": "Go away."}],
+        "chat_template_kwargs": {"unused_flag": True},
+    }
     out = tokenize_row(row, tokenizer, 1024)
     text = "<|im_start|>system\nBe terse.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
     assert out.chosen_input_ids == ids(tokenizer, text + "Hello.<|im_end|>\n")
@@ -116,20 +120,25 @@ def test_truncate_helper_hand_worked():
 def test_drops(tokenizer):
     long_prompt = "word " * 50
     assert tokenize_row({"prompt": long_prompt, "chosen": " a", "rejected": " b"}, tokenizer, 10) == Drop(
-        PROMPT_TOO_LONG)
+        PROMPT_TOO_LONG
+    )
     # keep_end keeps the end of the completion, so nothing is dropped (TRL rule)
-    assert not isinstance(tokenize_row({"prompt": long_prompt, "chosen": " a", "rejected": " b"}, tokenizer, 10,
-                                       "keep_end"), Drop)
-    assert tokenize_row({"prompt": "q", "chosen": " a", "rejected": " a"}, tokenizer, 10) == Drop(
-        IDENTICAL_COMPLETIONS)
+    assert not isinstance(
+        tokenize_row({"prompt": long_prompt, "chosen": " a", "rejected": " b"}, tokenizer, 10, "keep_end"), Drop
+    )
+    assert tokenize_row({"prompt": "q", "chosen": " a", "rejected": " a"}, tokenizer, 10) == Drop(IDENTICAL_COMPLETIONS)
     assert tokenize_row({"prompt": "q", "chosen": "", "rejected": " a"}, tokenizer, 10) == Drop(EMPTY_COMPLETION)
 
 
 def test_extract_prompt_matches_trl():
     from trl.data_utils import extract_prompt as trl_extract
 
-    cases = [("Q: x A: yes", "Q: x A: no"), ("abc", "abd"), ("same start", "same start and more"),
-             ("\n\nHuman: hi\n\nAssistant: a", "\n\nHuman: hi\n\nAssistant: b")]
+    cases = [
+        ("Q: x A: yes", "Q: x A: no"),
+        ("abc", "abd"),
+        ("same start", "same start and more"),
+        ("\n\nHuman: hi\n\nAssistant: a", "\n\nHuman: hi\n\nAssistant: b"),
+    ]
     for chosen, rejected in cases:
         expected = trl_extract({"chosen": chosen, "rejected": rejected})
         assert extract_prompt(chosen, rejected) == (expected["prompt"], expected["chosen"], expected["rejected"])
@@ -143,18 +152,51 @@ def test_extract_prompt_matches_trl():
         ({"prompt": "q", "rejected": "b"}, "missing column 'chosen'"),
         ({"prompt": "q", "chosen": 3, "rejected": "b"}, "'chosen' must be a string or a list of messages, got int"),
         ({"prompt": "q", "chosen": None, "rejected": "b"}, "'chosen' is null"),
-        ({"prompt": "q", "chosen": "a", "rejected": [{"role": "assistant", "content": "b"}]},
-         "mixes standard text and message lists"),
-        ({"prompt": [{"role": "user"}], "chosen": [{"role": "assistant", "content": "a"}],
-          "rejected": [{"role": "assistant", "content": "b"}]}, "'prompt' message 0 needs both 'role' and 'content'"),
-        ({"prompt": [{"role": "user", "content": 5}], "chosen": [{"role": "assistant", "content": "a"}],
-          "rejected": [{"role": "assistant", "content": "b"}]}, "content must be a string"),
-        ({"prompt": [{"role": "wizard", "content": "x"}], "chosen": [{"role": "assistant", "content": "a"}],
-          "rejected": [{"role": "assistant", "content": "b"}]}, "has role 'wizard'"),
-        ({"prompt": ["hi"], "chosen": [{"role": "assistant", "content": "a"}],
-          "rejected": [{"role": "assistant", "content": "b"}]}, "must be an object with role and content"),
-        ({"prompt": [{"role": "user", "content": "x"}], "chosen": [{"role": "assistant", "content": "a"}],
-          "rejected": [{"role": "assistant", "content": "b"}], "tools": "{not json"}, "'tools' is a string but not"),
+        (
+            {"prompt": "q", "chosen": "a", "rejected": [{"role": "assistant", "content": "b"}]},
+            "mixes standard text and message lists",
+        ),
+        (
+            {
+                "prompt": [{"role": "user"}],
+                "chosen": [{"role": "assistant", "content": "a"}],
+                "rejected": [{"role": "assistant", "content": "b"}],
+            },
+            "'prompt' message 0 needs both 'role' and 'content'",
+        ),
+        (
+            {
+                "prompt": [{"role": "user", "content": 5}],
+                "chosen": [{"role": "assistant", "content": "a"}],
+                "rejected": [{"role": "assistant", "content": "b"}],
+            },
+            "content must be a string",
+        ),
+        (
+            {
+                "prompt": [{"role": "wizard", "content": "x"}],
+                "chosen": [{"role": "assistant", "content": "a"}],
+                "rejected": [{"role": "assistant", "content": "b"}],
+            },
+            "has role 'wizard'",
+        ),
+        (
+            {
+                "prompt": ["hi"],
+                "chosen": [{"role": "assistant", "content": "a"}],
+                "rejected": [{"role": "assistant", "content": "b"}],
+            },
+            "must be an object with role and content",
+        ),
+        (
+            {
+                "prompt": [{"role": "user", "content": "x"}],
+                "chosen": [{"role": "assistant", "content": "a"}],
+                "rejected": [{"role": "assistant", "content": "b"}],
+                "tools": "{not json",
+            },
+            "'tools' is a string but not",
+        ),
     ],
 )
 def test_row_errors(tokenizer, row, message):

@@ -32,24 +32,40 @@ def setup(tmp_path_factory):
     vocab = {"<pad>": PAD, "<eos>": EOS, "<unk>": 2, **{f"w{i}": i + 3 for i in range(VOCAB - 3)}}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", pad_token="<pad>",
-                                        unk_token="<unk>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=PAD, eos_token_id=EOS)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=PAD,
+        eos_token_id=EOS,
+    )
     model = LlamaForCausalLM(config)
     ref_model = copy.deepcopy(model)
     with torch.no_grad():  # a reference that differs slightly, so rewards are not zero
         for p in ref_model.parameters():
             p.add_(0.05 * torch.randn_like(p))
 
-    args = DPOConfig(output_dir=str(tmp_path_factory.mktemp("trl")), report_to=[], bf16=False, use_cpu=True,
-                     gradient_checkpointing=False, use_weighting=True,  # makes TRL compute log_sum_sq_probs
-                     max_length=None, save_strategy="no", disable_tqdm=True)
+    args = DPOConfig(
+        output_dir=str(tmp_path_factory.mktemp("trl")),
+        report_to=[],
+        bf16=False,
+        use_cpu=True,
+        gradient_checkpointing=False,
+        use_weighting=True,  # makes TRL compute log_sum_sq_probs
+        max_length=None,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
     train = Dataset.from_dict({"prompt": ["w1 w2"], "chosen": [" w3"], "rejected": [" w4"]})
-    trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=train,
-                         processing_class=tokenizer)
+    trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=train, processing_class=tokenizer)
     model.train()
 
     # Pair 0's chosen completion is the policy's greedy continuation, so mean_token_accuracy is not 0.
@@ -67,11 +83,18 @@ def setup(tmp_path_factory):
     # and the aot losses really sort.
     with torch.no_grad():
         body = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        logps = sequence_stats(body.last_hidden_state, model.lm_head, batch["input_ids"],
-                               batch["completion_mask"], torch.zeros(6, dtype=torch.long)).logps
+        logps = sequence_stats(
+            body.last_hidden_state,
+            model.lm_head,
+            batch["input_ids"],
+            batch["completion_mask"],
+            torch.zeros(6, dtype=torch.long),
+        ).logps
     chosen, rejected = logps.chunk(2)
-    cached = {"ref_chosen_logps": chosen + torch.tensor([-4.0, -2.0, 5.0]),
-              "ref_rejected_logps": rejected + torch.tensor([6.0, -2.7, -5.0])}
+    cached = {
+        "ref_chosen_logps": chosen + torch.tensor([-4.0, -2.0, 5.0]),
+        "ref_rejected_logps": rejected + torch.tensor([6.0, -2.7, -5.0]),
+    }
     return trainer, model, ref_model, batch, cached
 
 
@@ -83,8 +106,12 @@ CASES = [
     {"loss_type": ("sigmoid_norm", "ipo"), "ld_alpha": 0.0, "beta": 0.5},
     {"loss_type": ("sigmoid",), "f_divergence_type": "forward_kl"},
     {"loss_type": ("ipo", "discopop"), "f_divergence_type": "js_divergence", "discopop_tau": 0.2},
-    {"loss_type": ("hinge", "robust"), "f_divergence_type": "alpha_divergence",
-     "f_alpha_divergence_coef": 0.3, "label_smoothing": 0.2},
+    {
+        "loss_type": ("hinge", "robust"),
+        "f_divergence_type": "alpha_divergence",
+        "f_alpha_divergence_coef": 0.3,
+        "label_smoothing": 0.2,
+    },
     {"loss_type": ("aot", "aot_unpaired"), "label_smoothing": 0.1},
     {"loss_type": ("sigmoid",), "use_weighting": True},
     {"loss_type": ("ipo", "nca_pair", "apo_down"), "use_weighting": True, "ld_alpha": 0.3},
@@ -117,8 +144,7 @@ def our_loss(cfg: LossConfig, model, ref_model, batch, cached: dict | None = Non
     counts = completion[:, 1:].sum(dim=1)
     shared_len = torch.minimum(*counts.chunk(2)).repeat(2)
     hidden = model.model(input_ids=ids, attention_mask=attention).last_hidden_state
-    policy = sequence_stats(hidden, model.lm_head, ids, completion, shared_len, chunk_size=5,
-                            with_metrics=True)
+    policy = sequence_stats(hidden, model.lm_head, ids, completion, shared_len, chunk_size=5, with_metrics=True)
     if cached is None:
         with torch.no_grad():
             ref_hidden = ref_model.model(input_ids=ids, attention_mask=attention).last_hidden_state
@@ -128,11 +154,15 @@ def our_loss(cfg: LossConfig, model, ref_model, batch, cached: dict | None = Non
         ref_logps = cached["ref_chosen_logps"], cached["ref_rejected_logps"]
     logps = ld_logps(policy.shared_logps, policy.tail_logps, cfg.ld_alpha).chunk(2)
     x = PreferenceInputs(
-        policy_chosen_logps=logps[0], policy_rejected_logps=logps[1],
-        ref_chosen_logps=ref_logps[0], ref_rejected_logps=ref_logps[1],
-        chosen_tokens=policy.tokens.chunk(2)[0], rejected_tokens=policy.tokens.chunk(2)[1],
+        policy_chosen_logps=logps[0],
+        policy_rejected_logps=logps[1],
+        ref_chosen_logps=ref_logps[0],
+        ref_rejected_logps=ref_logps[1],
+        chosen_tokens=policy.tokens.chunk(2)[0],
+        rejected_tokens=policy.tokens.chunk(2)[1],
         policy_chosen_full_logps=policy.logps.chunk(2)[0],
-        wpo_chosen_logps=policy.wpo_logps.chunk(2)[0], wpo_rejected_logps=policy.wpo_logps.chunk(2)[1],
+        wpo_chosen_logps=policy.wpo_logps.chunk(2)[0],
+        wpo_rejected_logps=policy.wpo_logps.chunk(2)[1],
     )
     out = dpo_loss(cfg, x)
     return out, finalize(batch_metric_sums(out, x, policy))
@@ -173,13 +203,17 @@ def test_loss_gradients_and_metrics_match_trl(setup, case):
     compare_with_trl(setup, case, precomputed=False)
 
 
-@pytest.mark.parametrize("case", [
-    {"loss_type": ("aot",)},
-    {"loss_type": ("aot_unpaired",), "label_smoothing": 0.2},
-    {"loss_type": ("sigmoid", "sft"), "ld_alpha": 0.5},
-    {"loss_type": ("sigmoid_norm",), "use_weighting": True},
-    {"loss_type": ("discopop", "hinge"), "f_divergence_type": "js_divergence"},
-], ids=case_id)
+@pytest.mark.parametrize(
+    "case",
+    [
+        {"loss_type": ("aot",)},
+        {"loss_type": ("aot_unpaired",), "label_smoothing": 0.2},
+        {"loss_type": ("sigmoid", "sft"), "ld_alpha": 0.5},
+        {"loss_type": ("sigmoid_norm",), "use_weighting": True},
+        {"loss_type": ("discopop", "hinge"), "f_divergence_type": "js_divergence"},
+    ],
+    ids=case_id,
+)
 def test_cached_reference_matches_trl_precompute(setup, case):
     compare_with_trl(setup, case, precomputed=True)
 
@@ -193,8 +227,10 @@ def test_the_batch_exercises_the_metrics_and_the_sort(setup):
     assert 0 < logged["rewards/accuracies"] < 1
     assert logged["rewards/chosen"] != 0 and logged["rewards/margins"] != 0
     with torch.no_grad():
-        sigmoid, aot = (our_loss(LossConfig(loss_type=(name,)), model, ref_model, batch, cached)[0].loss
-                        for name in ("sigmoid", "aot"))
+        sigmoid, aot = (
+            our_loss(LossConfig(loss_type=(name,)), model, ref_model, batch, cached)[0].loss
+            for name in ("sigmoid", "aot")
+        )
     assert abs(sigmoid - aot) > 1e-3
 
 

@@ -61,8 +61,17 @@ class Schedule:
         padded: whether padding counts against the budget (padding_free off).
     """
 
-    def __init__(self, num_pairs: int, seed: int, num_workers: int, per_device: int, accumulation: int,
-                 lengths: np.ndarray | None = None, max_tokens: int | None = None, padded: bool = False):
+    def __init__(
+        self,
+        num_pairs: int,
+        seed: int,
+        num_workers: int,
+        per_device: int,
+        accumulation: int,
+        lengths: np.ndarray | None = None,
+        max_tokens: int | None = None,
+        padded: bool = False,
+    ):
         if max_tokens is not None and (lengths is None or len(lengths) != num_pairs):
             raise ValueError("a token budget needs the (num_pairs, 2) lengths")
         self.num_pairs, self.seed, self.num_workers = num_pairs, seed, num_workers
@@ -76,12 +85,12 @@ class Schedule:
         order = np.random.default_rng([self.seed, epoch]).permutation(self.num_pairs)
         if self.max_tokens is None:
             usable = self.num_pairs // (self.per_step * self.per_device) * self.per_step
-            return tuple(order[i * self.per_device:(i + 1) * self.per_device] for i in range(usable))
+            return tuple(order[i * self.per_device : (i + 1) * self.per_device] for i in range(usable))
         assert self.lengths is not None
         cost = pair_cost(self.lengths, self.padded)
         batches: list[np.ndarray] = []
         for w in range(0, self.num_pairs, WINDOW):
-            window = order[w:w + WINDOW]
+            window = order[w : w + WINDOW]
             window = window[np.argsort(cost[window], kind="stable")]
             batches.extend(pack_by_budget(window, self.lengths, self.max_tokens, self.padded))
         shuffled = np.random.default_rng([self.seed, epoch, 1]).permutation(len(batches))
@@ -115,7 +124,7 @@ class Schedule:
     def step_batches(self, step: int) -> list[np.ndarray]:
         """All micro-batches of optimizer step `step` (0-based), rank-major within each accumulation slot."""
         epoch, in_epoch = self.locate(step)
-        return list(self._epoch(epoch)[in_epoch * self.per_step:(in_epoch + 1) * self.per_step])
+        return list(self._epoch(epoch)[in_epoch * self.per_step : (in_epoch + 1) * self.per_step])
 
     def micro_batches(self, step: int, rank: int) -> list[np.ndarray]:
         """Row indices of rank `rank`'s micro-batches for optimizer step `step`."""
@@ -137,13 +146,20 @@ class Schedule:
         return total + math.ceil((num_train_epochs - whole) * self.steps_in_epoch(whole))
 
 
-def eval_batches(num_pairs: int, rank: int, num_workers: int, per_device: int, lengths: np.ndarray | None = None,
-                 max_tokens: int | None = None, padded: bool = False) -> list[np.ndarray]:
+def eval_batches(
+    num_pairs: int,
+    rank: int,
+    num_workers: int,
+    per_device: int,
+    lengths: np.ndarray | None = None,
+    max_tokens: int | None = None,
+    padded: bool = False,
+) -> list[np.ndarray]:
     """Every eval pair exactly once, spread over ranks; ranks with fewer batches get empty ones so that every
     rank runs the same number of forwards. With a token budget the pairs are cut in length order."""
     if max_tokens is None:
         rows = np.arange(num_pairs)
-        batches = [rows[i:i + per_device] for i in range(0, num_pairs, per_device)]
+        batches = [rows[i : i + per_device] for i in range(0, num_pairs, per_device)]
     else:
         assert lengths is not None
         order = np.argsort(pair_cost(lengths, padded), kind="stable")

@@ -89,8 +89,9 @@ def sequence_stats(
     for i in range(n_chunks):
         chunk = slice(i * chunk_size, (i + 1) * chunk_size)
         if torch.is_grad_enabled():
-            parts.append(checkpoint(_score_chunk, selected[chunk], labels[chunk], lm_head, with_metrics,
-                                    use_reentrant=False))
+            parts.append(
+                checkpoint(_score_chunk, selected[chunk], labels[chunk], lm_head, with_metrics, use_reentrant=False)
+            )
         else:
             parts.append(_score_chunk(selected[chunk], labels[chunk], lm_head, with_metrics))
     per_token = [torch.cat(column) for column in zip(*parts, strict=True)]
@@ -118,8 +119,9 @@ def sequence_stats(
     return SequenceStats(**stats)
 
 
-def _score_chunk(h: Tensor, labels: Tensor, lm_head: Callable[[Tensor], Tensor],
-                 with_metrics: bool) -> tuple[Tensor, ...]:
+def _score_chunk(
+    h: Tensor, labels: Tensor, lm_head: Callable[[Tensor], Tensor], with_metrics: bool
+) -> tuple[Tensor, ...]:
     """Per-token log p(label) for one chunk, plus the metric terms (no grad) when asked."""
     logits = lm_head(h)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))

@@ -119,10 +119,12 @@ def dpo_loss(cfg: LossSettings, x: PreferenceInputs) -> LossOutput:
     scores = Scores(
         chosen_logratios,
         rejected_logratios,
-        f_divergence_score(chosen_logratios, cfg.f_divergence_type, cfg.f_alpha_divergence_coef,
-                           cfg.f_divergence_clamp),
-        f_divergence_score(rejected_logratios, cfg.f_divergence_type, cfg.f_alpha_divergence_coef,
-                           cfg.f_divergence_clamp),
+        f_divergence_score(
+            chosen_logratios, cfg.f_divergence_type, cfg.f_alpha_divergence_coef, cfg.f_divergence_clamp
+        ),
+        f_divergence_score(
+            rejected_logratios, cfg.f_divergence_type, cfg.f_alpha_divergence_coef, cfg.f_divergence_clamp
+        ),
     )
     weights = wpo_weights(x) if cfg.use_weighting else None
     losses = {}
@@ -179,8 +181,10 @@ def wpo_weights(x: PreferenceInputs) -> Tensor:
     """WPO pair weight ω = exp(ā_w) · exp(ā_l), no gradient; ā = aligned log-prob / |y| (WPO paper Eq. 2,
     https://arxiv.org/abs/2406.11827). (B,)"""
     if x.wpo_chosen_logps is None or x.wpo_rejected_logps is None:
-        raise ValueError("use_weighting needs wpo_chosen_logps and wpo_rejected_logps "
-                         "(sequence_stats(..., with_metrics=True).wpo_logps)")
+        raise ValueError(
+            "use_weighting needs wpo_chosen_logps and wpo_rejected_logps "
+            "(sequence_stats(..., with_metrics=True).wpo_logps)"
+        )
     with torch.no_grad():
         chosen = torch.exp(x.wpo_chosen_logps / x.chosen_tokens.clamp(min=1))
         rejected = torch.exp(x.wpo_rejected_logps / x.rejected_tokens.clamp(min=1))
@@ -250,8 +254,9 @@ def exo_pair(x: PreferenceInputs, s: Scores, cfg: LossSettings) -> Tensor:
     """
     z = cfg.beta * s.delta
     eps = cfg.label_smoothing
-    return (torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-eps))
-            + torch.sigmoid(-z) * (F.logsigmoid(-z) - math.log(eps)))
+    return torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-eps)) + torch.sigmoid(-z) * (
+        F.logsigmoid(-z) - math.log(eps)
+    )
 
 
 @_register("nca_pair")
@@ -369,8 +374,11 @@ def apo_down(x: PreferenceInputs, s: Scores, cfg: LossSettings) -> Tensor:
     Where: β = cfg.beta; ρ_w, ρ_l log-ratios.
     Shapes: s.* (B,) → (B,)
     """
-    return (torch.sigmoid(cfg.beta * s.chosen_logratios)
-            + 1 - torch.sigmoid(cfg.beta * (s.chosen_logratios - s.rejected_logratios)))
+    return (
+        torch.sigmoid(cfg.beta * s.chosen_logratios)
+        + 1
+        - torch.sigmoid(cfg.beta * (s.chosen_logratios - s.rejected_logratios))
+    )
 
 
 @_register("discopop")

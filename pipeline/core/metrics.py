@@ -46,8 +46,9 @@ SLOTS = (
 _INDEX = {name: i for i, name in enumerate(SLOTS)}
 
 
-def batch_metric_sums(out: LossOutput, x: PreferenceInputs, policy: SequenceStats, input_tokens: int = 0,
-                      loss_scale: float = 1.0) -> Tensor:
+def batch_metric_sums(
+    out: LossOutput, x: PreferenceInputs, policy: SequenceStats, input_tokens: int = 0, loss_scale: float = 1.0
+) -> Tensor:
     """One micro-batch's local sums and counts, a (len(SLOTS),) float64 tensor on the loss's device.
 
     Args:
@@ -82,8 +83,7 @@ def batch_metric_sums(out: LossOutput, x: PreferenceInputs, policy: SequenceStat
         "input_tokens": input_tokens,
     }
     device = out.loss.device
-    return torch.stack([torch.as_tensor(values[name], device=device).detach().to(torch.float64)
-                        for name in SLOTS])
+    return torch.stack([torch.as_tensor(values[name], device=device).detach().to(torch.float64) for name in SLOTS])
 
 
 def slot_total(rows: Tensor, name: str) -> float:
