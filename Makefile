@@ -29,9 +29,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -c "import torch, ray, deepspeed, transformers, pipeline; print('installed: torch', torch.__version__, '| ray', ray.__version__, '| deepspeed', deepspeed.__version__, '| transformers', transformers.__version__)"
 	touch $(STAMP)
 
-test: setup
-	$(BIN)/ruff check pipeline stages tests bench
-	$(BIN)/python -m pytest -q
+# Lint (including the layering rules in */ruff.toml), format, types, then the tests; -rs lists every skip
+# with its reason, so a skipped check is visible in CI's log.
+test: setup lint
+	$(BIN)/mypy
+	$(BIN)/python -m pytest -q -rs
 
 demo: setup
 	$(BIN)/dpo-pipeline run --config configs/demo.yaml

@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 HH_RLHF = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tiny_models, shared with the tests
 
 
 def parse_args() -> argparse.Namespace:
@@ -174,9 +175,10 @@ def main() -> None:
 
 
 def build_model(work: Path, args: argparse.Namespace) -> Path:
+    from tiny_models import make_tiny_model
     from transformers import AutoTokenizer
 
-    from pipeline.models import builtin_gguf, load_tokenizer, make_tiny_model
+    from pipeline.models import builtin_gguf, load_tokenizer
 
     source, gguf_file = builtin_gguf("smollm2-135m")
     AutoTokenizer.from_pretrained(source, gguf_file=gguf_file).save_pretrained(work / "tokenizer")

@@ -307,8 +307,8 @@ def train_step_flops(model_dir: str, cfg_dict: dict, work: Path, steps: range) -
 
     from pipeline.config import config_from_dict
     from pipeline.core.packing import scored_tokens
-    from pipeline.training import PairTable
-    from stages.stage1_tokenize import find_tokenized
+    from pipeline.entries import find_tokenized
+    from pipeline.pairs import PairTable
 
     cfg = config_from_dict({**cfg_dict, "output_dir": str(work / "ours")}).with_absolute_paths()
     pairs = PairTable.from_batches([pq.read_table(f) for f in find_tokenized(cfg, cfg.data.dataset).files])

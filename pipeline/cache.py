@@ -12,11 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
-import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from pipeline import storage
@@ -66,32 +63,9 @@ def describe_files(directory: Location, names: list[str]) -> dict[str, dict[str,
     return {n: {"bytes": (directory / n).stat().st_size, "blake2b": file_checksum(directory / n)} for n in names}
 
 
-def write_json_atomic(path: Location, payload: Any) -> None:
-    """Write JSON via a temporary file and rename, so readers never see half a file."""
-    with storage.writing(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if isinstance(path, storage.RemotePath):
-            tmp_remote = path.parent / f".{path.name}.{uuid.uuid4().hex}"
-            try:
-                tmp_remote.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
-                storage.replace(tmp_remote, path)
-            except BaseException:
-                tmp_remote.unlink(missing_ok=True)
-                raise
-            return
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(payload, fh, indent=2, sort_keys=True, default=str)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-
-
-def write_manifest(directory: Location, key: str, kind: str, files: list[str], rows: int, **info: Any) -> dict:
+def write_manifest(
+    directory: Location, key: str, kind: str, files: list[str], rows: int, **info: Any
+) -> dict[str, Any]:
     """Checksum the data files and write the manifest last: from here on the entry is valid."""
     manifest = {
         "key": key,
@@ -101,11 +75,11 @@ def write_manifest(directory: Location, key: str, kind: str, files: list[str], r
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **info,
     }
-    write_json_atomic(directory / MANIFEST, manifest)
+    storage.write_json_atomic(directory / MANIFEST, manifest)
     return manifest
 
 
-def read_valid_manifest(directory: Location, key: str, produce_hint: str) -> dict:
+def read_valid_manifest(directory: Location, key: str, produce_hint: str) -> dict[str, Any]:
     """The manifest of a valid entry, or CacheError saying what is wrong and what to do."""
     path = directory / MANIFEST
     if not directory.exists():
@@ -145,4 +119,4 @@ def read_valid_manifest(directory: Location, key: str, produce_hint: str) -> dic
                 f"cache entry {directory}: {name} fails its checksum (corrupt). Delete the directory "
                 "or rerun with --force."
             )
-    return manifest
+    return dict(manifest)

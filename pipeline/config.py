@@ -19,7 +19,7 @@ from typing import Any, Literal
 import yaml
 
 from pipeline.errors import ConfigError
-from pipeline.storage import check_uri
+from pipeline.uris import check_uri
 
 LOSS_TYPES = (
     "sigmoid",
@@ -392,14 +392,14 @@ class Config:
     def with_absolute_paths(self) -> Config:
         """Local paths made absolute, so Ray workers (whose working directory differs) write where meant."""
 
-        def absolute(p: str | None) -> str | None:
-            return p if p is None or "://" in p else str(Path(p).expanduser().resolve())
+        def absolute(p: str) -> str:
+            return p if "://" in p else str(Path(p).expanduser().resolve())
 
-        d = self.data
+        d, storage = self.data, self.scale.storage_path
         return dataclasses.replace(
             self,
             data=dataclasses.replace(d, cache_dir=absolute(d.cache_dir), output_dir=absolute(d.output_dir)),
-            scale=dataclasses.replace(self.scale, storage_path=absolute(self.scale.storage_path)),
+            scale=dataclasses.replace(self.scale, storage_path=None if storage is None else absolute(storage)),
         )
 
     def replace(self, **overrides: Any) -> Config:

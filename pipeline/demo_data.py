@@ -19,13 +19,12 @@ import hashlib
 import json
 import os
 import random
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
 from pipeline.errors import PipelineError
-from pipeline.storage import local_cache_dir
+from pipeline.storage import atomic_target, local_cache_dir
 
 # "-text" variants hold the same pairs in standard (plain text) form: no chat template, ~2.4x fewer tokens.
 BUILTIN_DATASETS: tuple[str, ...] = ("demo-train", "demo-test", "demo-train-text", "demo-test-text")
@@ -278,12 +277,6 @@ def builtin_dataset_path(name: str, cache_dir: str | os.PathLike, n: int | None 
     split: Literal["train", "test"] = "train" if name.startswith("demo-train") else "test"
     pairs = generate_pairs(split, n, conversational=not name.endswith("-text"))
     lines = "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}-", suffix=".jsonl.tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(lines)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_target(path) as tmp:
+        tmp.write_text(lines, encoding="utf-8")
     return path

@@ -9,7 +9,7 @@ Both give the same hidden states for every real token, so the log-prob function 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -20,7 +20,7 @@ from pipeline.core.logprobs import SequenceStats, sequence_stats
 from pipeline.core.packing import PairBatch, pack, scored_tokens
 
 
-def collate_pairs(columns: dict[str, Sequence[Any]], pad_token_id: int) -> PairBatch:
+def collate_pairs(columns: Mapping[str, Sequence[Any]], pad_token_id: int) -> PairBatch:
     """Columns of the tokenized schema (lists, numpy or Arrow-converted) -> a PairBatch."""
     chosen = [list(map(int, ids)) for ids in columns[schema.CHOSEN_INPUT_IDS]]
     rejected = [list(map(int, ids)) for ids in columns[schema.REJECTED_INPUT_IDS]]

@@ -17,10 +17,13 @@ from __future__ import annotations
 import importlib.util
 import itertools
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from pipeline.config import ModelConfig
 
 VARLEN_SDPA = "dpo_varlen_sdpa"  # our registered attention implementation for packed rows off CUDA
 
@@ -47,7 +50,7 @@ def liger_available() -> bool:
     return importlib.util.find_spec("liger_kernel") is not None
 
 
-def choose_kernels(model_cfg: Any, cuda: bool, dtype: str) -> Kernels:
+def choose_kernels(model_cfg: ModelConfig, cuda: bool, dtype: str) -> Kernels:
     """Resolve `attn_implementation` ("auto") and `use_liger_kernel` (null = auto) for this machine.
 
     auto picks flash-attention-2 on CUDA with flash-attn installed and a 16-bit dtype (its kernels have no
@@ -56,7 +59,7 @@ def choose_kernels(model_cfg: Any, cuda: bool, dtype: str) -> Kernels:
     """
     from pipeline.errors import ConfigError
 
-    impl = model_cfg.attn_implementation
+    impl: str = model_cfg.attn_implementation
     if impl == "auto":
         impl = "flash_attention_2" if cuda and flash_attn_available() and dtype != "float32" else "sdpa"
     elif impl == "flash_attention_2" and not (cuda and flash_attn_available()):
@@ -79,7 +82,7 @@ def choose_kernels(model_cfg: Any, cuda: bool, dtype: str) -> Kernels:
     return Kernels(impl, model_cfg.padding_free, liger)
 
 
-def apply_liger(model: Any, kernels: Kernels) -> None:
+def apply_liger(model: torch.nn.Module, kernels: Kernels) -> None:
     """Swap RMSNorm, SwiGLU and RoPE for Liger's Triton kernels. The LM head is left alone: our chunked
     log-prob function never builds the logits that Liger's fused cross-entropy would save."""
     if not kernels.liger:

@@ -12,16 +12,19 @@ them (`open_loggers`). Metric names are those transformers' callbacks use: W&B a
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import urlsplit, urlunsplit
 
 from pipeline.config import Config
 from pipeline.errors import ConfigError
+from pipeline.rundir import METRICS, TENSORBOARD
+from pipeline.uris import redact_uri
 
 EXTERNAL = ("wandb", "mlflow")
 PIP_NAMES = {"wandb": "wandb", "mlflow": "mlflow-skinny (or mlflow)"}
@@ -30,16 +33,6 @@ PIP_NAMES = {"wandb": "wandb", "mlflow": "mlflow-skinny (or mlflow)"}
 def tracker_name(key: str) -> str:
     """metrics.jsonl key -> TensorBoard / W&B name, as transformers' `rewrite_logs`: eval_x -> eval/x, x -> train/x."""
     return "eval/" + key[len("eval_") :] if key.startswith("eval_") else "train/" + key
-
-
-def redact_uri(uri: str) -> str:
-    """A URI fit to print: user, password and query string (where tokens hide) replaced by ***."""
-    parts = urlsplit(uri)
-    if not parts.netloc and not parts.query:
-        return uri
-    host = parts.netloc.rsplit("@", 1)[-1]
-    netloc = f"***@{host}" if "@" in parts.netloc else host
-    return urlunsplit((parts.scheme, netloc, parts.path, "***" if parts.query else "", parts.fragment))
 
 
 # --- driver: where each requested logger goes ---
@@ -173,3 +166,67 @@ class MLflowLogger:
 
     def close(self) -> None:
         self.client.set_terminated(self.run_id)
+
+
+# --- rank 0: the metrics of a run ---
+
+
+class MetricsLog:
+    """metrics.jsonl (one line per logging step, each step once even after a resume), TensorBoard, the
+    optional experiment loggers and a console line with progress and ETA. Only rank 0 makes one."""
+
+    def __init__(self, output_dir: str, start_step: int, total_steps: int, loggers: Sequence[ExperimentLogger] = ()):
+        self.dir = Path(output_dir).expanduser()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.dir / METRICS
+        kept = []
+        if start_step > 0 and self.path.exists():  # drop lines written after the checkpoint we resume from
+            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= start_step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tb = SummaryWriter(str(self.dir / TENSORBOARD), purge_step=start_step + 1 if start_step else None)
+        self.loggers = list(loggers)
+        self.total = total_steps
+        self.start_step = start_step
+        self.t0 = time.time()
+
+    def write(self, step: int, values: dict[str, float], prefix: str = "") -> None:
+        record = {"step": step, **{f"{prefix}{k}": v for k, v in values.items()}}
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        logged = {k: v for k, v in record.items() if k != "step"}
+        for k, v in logged.items():
+            if isinstance(v, (int, float)) and math.isfinite(v):
+                self.tb.add_scalar(tracker_name(k), v, step)
+        self.tb.flush()
+        for logger in self.loggers:
+            logger.log(logged, step)
+        print(self._console(step, values, prefix), flush=True)
+
+    def _console(self, step: int, v: dict[str, float], prefix: str) -> str:
+        if prefix:
+            return (
+                f"[eval] step {step}: loss {v['loss']:.4f} | reward acc {v['rewards/accuracies']:.3f} | "
+                f"margin {v['rewards/margins']:.4f}"
+            )
+        done = step - self.start_step
+        rate = done / (time.time() - self.t0) if done else 0.0
+        eta = (self.total - step) / rate if rate else float("nan")
+        return (
+            f"[train] step {step}/{self.total} ({100 * step / self.total:.0f}%) epoch {v['epoch']:.2f} | "
+            f"loss {v['loss']:.4f} | reward acc {v['rewards/accuracies']:.3f} | margin "
+            f"{v['rewards/margins']:.4f} | {v.get('pairs_per_second', 0.0):.2f} pairs/s | ETA {_eta(eta)}"
+        )
+
+    def close(self) -> None:
+        self.tb.close()
+        for logger in self.loggers:
+            logger.close()
+
+
+def _eta(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    m, s = divmod(int(seconds), 60)
+    return f"{m}m{s:02d}s"

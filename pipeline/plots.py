@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.container import BarContainer
 from matplotlib.figure import Figure
 
 DPI = 120
@@ -208,12 +209,14 @@ def _series(fig: Figure) -> tuple[Series, ...]:
     out = []
     for ax in fig.axes:
         out += [
-            Series(line.get_label(), len(line.get_xdata()))
+            Series(str(line.get_label()), len(np.asarray(line.get_xdata())))
             for line in ax.get_lines()
-            if not line.get_label().startswith("_")
+            if not str(line.get_label()).startswith("_")
         ]
         for bars in ax.containers:
-            label = bars.patches[0].get_label() if bars.patches else bars.get_label()
+            if not isinstance(bars, BarContainer):
+                continue
+            label = str(bars.patches[0].get_label() if bars.patches else bars.get_label())
             if not label.startswith("_"):
                 out.append(Series(label, round(sum(p.get_height() for p in bars.patches))))
     return tuple(out)

@@ -14,7 +14,8 @@ import re
 import sys
 from typing import Any, TextIO
 
-MASK = "***"
+from pipeline.uris import MASK, mask_credentials
+
 SECRET_NAME_PARTS = {"TOKEN", "SECRET", "PASSWORD", "PASSWD", "KEY", "CREDENTIALS", "APIKEY"}
 MIN_SECRET_LENGTH = 8  # shorter values ("1", "true", "token") would mask ordinary words
 
@@ -23,7 +24,6 @@ PATTERNS = (
     re.compile(r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b"),  # AWS access key ids
     re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?-----END [A-Z ]*PRIVATE KEY-----", re.S),
 )
-URI_USERINFO = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s:]+:[^@\s]*@")  # scheme://user:password@
 
 
 NAME_PARTS = re.compile(r"[_\W]+")
@@ -45,7 +45,7 @@ def redact(text: str, environ: dict[str, str] | None = None) -> str:
         text = text.replace(value, MASK)
     for pattern in PATTERNS:
         text = pattern.sub(MASK, text)
-    return URI_USERINFO.sub(rf"\1{MASK}@", text)
+    return mask_credentials(text)
 
 
 def redact_value(value: Any) -> Any:

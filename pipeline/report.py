@@ -10,25 +10,18 @@ is missing (no eval set, a run that has not finished, a deleted cache entry) is 
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import yaml
 
-from pipeline import plots, schema
+from pipeline import plots
 from pipeline.config import config_fields
-from pipeline.errors import PipelineError
-from pipeline.loggers import redact_uri
+from pipeline.rundir import DATA_REPORTS, PLOTS, REPORT, SUMMARY, TENSORBOARD, RunData, load_run, splits
+from pipeline.storage import LocalMirror, Location
+from pipeline.uris import redact_uri
 
-METRICS = "metrics.jsonl"
-SUMMARY = "train_summary.json"
-REPORT = "report.md"
-PLOTS_DIR = "plots"
-DATA_REPORTS = {"train": "data_report.json", "eval": "eval_data_report.json"}
 TABLE_METRICS = (
     "loss",
     "rewards/accuracies",
@@ -50,88 +43,20 @@ def fmt(value: float) -> str:
 
 
 @dataclass(frozen=True)
-class RunData:
-    dir: Path
-    train: list[dict[str, Any]]  # metrics.jsonl training lines
-    evals: list[dict[str, Any]]  # eval lines, keys without the eval_ prefix
-    summary: dict[str, Any] | None
-    data_reports: dict[str, dict[str, Any]]  # split -> data report
-    ref_margins: dict[str, np.ndarray]  # split -> reference log-prob margins, one per pair
-    ref_notes: dict[str, str]  # split -> why its margins are missing
-
-    @property
-    def config(self) -> dict[str, Any]:
-        return (self.summary or {}).get("config", {})
-
-
-@dataclass(frozen=True)
 class Report:
-    path: Path
+    path: Location
     plots: tuple[plots.Plot, ...]
-
-
-# --- reading a run directory ---
-
-
-def load_run(run_dir: str | Path) -> RunData:
-    """Read a run directory; PipelineError if it is not one."""
-    d = Path(run_dir).expanduser().resolve()
-    if not d.is_dir():
-        raise PipelineError(f"{run_dir}: no such directory")
-    if not (d / METRICS).is_file():
-        raise PipelineError(
-            f"{run_dir} is not a run directory: {METRICS} is missing (`dpo-pipeline train` writes it into output_dir)"
-        )
-    train, evals = [], []
-    for n, line in enumerate((d / METRICS).read_text().splitlines(), start=1):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise PipelineError(f"{d / METRICS}, line {n}: not JSON ({e.msg})") from None
-        if "eval_loss" in record:
-            evals.append({k.removeprefix("eval_"): v for k, v in record.items()})
-        elif "loss" in record:
-            train.append(record)
-    if not train:
-        raise PipelineError(f"{d / METRICS} has no training step yet: nothing to report")
-    summary = json.loads((d / SUMMARY).read_text()) if (d / SUMMARY).is_file() else None
-    data_reports = {
-        split: json.loads((d / name).read_text()) for split, name in DATA_REPORTS.items() if (d / name).is_file()
-    }
-    margins, notes = _reference_margins((summary or {}).get("inputs"))
-    return RunData(d, train, evals, summary, data_reports, margins, notes)
-
-
-def _reference_margins(inputs: dict[str, Any] | None) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """ref_chosen_logps − ref_rejected_logps of every pair, from the cache entries the run used."""
-    if not inputs:
-        return {}, {"train": f"the cache entries used are not recorded in {SUMMARY}"}
-    import pyarrow.parquet as pq
-
-    margins, notes = {}, {}
-    for split in _splits(inputs):
-        path = Path(inputs[split]["reference"])
-        manifest = path / "manifest.json"
-        if not manifest.is_file():
-            notes[split] = f"the reference cache entry {path} no longer exists"
-            continue
-        files = sorted(json.loads(manifest.read_text())["files"])
-        table = pq.ParquetDataset([str(path / f) for f in files]).read(
-            columns=[schema.REF_CHOSEN_LOGPS, schema.REF_REJECTED_LOGPS]
-        )
-        margins[split] = (
-            table.column(schema.REF_CHOSEN_LOGPS).to_numpy() - table.column(schema.REF_REJECTED_LOGPS).to_numpy()
-        )
-    return margins, notes
 
 
 # --- writing the report ---
 
 
-def write_report(run_dir: str | Path) -> Report:
-    """Write `<run_dir>/report.md` and `<run_dir>/plots/*.png`; returns the path and what each plot shows."""
+def write_report(run_dir: str) -> Report:
+    """Write `<run_dir>/report.md` and `<run_dir>/plots/*.png`; returns the path and what each plot shows.
+    For a URI run directory the files are made in a local folder and uploaded."""
     run = load_run(run_dir)
-    plot_dir = run.dir / PLOTS_DIR
+    out = LocalMirror(str(run.dir))
+    plot_dir = out.local / PLOTS
     curves = [
         plots.curve_plot(plot_dir, file, title, ylabel, metrics, run.train, run.evals)
         for file, title, ylabel, metrics in plots.CURVES
@@ -152,9 +77,10 @@ def write_report(run_dir: str | Path) -> Report:
     made = tuple(curves) + ((histogram,) if histogram else ())
     for stale in set(plot_dir.glob("*.png")) - {plot_dir / p.file for p in made}:  # e.g. a cache entry since deleted
         stale.unlink()
-    path = run.dir / REPORT
-    path.write_text(text)
-    return Report(path, made)
+    (out.local / REPORT).write_text(text)
+    out.push()
+    out.close()
+    return Report(run.dir / REPORT, made)
 
 
 def _header(run: RunData) -> list[str]:
@@ -162,12 +88,12 @@ def _header(run: RunData) -> list[str]:
     last = run.train[-1]
     title = f"# DPO run report: {c.get('run_name', run.dir.name)}"
     lines = [title, "", f"`{run.dir}`, written {time.strftime('%Y-%m-%d %H:%M')} by `dpo-pipeline report`.", ""]
-    if c:
-        weights = c["loss_weights"] or [1.0] * len(c["loss_type"])
-        losses = " + ".join(f"{w} × {t}" for t, w in zip(c["loss_type"], weights))
+    cfg = run.cfg
+    if cfg is not None:
+        losses = " + ".join(f"{w} × {t}" for t, w in zip(cfg.loss.loss_type, cfg.loss.weights))
         lines += [
-            f"Policy `{c['model']}` trained for {last['step']} optimizer steps with {losses} (β = {c['beta']}); "
-            f"reference `{c['ref_model'] or c['model']}`, scored once and cached.",
+            f"Policy `{cfg.model.model}` trained for {last['step']} optimizer steps with {losses} (β = "
+            f"{cfg.loss.beta}); reference `{cfg.ref_model_name}`, scored once and cached.",
             "",
         ]
     return lines
@@ -187,7 +113,7 @@ def _summary(run: RunData) -> list[str]:
     gpu = run.config.get("use_gpu", False)
     memory = "maximum CUDA memory allocated" if gpu else "maximum resident set size of the process"
     resumed = f" ({s['steps_this_run']} in the last launch)" if s["steps_this_run"] != s["train_steps"] else ""
-    loggers = ["TensorBoard: `tensorboard --logdir " + str(run.dir / "tensorboard") + "`"]
+    loggers = ["TensorBoard: `tensorboard --logdir " + str(run.dir / TENSORBOARD) + "`"]
     loggers += [f"{name}: {where}" for name, where in s.get("loggers", {}).items()]
     lines += [
         "| | |",
@@ -200,7 +126,7 @@ def _summary(run: RunData) -> list[str]:
         f"| workers | {s['num_workers']} × DeepSpeed ZeRO-{s['zero_stage']}{', GPU' if gpu else ', CPU'} |",
         "| pairs | "
         + (
-            ", ".join(f"{split}: {s['inputs'][split]['pairs']}" for split in _splits(s["inputs"]))
+            ", ".join(f"{split}: {s['inputs'][split]['pairs']}" for split in splits(s["inputs"]))
             if s.get("inputs")
             else "not recorded"
         )
@@ -257,7 +183,7 @@ def _curves(made: list[plots.Plot]) -> list[str]:
         lines += [
             f"### {p.title}",
             "",
-            f"![{p.title}]({PLOTS_DIR}/{p.file})",
+            f"![{p.title}]({PLOTS}/{p.file})",
             "",
             f"*Series: {shown}.{' ' + p.note[0].upper() + p.note[1:] + '.' if p.note else ''}*",
             "",
@@ -306,7 +232,7 @@ def _reference(run: RunData, histogram: plots.Plot | None) -> list[str]:
         )
     lines += [f"- {split}: no histogram: {why}." for split, why in run.ref_notes.items()]
     if histogram is not None:
-        lines += ["", f"![{histogram.title}]({PLOTS_DIR}/{histogram.file})"]
+        lines += ["", f"![{histogram.title}]({PLOTS}/{histogram.file})"]
     return [*lines, ""]
 
 
@@ -328,11 +254,6 @@ def _config(run: RunData) -> list[str]:
         "```",
         "",
     ]
-
-
-def _splits(per_split: dict[str, Any]) -> list[str]:
-    """Split names, train first (train_summary.json stores its keys sorted)."""
-    return sorted(per_split, key=lambda split: (split != "train", split))
 
 
 def _duration(seconds: float) -> str:

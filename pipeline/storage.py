@@ -15,50 +15,26 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
-import re
 import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlsplit
+from typing import Any, overload
 
 import pyarrow.fs as pafs
 
 from pipeline.errors import ConfigError, PipelineError
+from pipeline.uris import check_uri, is_uri
 
 DEFAULT_LOCAL_CACHE = "~/.cache/dpo-pipeline"
-# scheme://user@ or scheme://user:password@ (a password may hold '/', which urlsplit would take for the path)
-USERINFO = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://[^/@\s:]*(?::[^@\s]*)?@")
 
 
 class StorageError(PipelineError):
     """A cache or output location cannot be written: missing permission, read-only, full, not a directory."""
-
-
-def is_uri(p: str | os.PathLike) -> bool:
-    return "://" in str(p)
-
-
-def check_uri(key: str, value: str | None) -> None:
-    """Refuse URIs that carry credentials or options (they would be printed and stored with the path)."""
-    if value is None or not is_uri(value):
-        return
-    parts = urlsplit(value)
-    if USERINFO.match(value):
-        raise ConfigError(
-            f"{key}: a URI must not contain credentials (user:password@ was given; the value is not "
-            "shown). Let the provider's credential chain supply them: environment variables, an "
-            "instance role or workload identity."
-        )
-    if parts.query or parts.fragment:
-        raise ConfigError(
-            f"{key}={value.split('?')[0]}?...: options in the URI are not supported; configure the "
-            "filesystem through its environment variables (e.g. AWS_ENDPOINT_URL, AWS_REGION)."
-        )
 
 
 def location(p: str | os.PathLike) -> Location:
@@ -120,13 +96,13 @@ class RemotePath:
         return self.fs.get_file_info(self.path)
 
     def exists(self) -> bool:
-        return self._info().type != pafs.FileType.NotFound
+        return bool(self._info().type != pafs.FileType.NotFound)
 
     def is_file(self) -> bool:
-        return self._info().type == pafs.FileType.File
+        return bool(self._info().type == pafs.FileType.File)
 
     def is_dir(self) -> bool:
-        return self._info().type == pafs.FileType.Directory
+        return bool(self._info().type == pafs.FileType.Directory)
 
     def stat(self) -> _Stat:
         info = self._info()
@@ -147,7 +123,7 @@ class RemotePath:
 
     def read_bytes(self) -> bytes:
         with self.open("rb") as fh:
-            return fh.read()
+            return bytes(fh.read())
 
     def read_text(self, encoding: str = "utf-8") -> str:
         return self.read_bytes().decode(encoding)
@@ -183,6 +159,55 @@ def make_temp_dir(parent: Location, prefix: str) -> Location:
     return Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
 
 
+@overload
+def atomic_target(
+    target: Path, directory: bool = False, keep_existing: bool = False
+) -> contextlib.AbstractContextManager[Path]: ...
+@overload
+def atomic_target(
+    target: Location, directory: bool = False, keep_existing: bool = False
+) -> contextlib.AbstractContextManager[Location]: ...
+@contextlib.contextmanager  # type: ignore[misc]  # the overloads above give the precise types
+def atomic_target(target: Location, directory: bool = False, keep_existing: bool = False) -> Iterator[Location]:
+    """A temporary sibling of `target` (a file, or a directory with `directory`) for the block to fill. When
+    the block succeeds it takes `target`'s place in one move, so readers see the old content or the new, never
+    half of it; when the block fails it is removed. A directory already at `target` is replaced, or with
+    `keep_existing` kept (another process finished first) and the new one dropped. Failed writes become
+    StorageError (see `writing`).
+
+        with atomic_target(path / "manifest.json") as tmp:
+            tmp.write_text(text)
+    """
+    parent = target.parent
+    with writing(target):
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = make_temp_dir(parent, f".{target.name}-") if directory else parent / f".{target.name}.{uuid.uuid4().hex}"
+        try:
+            yield tmp
+            if isinstance(tmp, Path) and not directory:
+                _fsync(tmp)
+            if directory and target.exists():
+                if keep_existing:
+                    rmtree(tmp)
+                    return
+                rmtree(target)
+            replace(tmp, target)
+        except BaseException:
+            rmtree(tmp) if directory else tmp.unlink(missing_ok=True)
+            raise
+
+
+def write_json_atomic(path: Location, payload: Any) -> None:
+    """Write JSON so that readers never see half a file (`atomic_target`)."""
+    with atomic_target(path) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
+
+
+def _fsync(path: Path) -> None:
+    with path.open("rb") as fh:
+        os.fsync(fh.fileno())
+
+
 def rmtree(p: Location) -> None:
     if isinstance(p, RemotePath):
         if p.exists():
@@ -214,10 +239,11 @@ class LocalMirror:
     def __init__(self, target: str, fetch: tuple[str, ...] = ()):
         where = location(target)
         self.remote = where if isinstance(where, RemotePath) else None
-        self.local = Path(tempfile.mkdtemp(prefix="dpo-output-")) if self.remote else Path(where)
-        for name in fetch if self.remote else ():
-            if (self.remote / name).exists():
-                _copy_tree(self.remote.fs, (self.remote / name).path, pafs.LocalFileSystem(), str(self.local / name))
+        self.local = where if isinstance(where, Path) else Path(tempfile.mkdtemp(prefix="dpo-output-"))
+        if isinstance(where, RemotePath):
+            for name in fetch:
+                if (where / name).exists():
+                    _copy_tree(where.fs, (where / name).path, pafs.LocalFileSystem(), str(self.local / name))
 
     def push(self) -> None:
         if self.remote is not None:

@@ -19,56 +19,24 @@ import pyarrow as pa
 import ray
 
 from pipeline import cache, schema, storage
+from pipeline.cluster import cluster_cpus
 from pipeline.config import Config
+from pipeline.entries import TOKENIZED, TokenizedData, reusable, tokenized_key
 from pipeline.errors import DataError
-from pipeline.models import load_tokenizer, resolve_model, tokenizer_fingerprint
-from pipeline.sources import InputFile, expand_inputs, fingerprint_inputs, read_rows
+from pipeline.models import load_tokenizer
+from pipeline.sources import InputFile, read_rows
 from pipeline.tokenization import (
     DUPLICATE_PAIR,
-    TOKENIZATION_VERSION,
     Drop,
     RowError,
+    TokenizedPair,
     parse_record,
     row_format,
     tokenize_row,
 )
 
-KIND = "tokenized"
 MAX_ERRORS_SHOWN = 10
 KEPT, DROPPED, ERROR = "kept", "dropped", "error"
-
-
-class TokenizedData(cache.CacheEntry):
-    """A valid stage-1 cache entry."""
-
-    @property
-    def report(self) -> dict[str, Any]:
-        return self.manifest["report"]
-
-
-# --- the key: everything that changes the token ids ---
-
-
-def tokenized_key(cfg: Config, specs: tuple[str, ...]) -> tuple[str, list[InputFile], str, dict[str, Any]]:
-    model_dir = resolve_model(cfg.model.model, cfg.data.cache_dir)
-    tokenizer = load_tokenizer(model_dir, cfg.model.trust_remote_code)
-    files = expand_inputs(specs, cfg.data.cache_dir)
-    parts = {
-        "inputs": fingerprint_inputs(files),
-        "tokenizer": tokenizer_fingerprint(tokenizer),
-        "max_length": cfg.data.max_length,
-        "truncation_mode": cfg.data.truncation_mode,
-        "version": TOKENIZATION_VERSION,
-    }
-    return cache.cache_key(**parts), files, model_dir, parts
-
-
-def find_tokenized(cfg: Config, specs: tuple[str, ...]) -> TokenizedData:
-    """The valid entry for these inputs and settings, or CacheError saying how to produce it."""
-    key, _, _, _ = tokenized_key(cfg, specs)
-    path = cache.entry_dir(cfg.data.cache_dir, KIND, key)
-    hint = f"Produce it with `dpo-pipeline tokenize` (or `dpo-pipeline run`) for dataset {list(specs)}."
-    return TokenizedData(path, key, cache.read_valid_manifest(path, key, hint))
 
 
 # --- Ray user functions: convert a batch, call pipeline/ ---
@@ -104,9 +72,9 @@ class _Tokenize:
             out["status"].append(status)
             out["detail"].append(detail)
             out["fmt"].append(fmt)
-            out["prompt_merged"].append(bool(kept and result.prompt_merged))
+            out["prompt_merged"].append(isinstance(result, TokenizedPair) and result.prompt_merged)
             for name in schema.TOKENIZED_SCHEMA.names:
-                default = "" if name == schema.PAIR_ID else [] if name.endswith("_ids") else 0
+                default: Any = "" if name == schema.PAIR_ID else [] if name.endswith("_ids") else 0
                 out[name].append(getattr(result, name) if kept else default)
         out["truncated"] = [bool(t) for t in out["truncated"]]
         return {**out, "file_index": batch["file_index"], "source": batch["source"], "row": batch["row"]}
@@ -117,20 +85,15 @@ class _Tokenize:
 
 def run_tokenize(cfg: Config, specs: tuple[str, ...], split: str = "train", force: bool = False) -> TokenizedData:
     key, files, model_dir, parts = tokenized_key(cfg, specs)
-    path = cache.entry_dir(cfg.data.cache_dir, KIND, key)
-    if path.exists() and not force:
-        found = TokenizedData(path, key, cache.read_valid_manifest(path, key, "Rerun with --force to rebuild it."))
-        print(
-            f"[tokenize] {split}: reusing cached tokenized data {path} ({found.manifest['rows']} pairs); "
-            "nothing rewritten",
-            flush=True,
-        )
-        return found
+    path = cache.entry_dir(cfg.data.cache_dir, TOKENIZED, key)
+    found = None if force else reusable(path, key, f"[tokenize] {split}", "tokenized data")
+    if found is not None:
+        return TokenizedData(path, key, found)
 
     start = time.time()
     print(f"[tokenize] {split}: {len(files)} file(s) -> {path}", flush=True)
     items = [{"path": f.path, "kind": f.kind, "file_index": i} for i, f in enumerate(files)]
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    cpus = cluster_cpus()
     rows = ray.data.from_items(items).flat_map(_read_file, num_cpus=0)  # light: never waits behind the actors
     tokenized = rows.map_batches(
         _Tokenize,
@@ -149,21 +112,13 @@ def run_tokenize(cfg: Config, specs: tuple[str, ...], split: str = "train", forc
     report = _report(summary, len(duplicate_rows), split)
 
     kept = tokenized.map_batches(_keep_unique, fn_kwargs={"duplicates": duplicate_rows}, batch_format="pyarrow")
-    with storage.writing(path):
-        tmp = storage.make_temp_dir(_kind_dir(cfg), f".{key}-")
-        try:
-            kept.sort(schema.PAIR_ID).write_parquet(str(tmp))
-            names = sorted(p.name for p in tmp.iterdir() if p.name.endswith(".parquet"))
-            if path.exists():  # --force: replace the old entry only once the new one is complete
-                storage.rmtree(path)
-            storage.replace(tmp, path)
-        except BaseException:
-            storage.rmtree(tmp)
-            raise
+    with storage.atomic_target(path, directory=True) as tmp:  # --force replaces the old entry only now
+        kept.sort(schema.PAIR_ID).write_parquet(str(tmp))
+        names = sorted(p.name for p in tmp.iterdir() if p.name.endswith(".parquet"))
     manifest = cache.write_manifest(
         path,
         key,
-        KIND,
+        TOKENIZED,
         names,
         rows=report["pairs_kept"],
         inputs=parts,
@@ -180,19 +135,6 @@ def run_tokenize(cfg: Config, specs: tuple[str, ...], split: str = "train", forc
             flush=True,
         )
     return TokenizedData(path, key, manifest)
-
-
-def write_data_report(output_dir: str, data: TokenizedData, split: str) -> storage.Location:
-    """`<output_dir>/data_report.json` (train) or `eval_data_report.json`: rows read, kept, dropped by reason."""
-    out = storage.location(output_dir) / ("data_report.json" if split == "train" else f"{split}_data_report.json")
-    cache.write_json_atomic(out, {**data.report, "split": split, "tokenized_path": str(data.path)})
-    return out
-
-
-def _kind_dir(cfg: Config) -> storage.Location:
-    d = storage.location(cfg.data.cache_dir) / KIND
-    d.mkdir(parents=True, exist_ok=True)
-    return d
 
 
 def _keep_unique(batch: pa.Table, duplicates: set[tuple[int, int]]) -> pa.Table:

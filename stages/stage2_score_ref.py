@@ -25,54 +25,24 @@ import pyarrow.parquet as pq
 import ray
 
 from pipeline import cache, schema, storage
+from pipeline.cluster import cpus_each
 from pipeline.config import Config, ModelConfig
+from pipeline.entries import (
+    LOGPROB_VERSION,
+    REFERENCE,
+    ReferenceScores,
+    TokenizedData,
+    reference_key,
+    reusable,
+    shard_name,
+    shard_of,
+)
 from pipeline.errors import CacheError
 from pipeline.kernels import choose_kernels
-from pipeline.models import resolve_model, weights_fingerprint
-from stages.stage1_tokenize import TokenizedData
 
-KIND = "reference"
-LOGPROB_VERSION = 1  # bump when the shift/mask/dtype rules of pipeline.core.logprobs change
 SHARD_PAIRS = 4096
 BLOCK_BATCHES = 16  # micro-batches per block that an actor sorts by length
 PLAN = "plan.json"
-
-
-class ReferenceScores(cache.CacheEntry):
-    """A valid stage-2 cache entry."""
-
-
-def reference_key(cfg: Config, tokenized: TokenizedData) -> tuple[str, str, dict[str, Any]]:
-    """Everything that changes a reference score, and nothing a training setting touches."""
-    model_dir = resolve_model(cfg.ref_model_name, cfg.data.cache_dir)
-    parts = {
-        "tokenized": tokenized.key,  # covers tokenizer, data, max_length, truncation
-        "ref_weights": weights_fingerprint(model_dir),
-        "dtype": cfg.compute_dtype,
-        "logprob_version": LOGPROB_VERSION,
-    }
-    return cache.cache_key(**parts), model_dir, parts
-
-
-def find_reference(cfg: Config, tokenized: TokenizedData) -> ReferenceScores:
-    key, _, _ = reference_key(cfg, tokenized)
-    path = cache.entry_dir(cfg.data.cache_dir, KIND, key)
-    hint = (
-        f"Produce it with `dpo-pipeline score-ref` (or `dpo-pipeline run`) for reference model "
-        f"{cfg.ref_model_name} and dtype {cfg.compute_dtype}."
-    )
-    return ReferenceScores(path, key, cache.read_valid_manifest(path, key, hint))
-
-
-def shard_of(pair_ids: Any, num_shards: int) -> np.ndarray:
-    """Range-partition the pair_id hash space. Stage 1 writes pairs sorted by pair_id, so each shard is a
-    contiguous run of the input and shards complete one after another (a modulo would spread every shard
-    over the whole input, so none would be complete before the last block)."""
-    return np.array([int(p[:8], 16) * num_shards >> 32 for p in pair_ids], dtype=np.int64)
-
-
-def shard_name(i: int) -> str:
-    return f"shard-{i:05d}.parquet"
 
 
 # --- the Ray user function: convert a block, call pipeline/ ---
@@ -84,20 +54,13 @@ class _ScoreRef:
     ):
         import torch
 
-        from pipeline.forward import check_supported
-        from pipeline.kernels import apply_liger, choose_kernels
-        from pipeline.models import load_causal_lm, load_tokenizer
+        from pipeline.models import build_model, load_tokenizer
 
         torch.set_num_threads(threads)
-        kernels = choose_kernels(model_cfg, cuda=use_gpu and torch.cuda.is_available(), dtype=dtype)
-        self.model = load_causal_lm(
-            model_dir, dtype, model_cfg.trust_remote_code, model_cfg.allow_pickle_weights, kernels.attn_implementation
-        )
-        check_supported(self.model)
-        apply_liger(self.model, kernels)
+        self.model, kernels = build_model(model_cfg, model_dir, dtype, use_gpu)
         if use_gpu:
             print(f"[score-ref] kernels: {kernels.describe()}", flush=True)
-            self.model.to("cuda")
+            self.model.cuda()  # type: ignore[call-arg]  # transformers wraps .cuda; its annotation is wrong
         self.pad_id = load_tokenizer(model_dir, model_cfg.trust_remote_code).pad_token_id
         self.micro_batch = micro_batch
         self.padding_free = kernels.padding_free
@@ -120,13 +83,13 @@ class _ScoreRef:
             with torch.inference_mode():
                 stats = sequence_forward(self.model, batch, padding_free=self.padding_free)
             b = batch.num_pairs
-            for name, values in (
+            for name, tensor in (
                 ("logps", stats.logps),
                 ("tokens", stats.tokens),
                 ("shared", stats.shared_logps),
                 ("tail", stats.tail_logps),
             ):
-                values = values.double().cpu().numpy() if name != "tokens" else values.cpu().numpy()
+                values = tensor.double().cpu().numpy() if name != "tokens" else tensor.cpu().numpy()
                 out[f"chosen_{name}"].extend(values[:b])
                 out[f"rejected_{name}"].extend(values[b:])
             real = batch.attention_mask.sum(dim=1).cpu().numpy()
@@ -165,17 +128,12 @@ def run_score_ref(
     cfg: Config, tokenized: TokenizedData, split: str = "train", force: bool = False, shard_pairs: int = SHARD_PAIRS
 ) -> ReferenceScores:
     key, model_dir, parts = reference_key(cfg, tokenized)
-    path = cache.entry_dir(cfg.data.cache_dir, KIND, key)
+    path = cache.entry_dir(cfg.data.cache_dir, REFERENCE, key)
     if force and path.exists():
         storage.rmtree(path)
-    if (path / cache.MANIFEST).exists():
-        found = ReferenceScores(path, key, cache.read_valid_manifest(path, key, "Rerun with --force."))
-        print(
-            f"[score-ref] {split}: reusing cached reference scores {path} ({found.manifest['rows']} pairs); "
-            "nothing rewritten",
-            flush=True,
-        )
-        return found
+    found = reusable(path, key, f"[score-ref] {split}", "reference scores", resumable=True)
+    if found is not None:
+        return ReferenceScores(path, key, found)
 
     fs, files = storage.parquet_source(tokenized.files)
     pair_ids = pq.ParquetDataset(files, filesystem=fs).read(columns=[schema.PAIR_ID]).column(schema.PAIR_ID).to_pylist()
@@ -197,7 +155,7 @@ def run_score_ref(
     manifest = cache.write_manifest(
         path,
         key,
-        KIND,
+        REFERENCE,
         names,
         rows=len(pair_ids),
         inputs=parts,
@@ -227,7 +185,7 @@ def _check_plan_and_done(path: storage.Location, key: str, num_shards: int, expe
                 f"cache entry {path} holds files but no {PLAN} or manifest: it was not written by this "
                 "version. Delete it or rerun with --force."
             )
-        cache.write_json_atomic(path / PLAN, plan)
+        storage.write_json_atomic(path / PLAN, plan)
         return set()
     found = json.loads((path / PLAN).read_text())
     if found != plan:
@@ -271,7 +229,7 @@ def _score_missing(
             flush=True,
         )
     actors = cfg.scale.ref_actors
-    cpus = cfg.scale.cpus_per_ref_actor or max(1, int(ray.cluster_resources().get("CPU", 1)) // actors)
+    cpus = cpus_each(cfg.scale.cpus_per_ref_actor, actors)
     micro = cfg.train.ref_batch_size
     for i in missing:
         if expected[i] == 0:  # no pair falls in it, so no block will ever complete it
@@ -282,7 +240,7 @@ def _score_missing(
     ds = (
         ray.data.from_items([{"path": f} for f in tokenized.files])
         .map_batches(
-            _read_unscored,
+            _read_unscored,  # type: ignore[arg-type]  # Ray's stubs do not know fn_kwargs
             fn_kwargs={"num_shards": num_shards, "wanted": missing},
             batch_size=1,
         )
@@ -321,15 +279,8 @@ def _score_missing(
 
 def _write_shard(path: storage.Location, i: int, parts: list[pa.Table]) -> None:
     table = pa.concat_tables(parts).cast(schema.REFERENCE_SCHEMA).sort_by(schema.PAIR_ID)
-    tmp = path / f".{shard_name(i)}.tmp"
-    with storage.writing(path / shard_name(i)):
-        try:
-            with tmp.open("wb") as fh:
-                pq.write_table(table, fh)
-            storage.replace(tmp, path / shard_name(i))
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+    with storage.atomic_target(path / shard_name(i)) as tmp, tmp.open("wb") as fh:
+        pq.write_table(table, fh)
 
 
 def _padding(totals: dict[str, int]) -> float:

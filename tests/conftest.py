@@ -40,7 +40,7 @@ def tokenizer(tokenizer_dir: Path):
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(test_cache: Path, tokenizer) -> Path:
-    from pipeline.models import make_tiny_model
+    from tiny_models import make_tiny_model
 
     return make_tiny_model(test_cache / "tiny-llama", tokenizer, seed=0)
 

@@ -23,9 +23,9 @@ import pytest
 import ray
 import yaml
 
-from pipeline.cli import COMMANDS, build_parser
 from pipeline.config import load_config
 from pipeline.redact import is_secret_name
+from stages.cli import COMMANDS, build_parser
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"

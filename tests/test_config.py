@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.cli import build_parser, main, parse_config
 from pipeline.config import Config, config_from_dict, load_config
 from pipeline.errors import ConfigError
+from stages.cli import build_parser, main, parse_config
 
 
 def test_trl_defaults():

@@ -24,11 +24,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from pipeline.cli import main
 from pipeline.config import load_config
+from pipeline.entries import find_reference, find_tokenized
 from pipeline.errors import CacheError
-from stages.stage1_tokenize import find_tokenized
-from stages.stage2_score_ref import find_reference
+from stages.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -16,13 +16,12 @@ import types
 
 import pytest
 
-from pipeline.cli import main
 from pipeline.config import config_from_dict
 from pipeline.errors import ConfigError
-from pipeline.loggers import open_loggers, redact_uri, resolve_loggers
-from pipeline.training import MetricsLog
+from pipeline.loggers import MetricsLog, open_loggers, resolve_loggers
+from pipeline.uris import redact_uri
+from stages.cli import main
 
-HAVE_MLFLOW = importlib.util.find_spec("mlflow") is not None
 TRAIN = {
     "loss": 0.65,
     "rewards/accuracies": 0.75,
@@ -154,7 +153,6 @@ def test_wandb_logger(tmp_path, monkeypatch):
     assert calls["finished"]
 
 
-@pytest.mark.skipif(not HAVE_MLFLOW, reason="mlflow is not installed (the dev extra installs mlflow-skinny)")
 def test_mlflow_logger_local_store(tmp_path, monkeypatch):
     from mlflow import MlflowClient
 

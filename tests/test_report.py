@@ -9,7 +9,6 @@ received the same metrics under their metrics.jsonl names, in its default store 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -24,14 +23,13 @@ import pytest
 import torch
 import yaml
 
-from pipeline.cli import build_parser, main
+from pipeline.engine import gradient_norm
 from pipeline.plots import CURVES, ema
 from pipeline.report import TABLE_METRICS, write_report
-from pipeline.training import gradient_norm
+from stages.cli import build_parser, main
 
 STEPS = 6
 EVAL_STEPS = 2
-HAVE_MLFLOW = importlib.util.find_spec("mlflow") is not None
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -71,7 +69,7 @@ def run(tiny_model_dir, tmp_path_factory):
         "save_steps": 100,
         "zero_stage": 0,
         "gradient_checkpointing": False,
-        "report_to": ["mlflow"] if HAVE_MLFLOW else ["none"],
+        "report_to": ["mlflow"],  # mlflow-skinny is a pinned dev dependency
     }
     (root / "config.yaml").write_text(yaml.safe_dump(cfg))
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # MLflow's default: under output_dir
@@ -278,7 +276,6 @@ def test_report_command(run, tmp_path, capsys):
 # --- MLflow, from the same run ---
 
 
-@pytest.mark.skipif(not HAVE_MLFLOW, reason="mlflow is not installed (the dev extra installs mlflow-skinny)")
 def test_mlflow_received_the_metrics(run, monkeypatch):
     from mlflow import MlflowClient
 

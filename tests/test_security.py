@@ -9,8 +9,8 @@ import shutil
 
 import pytest
 
-from pipeline.cli import main
 from pipeline.redact import MASK, RedactingStream, is_secret_name, redact, redact_value
+from stages.cli import main
 
 HF = "hf_" + "aB3" * 12
 AWS_ID = "AKIA" + "Q" * 16

@@ -11,8 +11,9 @@ import pytest
 from pipeline import schema
 from pipeline.config import config_from_dict
 from pipeline.errors import CacheError, DataError
+from pipeline.rundir import write_data_report
 from pipeline.tokenization import extract_prompt
-from stages.stage1_tokenize import run_tokenize, write_data_report
+from stages.stage1_tokenize import run_tokenize
 
 
 def make_cfg(tiny_model_dir, tmp_path, **kw):

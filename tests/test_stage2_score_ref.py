@@ -25,15 +25,17 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
+from tiny_models import make_tiny_model
 
 import stages.stage2_score_ref as stage2
 from pipeline import schema
 from pipeline.config import config_from_dict
+from pipeline.entries import TokenizedData, find_reference, reference_key, tokenized_key
 from pipeline.errors import CacheError
 from pipeline.forward import collate_pairs, sequence_forward
-from pipeline.models import load_causal_lm, make_tiny_model
-from stages.stage1_tokenize import TokenizedData, run_tokenize, tokenized_key
-from stages.stage2_score_ref import PLAN, find_reference, reference_key, run_score_ref
+from pipeline.models import load_causal_lm
+from stages.stage1_tokenize import run_tokenize
+from stages.stage2_score_ref import PLAN, run_score_ref
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_LENGTH = 48
@@ -265,7 +267,7 @@ from pathlib import Path
 import ray
 import stages.stage2_score_ref as stage2
 from pipeline.config import config_from_dict
-from stages.stage1_tokenize import TokenizedData
+from pipeline.entries import TokenizedData
 
 args = json.loads(sys.argv[1])
 

@@ -22,9 +22,10 @@ import torch
 
 from pipeline.config import config_from_dict
 from pipeline.errors import CacheError, ConfigError
+from pipeline.faults import FAULT_ENV
 from stages.stage1_tokenize import run_tokenize
 from stages.stage2_score_ref import run_score_ref
-from stages.stage3_train import FAULT_ENV, run_train
+from stages.stage3_train import run_train
 
 LN2 = math.log(2.0)
 STEPS = 4
@@ -228,8 +229,8 @@ def test_rerun_with_same_name_resumes(prepared, baseline, tmp_path):
 def test_token_budget_batches_on_two_workers(prepared):
     """Micro-batches of <= 60 tokens, 2 workers x 2 accumulated: every step runs the schedule's pairs, counted
     exactly (all-reduced), and the loss starts at ln 2."""
-    from pipeline.training import PairTable
-    from stages.stage1_tokenize import find_tokenized
+    from pipeline.entries import find_tokenized
+    from pipeline.pairs import PairTable
 
     cfg, summary, lines = train(
         prepared,

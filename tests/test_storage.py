@@ -14,9 +14,10 @@ import pytest
 
 from pipeline import cache, storage
 from pipeline.config import config_from_dict
+from pipeline.entries import find_reference
 from pipeline.errors import CacheError, ConfigError
 from stages.stage1_tokenize import run_tokenize
-from stages.stage2_score_ref import find_reference, run_score_ref
+from stages.stage2_score_ref import run_score_ref
 from stages.stage3_train import run_train
 
 
@@ -28,7 +29,7 @@ def test_remote_path_operations(tmp_path):
     root = storage.location(uri(tmp_path / "r"))
     assert isinstance(root, storage.RemotePath) and str(root) == uri(tmp_path / "r") and not root.exists()
     f = root / "a" / "b.json"
-    cache.write_json_atomic(f, {"x": 1})
+    storage.write_json_atomic(f, {"x": 1})
     assert f.is_file() and json.loads(f.read_text()) == {"x": 1} and f.stat().st_size == len(f.read_bytes())
     assert [p.name for p in (root / "a").iterdir()] == ["b.json"]  # no temporary file left behind
     tmp = storage.make_temp_dir(root, ".t-")

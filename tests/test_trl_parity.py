@@ -9,7 +9,6 @@ import copy
 import pytest
 import torch
 
-trl = pytest.importorskip("trl")
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers renames, inside TRL
 
 from datasets import Dataset  # noqa: E402

@@ -29,7 +29,8 @@ WINDOW = 4096  # pairs sorted by length together under a token budget
 def pair_cost(lengths: np.ndarray, padded: bool) -> np.ndarray:
     """Tokens one pair adds to a forward: (n, 2) chosen/rejected lengths -> (n,). Padded rows cost the
     longer side twice."""
-    return 2 * lengths.max(axis=1) if padded else lengths.sum(axis=1)
+    cost: np.ndarray = 2 * lengths.max(axis=1) if padded else lengths.sum(axis=1)
+    return cost
 
 
 def pack_by_budget(order: np.ndarray, lengths: np.ndarray, max_tokens: int, padded: bool) -> list[np.ndarray]:

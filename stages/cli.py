@@ -1,4 +1,4 @@
-"""The `dpo-pipeline` command: parse config -> run a stage. Also `python -m pipeline`.
+"""The `dpo-pipeline` command: parse config -> run stages. Also `python -m pipeline` (and `python -m stages.cli`).
 
     dpo-pipeline run --config configs/demo.yaml
     dpo-pipeline train --config my.yaml --beta 0.2 --loss_type sigmoid,sft --loss_weights 0.8,0.2
@@ -13,17 +13,23 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import sys
 import traceback
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from pipeline.cluster import init_ray
 from pipeline.config import SECTIONS, Config, config_fields, describe_type, field_type, load_config
+from pipeline.entries import TokenizedData, find_tokenized
 from pipeline.errors import PipelineError
 from pipeline.loggers import resolve_loggers
 from pipeline.redact import RedactingStream
-from pipeline.storage import check_writable, location, write_problem
+from pipeline.report import write_report
+from pipeline.rundir import FINAL, PLOTS, first_eval, write_data_report
+from pipeline.storage import check_writable, write_problem
+from stages.stage1_tokenize import run_tokenize
+from stages.stage2_score_ref import run_score_ref
+from stages.stage3_train import run_train
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -85,19 +91,6 @@ def parse_config(args: argparse.Namespace) -> Config:
     return load_config(args.config, overrides).with_absolute_paths()
 
 
-def init_ray() -> None:
-    """Join the cluster named by RAY_ADDRESS (as under `ray job submit`), else start a local Ray."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(
-            address=os.environ.get("RAY_ADDRESS") or None,
-            include_dashboard=False,
-            log_to_driver=True,
-            configure_logging=False,
-        )
-
-
 # --- commands ---
 
 
@@ -120,56 +113,49 @@ def check_outputs(cfg: Config, command: str) -> None:
             check_writable(flat[key], key)
 
 
-def cmd_tokenize(cfg: Config, force: bool) -> None:
-    from stages.stage1_tokenize import run_tokenize, write_data_report
-
-    init_ray()
+def tokenize_splits(cfg: Config, force: bool) -> dict[str, TokenizedData]:
+    """Stage 1 for the training data and the eval data, each with its data report in output_dir."""
+    out = {}
     for split, specs in splits(cfg):
-        data = run_tokenize(cfg, specs, split, force=force)
-        write_data_report(cfg.data.output_dir, data, split)
+        out[split] = run_tokenize(cfg, specs, split, force=force)
+        write_data_report(cfg.data.output_dir, out[split], split)
+    return out
+
+
+def train(cfg: Config, command: str) -> dict[str, Any]:
+    summary = run_train(cfg)
+    print(
+        f"[{command}] done: {summary['train_steps']} steps, {summary['train_samples_per_second']:.2f} pairs/s, "
+        f"model in {cfg.data.output_dir}/{FINAL}",
+        flush=True,
+    )
+    return summary
+
+
+def cmd_tokenize(cfg: Config, force: bool) -> None:
+    init_ray()
+    tokenize_splits(cfg, force)
 
 
 def cmd_score_ref(cfg: Config, force: bool) -> None:
-    from stages.stage1_tokenize import find_tokenized
-    from stages.stage2_score_ref import run_score_ref
-
     init_ray()
     for split, specs in splits(cfg):
         run_score_ref(cfg, find_tokenized(cfg, specs), split, force=force)
 
 
 def cmd_train(cfg: Config, force: bool) -> None:
-    from stages.stage3_train import run_train
-
     init_ray()
-    summary = run_train(cfg)
-    print(
-        f"[train] done: {summary['train_steps']} steps, {summary['train_samples_per_second']:.2f} pairs/s, "
-        f"model in {cfg.data.output_dir}/final",
-        flush=True,
-    )
+    train(cfg, "train")
     write_run_report(cfg.data.output_dir)
 
 
 def cmd_run(cfg: Config, force: bool) -> None:
-    from stages.stage1_tokenize import run_tokenize, write_data_report
-    from stages.stage2_score_ref import run_score_ref
-    from stages.stage3_train import run_train
-
     init_ray()
-    for split, specs in splits(cfg):
-        data = run_tokenize(cfg, specs, split, force=force)
-        write_data_report(cfg.data.output_dir, data, split)
+    for split, data in tokenize_splits(cfg, force).items():
         run_score_ref(cfg, data, split, force=force)
-    summary = run_train(cfg)
-    print(
-        f"[run] done: {summary['train_steps']} steps, {summary['train_samples_per_second']:.2f} pairs/s, "
-        f"model in {cfg.data.output_dir}/final",
-        flush=True,
-    )
-    final = summary.get("final_eval")
+    final = train(cfg, "run").get("final_eval")
     if final:
-        first = _first_eval(cfg.data.output_dir)
+        first = first_eval(cfg.data.output_dir)
         print(
             f"held-out reward accuracy: {first['eval_rewards/accuracies']:.3f} -> {final['rewards/accuracies']:.3f}",
             flush=True,
@@ -180,8 +166,6 @@ def cmd_run(cfg: Config, force: bool) -> None:
 def write_run_report(output_dir: str) -> None:
     """The report at the end of `train`/`run` (on the driver). The model and metrics are complete by then, so
     a failure here is printed with the command that retries it, and the run still counts as done."""
-    from pipeline.report import write_report
-
     try:
         print(f"[report] {write_report(output_dir).path}", flush=True)
     except Exception as e:
@@ -194,20 +178,8 @@ def write_run_report(output_dir: str) -> None:
 
 
 def cmd_report(run_dir: str) -> None:
-    from pipeline.report import write_report
-
     report = write_report(run_dir)
-    print(f"report: {report.path} ({len(report.plots)} plots in {report.path.parent / 'plots'})", flush=True)
-
-
-def _first_eval(output_dir: str) -> dict[str, Any]:
-    import json
-
-    for line in (location(output_dir) / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "eval_loss" in record:
-            return record
-    raise PipelineError(f"no eval line in {output_dir}/metrics.jsonl")
+    print(f"report: {report.path} ({len(report.plots)} plots in {report.path.parent / PLOTS})", flush=True)
 
 
 def command_table() -> dict[str, Callable[[Config, bool], None]]:
@@ -280,3 +252,7 @@ def _user_error(e: BaseException) -> PipelineError | str | None:
 
 def _first_line(e: BaseException) -> str:
     return str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

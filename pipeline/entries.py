@@ -1,0 +1,117 @@
+"""The cache entries the stages hand each other, their keys, and how a stage finds one.
+
+    tokenized = find_tokenized(cfg, cfg.data.dataset)    # stage 1's output, or CacheError saying how to make it
+    reference = find_reference(cfg, tokenized)           # stage 2's output for those pairs
+
+A key hashes everything that changes an entry's content and nothing else: for tokenized pairs the input
+files, the tokenizer, max_length, truncation and the tokenization version; for reference scores the
+tokenized entry, the reference weights, the dtype and the log-prob convention. No training setting (beta,
+loss_type, ...) is in either, so a sweep reuses both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from pipeline import cache
+from pipeline.config import Config
+from pipeline.models import load_tokenizer, resolve_model, tokenizer_fingerprint, weights_fingerprint
+from pipeline.sources import InputFile, expand_inputs, fingerprint_inputs
+from pipeline.storage import Location
+from pipeline.tokenization import TOKENIZATION_VERSION
+
+TOKENIZED = "tokenized"
+REFERENCE = "reference"
+LOGPROB_VERSION = 1  # bump when the shift/mask/dtype rules of pipeline.core.logprobs change
+
+
+class TokenizedData(cache.CacheEntry):
+    """A valid stage-1 cache entry: tokenized pairs sorted by pair_id."""
+
+    @property
+    def report(self) -> dict[str, Any]:
+        return dict(self.manifest["report"])
+
+
+class ReferenceScores(cache.CacheEntry):
+    """A valid stage-2 cache entry: reference log-probs per pair, in shards of pair_id ranges."""
+
+
+# --- the reference entry's layout ---
+
+
+def shard_of(pair_ids: Sequence[str], num_shards: int) -> np.ndarray:
+    """Range-partition the pair_id hash space. Stage 1 writes pairs sorted by pair_id, so each shard is a
+    contiguous run of the input and shards complete one after another (a modulo would spread every shard
+    over the whole input, so none would be complete before the last block)."""
+    return np.array([int(p[:8], 16) * num_shards >> 32 for p in pair_ids], dtype=np.int64)
+
+
+def shard_name(i: int) -> str:
+    return f"shard-{i:05d}.parquet"
+
+
+# --- keys ---
+
+
+def tokenized_key(cfg: Config, specs: tuple[str, ...]) -> tuple[str, list[InputFile], str, dict[str, Any]]:
+    """(key, input files, resolved model directory, the key's parts): everything that changes the token ids."""
+    model_dir = resolve_model(cfg.model.model, cfg.data.cache_dir)
+    tokenizer = load_tokenizer(model_dir, cfg.model.trust_remote_code)
+    files = expand_inputs(specs, cfg.data.cache_dir)
+    parts = {
+        "inputs": fingerprint_inputs(files),
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "max_length": cfg.data.max_length,
+        "truncation_mode": cfg.data.truncation_mode,
+        "version": TOKENIZATION_VERSION,
+    }
+    return cache.cache_key(**parts), files, model_dir, parts
+
+
+def reference_key(cfg: Config, tokenized: TokenizedData) -> tuple[str, str, dict[str, Any]]:
+    """(key, resolved reference directory, the key's parts): everything that changes a reference score, and
+    nothing a training setting touches."""
+    model_dir = resolve_model(cfg.ref_model_name, cfg.data.cache_dir)
+    parts = {
+        "tokenized": tokenized.key,  # covers tokenizer, data, max_length, truncation
+        "ref_weights": weights_fingerprint(model_dir),
+        "dtype": cfg.compute_dtype,
+        "logprob_version": LOGPROB_VERSION,
+    }
+    return cache.cache_key(**parts), model_dir, parts
+
+
+# --- lookups ---
+
+
+def find_tokenized(cfg: Config, specs: tuple[str, ...]) -> TokenizedData:
+    """The valid entry for these inputs and settings, or CacheError saying how to produce it."""
+    key, _, _, _ = tokenized_key(cfg, specs)
+    path = cache.entry_dir(cfg.data.cache_dir, TOKENIZED, key)
+    hint = f"Produce it with `dpo-pipeline tokenize` (or `dpo-pipeline run`) for dataset {list(specs)}."
+    return TokenizedData(path, key, cache.read_valid_manifest(path, key, hint))
+
+
+def find_reference(cfg: Config, tokenized: TokenizedData) -> ReferenceScores:
+    """The valid reference scores of `tokenized`, or CacheError saying how to produce them."""
+    key, _, _ = reference_key(cfg, tokenized)
+    path = cache.entry_dir(cfg.data.cache_dir, REFERENCE, key)
+    hint = (
+        f"Produce it with `dpo-pipeline score-ref` (or `dpo-pipeline run`) for reference model "
+        f"{cfg.ref_model_name} and dtype {cfg.compute_dtype}."
+    )
+    return ReferenceScores(path, key, cache.read_valid_manifest(path, key, hint))
+
+
+def reusable(path: Location, key: str, label: str, what: str, resumable: bool = False) -> dict[str, Any] | None:
+    """The manifest of a finished entry at `path`, announced as reused; None when there is nothing to reuse.
+    A directory without a manifest is refused (CacheError), unless the stage can resume it (`resumable`)."""
+    if not path.exists() or (resumable and not (path / cache.MANIFEST).exists()):
+        return None
+    manifest = cache.read_valid_manifest(path, key, "Rerun with --force to rebuild it.")
+    print(f"{label}: reusing cached {what} {path} ({manifest['rows']} pairs); nothing rewritten", flush=True)
+    return manifest

@@ -1,0 +1,43 @@
+"""Fault injection for the fault-tolerance tests (contributors: see README, "Testing failures").
+
+    DPO_PIPELINE_FAULT=kill:3:/tmp/marker dpo-pipeline train ...   # SIGKILL rank 0 right after step 3, once
+    DPO_PIPELINE_FAULT=raise:3:/tmp/marker dpo-pipeline train ...  # raise there instead
+
+The driver reads the variable (`Fault.from_env`) and hands the fault to the workers as their `after_step`
+callback; the training loop itself knows only that callback. The marker file records that the fault
+happened, so a restarted or resumed run goes on.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+FAULT_ENV = "DPO_PIPELINE_FAULT"
+
+
+@dataclass(frozen=True)
+class Fault:
+    kind: str  # "kill" or "raise"
+    step: int
+    marker: str
+
+    @classmethod
+    def from_env(cls) -> Fault | None:
+        spec = os.environ.get(FAULT_ENV)
+        if not spec:
+            return None
+        kind, step, marker = spec.split(":", 2)
+        if kind not in ("kill", "raise"):
+            raise ValueError(f"{FAULT_ENV}={spec}: expected kill|raise:<step>:<marker file>")
+        return cls(kind, int(step), marker)
+
+    def __call__(self, step: int, rank: int) -> None:
+        if rank != 0 or step != self.step or Path(self.marker).exists():
+            return
+        Path(self.marker).touch()
+        if self.kind == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise RuntimeError(f"{FAULT_ENV}: injected failure after step {step}")
