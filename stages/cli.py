@@ -65,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", metavar="FILE.yaml", help="YAML file of config keys (flags override it).")
         if name in ("tokenize", "score-ref", "run"):
             p.add_argument("--force", action="store_true", help="Rebuild cached outputs even when valid.")
+        p.add_argument(
+            "--verify",
+            action="store_true",
+            help="Recompute the checksum of every file of a reused cache entry (reads it whole); without it a "
+            "lookup checks that each file is there with its recorded size.",
+        )
         _add_config_flags(p)
     return parser
 
@@ -113,17 +119,17 @@ def check_outputs(cfg: Config, command: str) -> None:
             check_writable(flat[key], key)
 
 
-def tokenize_splits(cfg: Config, force: bool) -> dict[str, TokenizedData]:
+def tokenize_splits(cfg: Config, force: bool, verify: bool) -> dict[str, TokenizedData]:
     """Stage 1 for the training data and the eval data, each with its data report in output_dir."""
     out = {}
     for split, specs in splits(cfg):
-        out[split] = run_tokenize(cfg, specs, split, force=force)
+        out[split] = run_tokenize(cfg, specs, split, force=force, verify=verify)
         write_data_report(cfg.data.output_dir, out[split], split)
     return out
 
 
-def train(cfg: Config, command: str) -> dict[str, Any]:
-    summary = run_train(cfg)
+def train(cfg: Config, command: str, verify: bool) -> dict[str, Any]:
+    summary = run_train(cfg, verify=verify)
     print(
         f"[{command}] done: {summary['train_steps']} steps, {summary['train_samples_per_second']:.2f} pairs/s, "
         f"model in {cfg.data.output_dir}/{FINAL}",
@@ -132,28 +138,28 @@ def train(cfg: Config, command: str) -> dict[str, Any]:
     return summary
 
 
-def cmd_tokenize(cfg: Config, force: bool) -> None:
+def cmd_tokenize(cfg: Config, force: bool, verify: bool) -> None:
     init_ray()
-    tokenize_splits(cfg, force)
+    tokenize_splits(cfg, force, verify)
 
 
-def cmd_score_ref(cfg: Config, force: bool) -> None:
+def cmd_score_ref(cfg: Config, force: bool, verify: bool) -> None:
     init_ray()
     for split, specs in splits(cfg):
-        run_score_ref(cfg, find_tokenized(cfg, specs), split, force=force)
+        run_score_ref(cfg, find_tokenized(cfg, specs, verify), split, force=force, verify=verify)
 
 
-def cmd_train(cfg: Config, force: bool) -> None:
+def cmd_train(cfg: Config, force: bool, verify: bool) -> None:
     init_ray()
-    train(cfg, "train")
+    train(cfg, "train", verify)
     write_run_report(cfg.data.output_dir)
 
 
-def cmd_run(cfg: Config, force: bool) -> None:
+def cmd_run(cfg: Config, force: bool, verify: bool) -> None:
     init_ray()
-    for split, data in tokenize_splits(cfg, force).items():
-        run_score_ref(cfg, data, split, force=force)
-    final = train(cfg, "run").get("final_eval")
+    for split, data in tokenize_splits(cfg, force, verify).items():
+        run_score_ref(cfg, data, split, force=force, verify=verify)
+    final = train(cfg, "run", verify).get("final_eval")
     if final:
         first = first_eval(cfg.data.output_dir)
         print(
@@ -182,7 +188,8 @@ def cmd_report(run_dir: str) -> None:
     print(f"report: {report.path} ({len(report.plots)} plots in {report.path.parent / PLOTS})", flush=True)
 
 
-def command_table() -> dict[str, Callable[[Config, bool], None]]:
+def command_table() -> dict[str, Callable[[Config, bool, bool], None]]:
+    """The stage commands, called with (config, --force, --verify)."""
     return {
         "tokenize": cmd_tokenize,
         "score-ref": cmd_score_ref,
@@ -202,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.command in ("train", "run"):
                 resolve_loggers(cfg)  # a requested logger that is not installed fails before anything is written
             check_outputs(cfg, args.command)
-            command_table()[args.command](cfg, getattr(args, "force", False))
+            command_table()[args.command](cfg, getattr(args, "force", False), args.verify)
         except KeyboardInterrupt:
             _stop_ray()
             print("interrupted; rerun the same command to resume", file=sys.stderr)

@@ -83,10 +83,12 @@ class _Tokenize:
 # --- the stage ---
 
 
-def run_tokenize(cfg: Config, specs: tuple[str, ...], split: str = "train", force: bool = False) -> TokenizedData:
+def run_tokenize(
+    cfg: Config, specs: tuple[str, ...], split: str = "train", force: bool = False, verify: bool = False
+) -> TokenizedData:
     key, files, model_dir, parts = tokenized_key(cfg, specs)
     path = cache.entry_dir(cfg.data.cache_dir, TOKENIZED, key)
-    found = None if force else reusable(path, key, f"[tokenize] {split}", "tokenized data")
+    found = None if force else reusable(path, key, f"[tokenize] {split}", "tokenized data", verify=verify)
     if found is not None:
         return TokenizedData(path, key, found)
 
