@@ -2,8 +2,10 @@
 
 An entry is a directory `<cache_dir>/<kind>/<key>/` of data files plus `manifest.json`, written last.
 The manifest names the key, the inputs that made it, the row count and a size and checksum per file.
-An entry is valid only if its manifest parses, names the expected key and every file matches; anything
-else is refused with a message saying what is wrong, never used and never silently rebuilt.
+An entry is valid only if its manifest parses, names the expected key and every file is there with its
+size; anything else is refused with a message saying what is wrong, never used and never silently rebuilt.
+Checksums are computed when the manifest is written and checked again only on request (`verify`, the
+`--verify` flag): a lookup then costs a few stat calls instead of reading the whole entry.
 `cache_dir` is a local path or a URI (pipeline.storage): the same rules hold on both.
 """
 
@@ -18,6 +20,7 @@ from typing import Any
 
 from pipeline import storage
 from pipeline.errors import CacheError
+from pipeline.fingerprints import content_digest
 from pipeline.storage import Location
 
 MANIFEST = "manifest.json"
@@ -46,21 +49,9 @@ def entry_dir(cache_dir: str | os.PathLike, kind: str, key: str) -> Location:
     return storage.location(cache_dir) / kind / key
 
 
-def hash_file(h: Any, path: Location) -> None:
-    """Feed a file's bytes into hasher `h`, 4 MiB at a time."""
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-
-
-def file_checksum(path: Location) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    hash_file(h, path)
-    return h.hexdigest()
-
-
 def describe_files(directory: Location, names: list[str]) -> dict[str, dict[str, Any]]:
-    return {n: {"bytes": (directory / n).stat().st_size, "blake2b": file_checksum(directory / n)} for n in names}
+    """Size and checksum (`fingerprints.content_digest`, read now, never remembered) of each data file."""
+    return {n: {"bytes": (directory / n).stat().st_size, "checksum": content_digest(directory / n)} for n in names}
 
 
 def write_manifest(
@@ -79,8 +70,9 @@ def write_manifest(
     return manifest
 
 
-def read_valid_manifest(directory: Location, key: str, produce_hint: str) -> dict[str, Any]:
-    """The manifest of a valid entry, or CacheError saying what is wrong and what to do."""
+def read_valid_manifest(directory: Location, key: str, produce_hint: str, verify: bool = False) -> dict[str, Any]:
+    """The manifest of a valid entry, or CacheError saying what is wrong and what to do. Every file must exist
+    with its recorded size; with `verify` (`--verify`) its checksum is recomputed too, which reads the entry."""
     path = directory / MANIFEST
     if not directory.exists():
         raise CacheError(f"no cache entry at {directory}. {produce_hint}")
@@ -114,7 +106,7 @@ def read_valid_manifest(directory: Location, key: str, produce_hint: str) -> dic
                 f"cache entry {directory}: {name} has {size} bytes, the manifest says "
                 f"{meta['bytes']} (truncated or overwritten). Delete the directory or rerun with --force."
             )
-        if file_checksum(f) != meta["blake2b"]:
+        if verify and content_digest(f) != meta.get("checksum"):
             raise CacheError(
                 f"cache entry {directory}: {name} fails its checksum (corrupt). Delete the directory "
                 "or rerun with --force."

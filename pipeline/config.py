@@ -323,7 +323,7 @@ class TrainConfig:
 @dataclass(frozen=True)
 class ScaleConfig:
     num_workers: int = _f(1, "Ray Train workers (one DeepSpeed rank each).")
-    use_gpu: bool = _f(False, "One GPU per training worker and per reference actor.")
+    use_gpu: bool = _f(False, "One GPU per training worker, gpus_per_ref_actor per reference actor.")
     cpus_per_worker: int | None = _f(
         None, "CPUs per training worker (sets its torch threads); null = the machine's CPUs / num_workers."
     )
@@ -334,6 +334,11 @@ class ScaleConfig:
     cpus_per_ref_actor: int | None = _f(
         None, "CPUs per scoring actor (sets its torch threads); null = the machine's CPUs / ref_actors."
     )
+    gpus_per_ref_actor: int = _f(
+        1,
+        "GPUs per scoring actor, with use_gpu: the reference's layers are spread over them, each weight read "
+        "straight onto its GPU. Raise it for a reference bigger than one GPU; one that fits on none is refused.",
+    )
     max_failures: int = _f(1, "Times a crashed training worker group is restarted from the last checkpoint.")
     storage_path: str | None = _f(
         None, "Ray Train storage for checkpoints (local path or s3:// gs:// URI); null = <output_dir>/ray."
@@ -343,6 +348,9 @@ class ScaleConfig:
     def __post_init__(self) -> None:
         _check(self.num_workers >= 1, "num_workers", self.num_workers, "an integer >= 1")
         _check(self.ref_actors >= 1, "ref_actors", self.ref_actors, "an integer >= 1")
+        _check(self.gpus_per_ref_actor >= 1, "gpus_per_ref_actor", self.gpus_per_ref_actor, "an integer >= 1")
+        if self.gpus_per_ref_actor > 1:
+            _check(self.use_gpu, "gpus_per_ref_actor", self.gpus_per_ref_actor, "1 unless use_gpu is true")
         _check(self.max_failures >= 0, "max_failures", self.max_failures, "an integer >= 0")
         check_uri("storage_path", self.storage_path)
         for key in ("cpus_per_worker", "cpus_per_ref_actor"):
@@ -352,6 +360,11 @@ class ScaleConfig:
             _check(self.zero_stage == 3, "offload_param", True, "false unless zero_stage is 3")
         if self.offload_optimizer:
             _check(self.zero_stage >= 1, "offload_optimizer", True, "false unless zero_stage >= 1")
+
+    @property
+    def ref_actor_gpus(self) -> int:
+        """GPUs one scoring actor asks Ray for: gpus_per_ref_actor with use_gpu, else 0."""
+        return self.gpus_per_ref_actor if self.use_gpu else 0
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "loss": LossConfig, "train": TrainConfig, "scale": ScaleConfig}

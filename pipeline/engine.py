@@ -84,6 +84,18 @@ def peak_memory_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def private_memory_bytes() -> int:
+    """This process's anonymous resident memory (RssAnon): its heap, not the page cache of mapped files such
+    as the training table, which every worker of a node shares. 0 where /proc is missing."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def export_model(cfg: Config, engine: Any, tokenizer: PreTrainedTokenizerBase, out_dir: Path, rank: int) -> None:
     """final/: a standard HF directory (ZeRO-3 parameters gathered); with LoRA the adapter, plus merged/."""
     import deepspeed

@@ -25,6 +25,7 @@ from pipeline.tokenization import TOKENIZATION_VERSION
 
 TOKENIZED = "tokenized"
 REFERENCE = "reference"
+TABLE = "table"
 LOGPROB_VERSION = 1  # bump when the shift/mask/dtype rules of pipeline.core.logprobs change
 
 
@@ -38,6 +39,10 @@ class TokenizedData(cache.CacheEntry):
 
 class ReferenceScores(cache.CacheEntry):
     """A valid stage-2 cache entry: reference log-probs per pair, in shards of pair_id ranges."""
+
+
+class TableEntry(cache.CacheEntry):
+    """A valid training table (pipeline.table): one Arrow IPC file of pairs and their reference scores."""
 
 
 # --- the reference entry's layout ---
@@ -63,7 +68,7 @@ def tokenized_key(cfg: Config, specs: tuple[str, ...]) -> tuple[str, list[InputF
     tokenizer = load_tokenizer(model_dir, cfg.model.trust_remote_code)
     files = expand_inputs(specs, cfg.data.cache_dir)
     parts = {
-        "inputs": fingerprint_inputs(files),
+        "inputs": fingerprint_inputs(files, cfg.data.cache_dir),
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "max_length": cfg.data.max_length,
         "truncation_mode": cfg.data.truncation_mode,
@@ -78,7 +83,7 @@ def reference_key(cfg: Config, tokenized: TokenizedData) -> tuple[str, str, dict
     model_dir = resolve_model(cfg.ref_model_name, cfg.data.cache_dir)
     parts = {
         "tokenized": tokenized.key,  # covers tokenizer, data, max_length, truncation
-        "ref_weights": weights_fingerprint(model_dir),
+        "ref_weights": weights_fingerprint(model_dir, cfg.data.cache_dir),
         "dtype": cfg.compute_dtype,
         "logprob_version": LOGPROB_VERSION,
     }
@@ -88,15 +93,16 @@ def reference_key(cfg: Config, tokenized: TokenizedData) -> tuple[str, str, dict
 # --- lookups ---
 
 
-def find_tokenized(cfg: Config, specs: tuple[str, ...]) -> TokenizedData:
-    """The valid entry for these inputs and settings, or CacheError saying how to produce it."""
+def find_tokenized(cfg: Config, specs: tuple[str, ...], verify: bool = False) -> TokenizedData:
+    """The valid entry for these inputs and settings, or CacheError saying how to produce it. `verify`: also
+    recompute its checksums (`cache.read_valid_manifest`)."""
     key, _, _, _ = tokenized_key(cfg, specs)
     path = cache.entry_dir(cfg.data.cache_dir, TOKENIZED, key)
     hint = f"Produce it with `dpo-pipeline tokenize` (or `dpo-pipeline run`) for dataset {list(specs)}."
-    return TokenizedData(path, key, cache.read_valid_manifest(path, key, hint))
+    return TokenizedData(path, key, cache.read_valid_manifest(path, key, hint, verify))
 
 
-def find_reference(cfg: Config, tokenized: TokenizedData) -> ReferenceScores:
+def find_reference(cfg: Config, tokenized: TokenizedData, verify: bool = False) -> ReferenceScores:
     """The valid reference scores of `tokenized`, or CacheError saying how to produce them."""
     key, _, _ = reference_key(cfg, tokenized)
     path = cache.entry_dir(cfg.data.cache_dir, REFERENCE, key)
@@ -104,14 +110,16 @@ def find_reference(cfg: Config, tokenized: TokenizedData) -> ReferenceScores:
         f"Produce it with `dpo-pipeline score-ref` (or `dpo-pipeline run`) for reference model "
         f"{cfg.ref_model_name} and dtype {cfg.compute_dtype}."
     )
-    return ReferenceScores(path, key, cache.read_valid_manifest(path, key, hint))
+    return ReferenceScores(path, key, cache.read_valid_manifest(path, key, hint, verify))
 
 
-def reusable(path: Location, key: str, label: str, what: str, resumable: bool = False) -> dict[str, Any] | None:
+def reusable(
+    path: Location, key: str, label: str, what: str, resumable: bool = False, verify: bool = False
+) -> dict[str, Any] | None:
     """The manifest of a finished entry at `path`, announced as reused; None when there is nothing to reuse.
     A directory without a manifest is refused (CacheError), unless the stage can resume it (`resumable`)."""
     if not path.exists() or (resumable and not (path / cache.MANIFEST).exists()):
         return None
-    manifest = cache.read_valid_manifest(path, key, "Rerun with --force to rebuild it.")
+    manifest = cache.read_valid_manifest(path, key, "Rerun with --force to rebuild it.", verify)
     print(f"{label}: reusing cached {what} {path} ({manifest['rows']} pairs); nothing rewritten", flush=True)
     return manifest

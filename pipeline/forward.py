@@ -43,13 +43,26 @@ def collate_pairs(columns: Mapping[str, Sequence[Any]], pad_token_id: int) -> Pa
     return PairBatch(input_ids, attention_mask, completion_mask, torch.tensor(shared + shared, dtype=torch.long))
 
 
-def split_lm(model: Any) -> tuple[Callable[..., Any], Callable[[Tensor], Tensor]]:
-    """(body, lm_head) of a causal LM, a PEFT wrapper or a DeepSpeed engine around one."""
+def split_lm(model: Any) -> tuple[Any, Callable[[Tensor], Tensor]]:
+    """(body, lm_head) of a causal LM, a PEFT wrapper or a DeepSpeed engine around one; the body is the base
+    transformer module (called for its last hidden state, asked for its input embeddings)."""
     inner = getattr(model, "module", model)  # DeepSpeed engine
     if hasattr(inner, "get_base_model"):  # PEFT
         inner = inner.get_base_model()
     body = getattr(inner, inner.base_model_prefix)
     return body, inner.get_output_embeddings()
+
+
+def module_device(module: Any) -> torch.device:
+    """Where `module` computes: the execution device of its accelerate hook when a device map placed it (weights
+    offloaded to the CPU or disk sit on the meta device between calls), else the device of its first weight."""
+    hook = getattr(module, "_hf_hook", None)
+    for h in getattr(hook, "hooks", (hook,)):  # a SequentialHook chains several
+        device = getattr(h, "execution_device", None)
+        if device is not None:
+            return torch.device(device)
+    weight: Tensor = next(module.parameters())
+    return weight.device
 
 
 def check_supported(model: Any) -> None:
@@ -77,10 +90,12 @@ def sequence_forward(
 
     padding_free: run the packed row (the model must use a varlen attention, see `pipeline.kernels`), then
     scatter its hidden states back to the padded layout, which only the log-prob function reads.
+
+    A model may be split over devices (`pipeline.placement`): the inputs go where the embedding computes, the
+    final hidden states and the token tensors where the LM head does, and the stats come back on that device.
     """
     body, lm_head = split_lm(model)
-    device = next(model.parameters()).device
-    input_ids = batch.input_ids.to(device)
+    device = module_device(body.get_input_embeddings())
     if padding_free:
         row = pack(batch)
         cu = row.cu_seq_lens.to(device)
@@ -93,18 +108,19 @@ def sequence_forward(
             max_length_k=row.max_length,
             use_cache=False,
         ).last_hidden_state
-        real = batch.attention_mask.to(device).bool()
+        real = batch.attention_mask.to(packed.device).bool()
         hidden = packed.new_zeros(*real.shape, packed.size(-1)).masked_scatter(real.unsqueeze(-1), packed[0])
     else:
         hidden = body(
-            input_ids=input_ids, attention_mask=batch.attention_mask.to(device), use_cache=False
+            input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), use_cache=False
         ).last_hidden_state
+    head = module_device(lm_head)
     return sequence_stats(
-        hidden,
+        hidden.to(head),
         lm_head,
-        input_ids,
-        batch.completion_mask.to(device),
-        batch.shared_len.to(device),
+        batch.input_ids.to(head),
+        batch.completion_mask.to(head),
+        batch.shared_len.to(head),
         chunk_size=chunk_size,
         with_metrics=with_metrics,
         min_chunks=min_chunks,

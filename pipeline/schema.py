@@ -55,3 +55,23 @@ REFERENCE_SCHEMA = pa.schema(
         (REF_REJECTED_TAIL_LOGPS, pa.float64()),
     ]
 )
+
+# --- stage 3's input: the training table, an uncompressed Arrow IPC file that workers memory-map ---
+CHOSEN_LEN = "chosen_len"  # sequence lengths, for token-budget schedules (no list column scan needed)
+REJECTED_LEN = "rejected_len"
+
+TABLE_SCHEMA = pa.schema(
+    [
+        (PAIR_ID, pa.string()),
+        (CHOSEN_INPUT_IDS, pa.list_(pa.int32())),
+        (REJECTED_INPUT_IDS, pa.list_(pa.int32())),
+        (CHOSEN_COMPLETION_START, pa.int32()),
+        (REJECTED_COMPLETION_START, pa.int32()),
+        (CHOSEN_LEN, pa.int32()),
+        (REJECTED_LEN, pa.int32()),
+        (REF_CHOSEN_SHARED_LOGPS, pa.float64()),
+        (REF_CHOSEN_TAIL_LOGPS, pa.float64()),
+        (REF_REJECTED_SHARED_LOGPS, pa.float64()),
+        (REF_REJECTED_TAIL_LOGPS, pa.float64()),
+    ]
+)

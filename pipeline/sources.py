@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.cache import hash_file
 from pipeline.errors import DataError
+from pipeline.fingerprints import file_fingerprints
 
 FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
 BUILTIN_PREFIX = "builtin:"
@@ -104,18 +104,20 @@ def _file(path: Path) -> InputFile:
     return InputFile(str(path), kind)
 
 
-def fingerprint_inputs(files: list[InputFile]) -> str:
-    """Content hash of every input file, in order (paths do not matter, bytes do)."""
-    h = hashlib.blake2b(digest_size=16)
+def fingerprint_inputs(files: list[InputFile], cache_dir: str | os.PathLike) -> str:
+    """Content hash of every input file, in order (paths do not matter, bytes do); file digests are remembered
+    under `cache_dir` (pipeline.fingerprints), so unchanged inputs are not read again."""
+    labelled: list[tuple[str, Path]] = []
     for f in files:
         paths = (
             [Path(f.path)]
             if f.kind != "arrow_dataset"
             else sorted(p for p in Path(f.path).iterdir() if p.suffix in (".arrow", ".json"))
         )
-        for p in paths:
-            h.update(f"{f.kind}:{p.name if f.kind == 'arrow_dataset' else ''}".encode())
-            hash_file(h, p)
+        labelled += [(f"{f.kind}:{p.name if f.kind == 'arrow_dataset' else ''}", p) for p in paths]
+    h = hashlib.blake2b(digest_size=16)
+    for (label, _), digest in zip(labelled, file_fingerprints([p for _, p in labelled], cache_dir)):
+        h.update(f"{label}:{digest}".encode())
     return h.hexdigest()
 
 

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from pipeline.config import Config
+from pipeline.entries import TableEntry
 from pipeline.loggers import LoggerSpec
 
 
@@ -21,8 +22,12 @@ class WorkerArgs:
     total_steps: int
     cpus: int  # torch threads per worker
     loggers: LoggerSpec
+    tables: dict[str, TableEntry]  # split -> its training table (memory-mapped by each worker)
     inputs: dict[str, dict[str, Any]]  # split -> the cache entries it came from, for train_summary.json
     after_step: Callable[[int, int], None] | None = None  # (step, rank) -> None; tests inject faults here
+
+
+STATE_FILE = "state.json"  # in each checkpoint, beside the DeepSpeed shards
 
 
 @dataclass
@@ -35,6 +40,7 @@ class TrainState:
     pairs_seen: int = 0
     train_seconds: float = 0.0
     window: list[torch.Tensor] = field(default_factory=list)  # reduced metric rows since the last logged step
+    config: dict[str, Any] = field(default_factory=dict)  # the effective config (flat keys), for pipeline.resume
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -43,6 +49,7 @@ class TrainState:
             "pairs_seen": self.pairs_seen,
             "train_seconds": self.train_seconds,
             "window": [row.tolist() for row in self.window],
+            "config": self.config,
         }
 
     @classmethod
@@ -53,4 +60,5 @@ class TrainState:
             pairs_seen=int(d["pairs_seen"]),
             train_seconds=float(d["train_seconds"]),
             window=[torch.tensor(row, dtype=torch.float64) for row in d["window"]],
+            config=dict(d.get("config") or {}),
         )

@@ -16,12 +16,13 @@ import contextlib
 import sys
 import traceback
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from pipeline.cluster import init_ray
 from pipeline.config import SECTIONS, Config, config_fields, describe_type, field_type, load_config
 from pipeline.entries import TokenizedData, find_tokenized
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, find_pipeline_error
 from pipeline.loggers import resolve_loggers
 from pipeline.redact import RedactingStream
 from pipeline.report import write_report
@@ -65,6 +66,19 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", metavar="FILE.yaml", help="YAML file of config keys (flags override it).")
         if name in ("tokenize", "score-ref", "run"):
             p.add_argument("--force", action="store_true", help="Rebuild cached outputs even when valid.")
+        if name in ("train", "run"):
+            p.add_argument(
+                "--restart",
+                action="store_true",
+                help="Delete the checkpoints of an earlier run with this storage_path/run_name and train from "
+                "step 0. Without it a rerun resumes, and refuses when settings that change the run differ.",
+            )
+        p.add_argument(
+            "--verify",
+            action="store_true",
+            help="Recompute the checksum of every file of a reused cache entry (reads it whole); without it a "
+            "lookup checks that each file is there with its recorded size.",
+        )
         _add_config_flags(p)
     return parser
 
@@ -113,17 +127,26 @@ def check_outputs(cfg: Config, command: str) -> None:
             check_writable(flat[key], key)
 
 
-def tokenize_splits(cfg: Config, force: bool) -> dict[str, TokenizedData]:
+@dataclass(frozen=True)
+class Options:
+    """The command-line flags that are not config keys."""
+
+    force: bool = False
+    verify: bool = False
+    restart: bool = False
+
+
+def tokenize_splits(cfg: Config, opts: Options) -> dict[str, TokenizedData]:
     """Stage 1 for the training data and the eval data, each with its data report in output_dir."""
     out = {}
     for split, specs in splits(cfg):
-        out[split] = run_tokenize(cfg, specs, split, force=force)
+        out[split] = run_tokenize(cfg, specs, split, force=opts.force, verify=opts.verify)
         write_data_report(cfg.data.output_dir, out[split], split)
     return out
 
 
-def train(cfg: Config, command: str) -> dict[str, Any]:
-    summary = run_train(cfg)
+def train(cfg: Config, command: str, opts: Options) -> dict[str, Any]:
+    summary = run_train(cfg, restart=opts.restart, verify=opts.verify)
     print(
         f"[{command}] done: {summary['train_steps']} steps, {summary['train_samples_per_second']:.2f} pairs/s, "
         f"model in {cfg.data.output_dir}/{FINAL}",
@@ -132,28 +155,28 @@ def train(cfg: Config, command: str) -> dict[str, Any]:
     return summary
 
 
-def cmd_tokenize(cfg: Config, force: bool) -> None:
+def cmd_tokenize(cfg: Config, opts: Options) -> None:
     init_ray()
-    tokenize_splits(cfg, force)
+    tokenize_splits(cfg, opts)
 
 
-def cmd_score_ref(cfg: Config, force: bool) -> None:
+def cmd_score_ref(cfg: Config, opts: Options) -> None:
     init_ray()
     for split, specs in splits(cfg):
-        run_score_ref(cfg, find_tokenized(cfg, specs), split, force=force)
+        run_score_ref(cfg, find_tokenized(cfg, specs, opts.verify), split, force=opts.force, verify=opts.verify)
 
 
-def cmd_train(cfg: Config, force: bool) -> None:
+def cmd_train(cfg: Config, opts: Options) -> None:
     init_ray()
-    train(cfg, "train")
+    train(cfg, "train", opts)
     write_run_report(cfg.data.output_dir)
 
 
-def cmd_run(cfg: Config, force: bool) -> None:
+def cmd_run(cfg: Config, opts: Options) -> None:
     init_ray()
-    for split, data in tokenize_splits(cfg, force).items():
-        run_score_ref(cfg, data, split, force=force)
-    final = train(cfg, "run").get("final_eval")
+    for split, data in tokenize_splits(cfg, opts).items():
+        run_score_ref(cfg, data, split, force=opts.force, verify=opts.verify)
+    final = train(cfg, "run", opts).get("final_eval")
     if final:
         first = first_eval(cfg.data.output_dir)
         print(
@@ -182,7 +205,8 @@ def cmd_report(run_dir: str) -> None:
     print(f"report: {report.path} ({len(report.plots)} plots in {report.path.parent / PLOTS})", flush=True)
 
 
-def command_table() -> dict[str, Callable[[Config, bool], None]]:
+def command_table() -> dict[str, Callable[[Config, Options], None]]:
+    """The stage commands, called with the config and the other flags."""
     return {
         "tokenize": cmd_tokenize,
         "score-ref": cmd_score_ref,
@@ -202,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.command in ("train", "run"):
                 resolve_loggers(cfg)  # a requested logger that is not installed fails before anything is written
             check_outputs(cfg, args.command)
-            command_table()[args.command](cfg, getattr(args, "force", False))
+            opts = Options(getattr(args, "force", False), args.verify, getattr(args, "restart", False))
+            command_table()[args.command](cfg, opts)
         except KeyboardInterrupt:
             _stop_ray()
             print("interrupted; rerun the same command to resume", file=sys.stderr)
@@ -239,13 +264,9 @@ def _stop_ray() -> None:
 
 def _user_error(e: BaseException) -> PipelineError | str | None:
     """The PipelineError behind `e` (Ray wraps worker errors), a failed write's reason, or None for a bug."""
-    seen: set[int] = set()
-    current: Any = e
-    while current is not None and id(current) not in seen:
-        if isinstance(current, PipelineError):
-            return current
-        seen.add(id(current))
-        current = getattr(current, "cause", None) or current.__cause__ or current.__context__
+    ours = find_pipeline_error(e)
+    if ours is not None:
+        return ours
     problem = write_problem(e)  # e.g. a full disk under a training worker: the reason, then where it happened
     return f"{problem} ({_first_line(e)})" if problem else None
 

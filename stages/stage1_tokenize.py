@@ -19,7 +19,7 @@ import pyarrow as pa
 import ray
 
 from pipeline import cache, schema, storage
-from pipeline.cluster import cluster_cpus
+from pipeline.cluster import SetupErrorsOnFirstCall, cluster_cpus, data_context
 from pipeline.config import Config
 from pipeline.entries import TOKENIZED, TokenizedData, reusable, tokenized_key
 from pipeline.errors import DataError
@@ -47,13 +47,13 @@ def _read_file(item: dict[str, Any]) -> list[dict[str, Any]]:
     return [{"file_index": item["file_index"], **asdict(r), "error": r.error or ""} for r in read_rows(f)]
 
 
-class _Tokenize:
-    def __init__(self, model_dir: str, trust_remote_code: bool, max_length: int | None, truncation_mode: str):
+class _Tokenize(SetupErrorsOnFirstCall):
+    def setup(self, model_dir: str, trust_remote_code: bool, max_length: int | None, truncation_mode: str) -> None:
         self.tokenizer = load_tokenizer(model_dir, trust_remote_code)
         self.max_length = max_length
         self.truncation_mode = truncation_mode
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+    def process(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         out: dict[str, list[Any]] = {
             k: [] for k in ("status", "detail", "fmt", "prompt_merged", *schema.TOKENIZED_SCHEMA.names)
         }
@@ -83,16 +83,19 @@ class _Tokenize:
 # --- the stage ---
 
 
-def run_tokenize(cfg: Config, specs: tuple[str, ...], split: str = "train", force: bool = False) -> TokenizedData:
+def run_tokenize(
+    cfg: Config, specs: tuple[str, ...], split: str = "train", force: bool = False, verify: bool = False
+) -> TokenizedData:
     key, files, model_dir, parts = tokenized_key(cfg, specs)
     path = cache.entry_dir(cfg.data.cache_dir, TOKENIZED, key)
-    found = None if force else reusable(path, key, f"[tokenize] {split}", "tokenized data")
+    found = None if force else reusable(path, key, f"[tokenize] {split}", "tokenized data", verify=verify)
     if found is not None:
         return TokenizedData(path, key, found)
 
     start = time.time()
     print(f"[tokenize] {split}: {len(files)} file(s) -> {path}", flush=True)
     items = [{"path": f.path, "kind": f.kind, "file_index": i} for i, f in enumerate(files)]
+    data_context()
     cpus = cluster_cpus()
     rows = ray.data.from_items(items).flat_map(_read_file, num_cpus=0)  # light: never waits behind the actors
     tokenized = rows.map_batches(

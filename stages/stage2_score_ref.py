@@ -2,7 +2,8 @@
 
     dpo-pipeline score-ref --config configs/demo.yaml
 
-Each actor holds one copy of the reference model. It receives blocks of pairs, sorts each block by
+Each actor holds one copy of the reference model, on `gpus_per_ref_actor` GPUs with use_gpu (split by layers
+when it needs more than one; `pipeline.placement`). It receives blocks of pairs, sorts each block by
 length so that micro-batches of `precompute_ref_batch_size` pairs carry little padding, and runs the
 same forward and log-prob function as training, under `torch.inference_mode`.
 
@@ -24,19 +25,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from pipeline import cache, schema, storage
-from pipeline.cluster import cpus_each
+from pipeline import cache, entries, schema, storage
+from pipeline.cluster import SetupErrorsOnFirstCall, cpus_each, data_context
 from pipeline.config import Config, ModelConfig
-from pipeline.entries import (
-    LOGPROB_VERSION,
-    REFERENCE,
-    ReferenceScores,
-    TokenizedData,
-    reference_key,
-    reusable,
-    shard_name,
-    shard_of,
-)
+from pipeline.entries import REFERENCE, ReferenceScores, TokenizedData, reference_key, reusable, shard_name, shard_of
 from pipeline.errors import CacheError
 from pipeline.kernels import choose_kernels
 
@@ -48,24 +40,23 @@ PLAN = "plan.json"
 # --- the Ray user function: convert a block, call pipeline/ ---
 
 
-class _ScoreRef:
-    def __init__(
-        self, model_dir: str, model_cfg: ModelConfig, dtype: str, threads: int, micro_batch: int, use_gpu: bool
-    ):
+class _ScoreRef(SetupErrorsOnFirstCall):
+    def setup(
+        self, model_dir: str, model_cfg: ModelConfig, dtype: str, threads: int, micro_batch: int, gpus: int
+    ) -> None:
         import torch
 
         from pipeline.models import build_model, load_tokenizer
 
         torch.set_num_threads(threads)
-        self.model, kernels = build_model(model_cfg, model_dir, dtype, use_gpu)
-        if use_gpu:
+        self.model, kernels = build_model(model_cfg, model_dir, dtype, gpus > 0, gpus)  # read onto its GPUs
+        if gpus:
             print(f"[score-ref] kernels: {kernels.describe()}", flush=True)
-            self.model.cuda()  # type: ignore[call-arg]  # transformers wraps .cuda; its annotation is wrong
         self.pad_id = load_tokenizer(model_dir, model_cfg.trust_remote_code).pad_token_id
         self.micro_batch = micro_batch
         self.padding_free = kernels.padding_free
 
-    def __call__(self, block: pa.Table) -> pa.Table:
+    def process(self, block: pa.Table) -> pa.Table:
         import torch
 
         from pipeline.forward import collate_pairs, sequence_forward
@@ -125,13 +116,18 @@ def _read_unscored(batch: dict[str, Any], num_shards: int, wanted: frozenset[int
 
 
 def run_score_ref(
-    cfg: Config, tokenized: TokenizedData, split: str = "train", force: bool = False, shard_pairs: int = SHARD_PAIRS
+    cfg: Config,
+    tokenized: TokenizedData,
+    split: str = "train",
+    force: bool = False,
+    shard_pairs: int = SHARD_PAIRS,
+    verify: bool = False,
 ) -> ReferenceScores:
     key, model_dir, parts = reference_key(cfg, tokenized)
     path = cache.entry_dir(cfg.data.cache_dir, REFERENCE, key)
     if force and path.exists():
         storage.rmtree(path)
-    found = reusable(path, key, f"[score-ref] {split}", "reference scores", resumable=True)
+    found = reusable(path, key, f"[score-ref] {split}", "reference scores", resumable=True, verify=verify)
     if found is not None:
         return ReferenceScores(path, key, found)
 
@@ -237,6 +233,7 @@ def _score_missing(
     # Read and cut into blocks of one actor call each before any actor holds a core. Fed a whole file as
     # one block, a single actor would score all of it and return it at the end: no spread over the pool,
     # and no shard complete before the file is.
+    data_context()
     ds = (
         ray.data.from_items([{"path": f} for f in tokenized.files])
         .map_batches(
@@ -249,12 +246,12 @@ def _score_missing(
     )
     scored = ds.map_batches(
         _ScoreRef,
-        fn_constructor_args=(model_dir, cfg.model, cfg.compute_dtype, cpus, micro, cfg.scale.use_gpu),
+        fn_constructor_args=(model_dir, cfg.model, cfg.compute_dtype, cpus, micro, cfg.scale.ref_actor_gpus),
         batch_size=micro * BLOCK_BATCHES,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=cpus,
-        num_gpus=1 if cfg.scale.use_gpu else 0,
+        num_gpus=cfg.scale.ref_actor_gpus,
     )
     pending: dict[int, list[pa.Table]] = defaultdict(list)
     have: dict[int, int] = defaultdict(int)
@@ -296,5 +293,5 @@ def _versions() -> dict[str, str]:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "ray": ray.__version__,
-        "logprob_version": str(LOGPROB_VERSION),
+        "logprob_version": str(entries.LOGPROB_VERSION),
     }

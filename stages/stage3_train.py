@@ -2,15 +2,17 @@
 
     dpo-pipeline train --config configs/demo.yaml
 
-No reference model exists here: its scores come from stage 2's cache, joined to the tokenized pairs by
-pair_id with Ray Data. Each micro-batch of B pairs is ONE forward of 2B sequences (chosen then rejected),
-then the combined loss. Metrics are all-reduced once per optimizer step. A checkpoint holds every rank's
-DeepSpeed shards plus the loop's state; the data schedule is a pure function of (seed, step), so resuming
-continues the data order exactly.
+No reference model exists here: its scores come from stage 2's cache, merged with the tokenized pairs by
+pair_id into a training table (pipeline.table) that every worker memory-maps. Each micro-batch of B pairs is
+ONE forward of 2B sequences (chosen then rejected), then the combined loss. Metrics are all-reduced once per
+optimizer step. A checkpoint holds every rank's DeepSpeed shards plus the loop's state; the data schedule is
+a pure function of (seed, step), so resuming continues the data order exactly.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import shutil
 import signal
 import tempfile
@@ -21,69 +23,58 @@ from typing import Any
 
 import ray
 import torch
-from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from pipeline import rundir, schema
+from pipeline import rundir
 from pipeline.cluster import cpus_each
 from pipeline.config import Config
-from pipeline.entries import ReferenceScores, find_reference, find_tokenized
-from pipeline.errors import CacheError
+from pipeline.entries import TableEntry, find_reference, find_tokenized
 from pipeline.faults import Fault
 from pipeline.kernels import choose_kernels
 from pipeline.loggers import resolve_loggers
 from pipeline.models import resolve_model
-from pipeline.pairs import training_schedule
 from pipeline.redact import redact_value
+from pipeline.resume import check_resume
 from pipeline.storage import LocalMirror, location, write_json_atomic
-from pipeline.train_state import TrainState, WorkerArgs
+from pipeline.table import build_table, training_schedule
+from pipeline.train_state import STATE_FILE, TrainState, WorkerArgs
 
-STATE = "state.json"
 DS_TAG = "ds"
 
 
-# --- driver: find the cached inputs, join them, launch the workers ---
+# --- driver: find the cached inputs, merge them into training tables, launch the workers ---
 
 
-def joined_dataset(tokenized_files: list[str], reference: ReferenceScores, expected: int) -> ray.data.Dataset:
-    """Tokenized pairs joined with their reference scores by pair_id (never by row order)."""
-    tok = ray.data.read_parquet(tokenized_files)
-    ref = ray.data.read_parquet(reference.files)
-    joined: ray.data.Dataset = tok.join(
-        ref, join_type="inner", num_partitions=max(1, min(16, expected // 4096 + 1)), on=(schema.PAIR_ID,)
-    ).materialize()
-    if joined.count() != expected:
-        raise CacheError(
-            f"reference scores in {reference.path} cover {joined.count()} of {expected} tokenized "
-            "pairs; rerun `dpo-pipeline score-ref --force`."
-        )
-    return joined
-
-
-def run_train(cfg: Config) -> dict[str, Any]:
+def run_train(cfg: Config, restart: bool = False, verify: bool = False) -> dict[str, Any]:
     cfg = cfg.with_absolute_paths()
     loggers = resolve_loggers(cfg)  # a requested logger that is not installed fails here, before any work
-    tokenized = find_tokenized(cfg, cfg.data.dataset)
-    n_pairs = tokenized.manifest["rows"]
     t, s = cfg.train, cfg.scale
     if not s.use_gpu:  # a GPU cluster's driver may have none: there the workers check
         choose_kernels(cfg.model, cuda=False, dtype=cfg.compute_dtype)
-    schedule = training_schedule(cfg, tokenized.files)
     # the run directory records its inputs (data reports, cache entries) so that `dpo-pipeline report` finds them
-    datasets: dict[str, Any] = {}
+    tables: dict[str, TableEntry] = {}
     inputs: dict[str, dict[str, Any]] = {}
     for split, specs in (("train", cfg.data.dataset), ("eval", cfg.data.eval_dataset)):
         if not specs:
             continue
-        tok = tokenized if split == "train" else find_tokenized(cfg, specs)
-        reference = find_reference(cfg, tok)
-        datasets[split] = joined_dataset(tok.files, reference, tok.manifest["rows"])
-        inputs[split] = {"pairs": tok.manifest["rows"], "tokenized": str(tok.path), "reference": str(reference.path)}
+        tok = find_tokenized(cfg, specs, verify)
+        reference = find_reference(cfg, tok, verify)
+        tables[split] = build_table(cfg, tok, reference, split, verify)
+        inputs[split] = {
+            "pairs": tok.manifest["rows"],
+            "tokenized": str(tok.path),
+            "reference": str(reference.path),
+            "table": str(tables[split].path),
+        }
         rundir.write_data_report(cfg.data.output_dir, tok, split)
+    n_pairs = tables["train"].manifest["rows"]
+    schedule = training_schedule(cfg, tables["train"])
 
     total = schedule.total_steps(t.num_train_epochs, t.max_steps)
     cpus = cpus_each(s.cpus_per_worker, s.num_workers)
     storage = s.storage_path or str(location(cfg.data.output_dir) / "ray")
+    check_resume(cfg, location(storage) / s.run_name, restart)
     batch = (
         f"micro-batches of <= {t.max_tokens_per_batch} tokens"
         if t.max_tokens_per_batch
@@ -109,6 +100,7 @@ def run_train(cfg: Config) -> dict[str, Any]:
                 total_steps=total,
                 cpus=cpus,
                 loggers=loggers,
+                tables=tables,
                 inputs=inputs,
                 after_step=Fault.from_env(),
             )
@@ -120,8 +112,6 @@ def run_train(cfg: Config) -> dict[str, Any]:
             failure_config=FailureConfig(max_failures=s.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
-        datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=[]),  # every rank holds all pairs; the schedule splits
     )
     _fit(trainer)
     summary = rundir.read_json(cfg.data.output_dir, rundir.SUMMARY)
@@ -150,17 +140,23 @@ def _fit(trainer: TorchTrainer) -> None:
 def train_loop(config: dict[str, WorkerArgs]) -> None:
     import deepspeed  # noqa: F401  (imported before the engine to register the CPU accelerator)
 
-    from pipeline.collectives import all_reduce_rows
+    from pipeline.collectives import all_reduce, all_reduce_rows
     from pipeline.core.metrics import finalize, slot_total
-    from pipeline.engine import build_engine, build_policy, export_model, gradient_norm, peak_memory_bytes
+    from pipeline.engine import (
+        build_engine,
+        build_policy,
+        export_model,
+        gradient_norm,
+        peak_memory_bytes,
+        private_memory_bytes,
+    )
     from pipeline.loggers import MetricsLog, open_loggers
     from pipeline.models import load_tokenizer
-    from pipeline.pairs import load_pairs
     from pipeline.step import Evaluator, micro_step
+    from pipeline.table import open_table
 
     args = config["args"]
     cfg, total = args.cfg, args.total_steps
-    ray.data.DataContext.get_current().enable_progress_bars = False  # the [train] lines are the progress
     torch.set_num_threads(args.cpus)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -170,7 +166,7 @@ def train_loop(config: dict[str, WorkerArgs]) -> None:
     out_dir = output.local  # output_dir itself, or a local copy of a URI that rank 0 uploads (push)
 
     # --- setup: data, policy, engine, resume ---
-    train_pairs = load_pairs(ray.train.get_dataset_shard("train"))
+    train_pairs = open_table(args.tables["train"])  # memory-mapped: one copy per node, in the page cache
     tokenizer = load_tokenizer(args.model_dir, cfg.model.trust_remote_code)
     policy, kernels = build_policy(cfg, args.model_dir)
     if rank == 0:
@@ -179,15 +175,16 @@ def train_loop(config: dict[str, WorkerArgs]) -> None:
     schedule = train_pairs.schedule(cfg, world)
     evaluate = None
     if cfg.data.eval_dataset:
-        eval_pairs = load_pairs(ray.train.get_dataset_shard("eval"))
+        eval_pairs = open_table(args.tables["eval"])
         evaluate = Evaluator(cfg, eval_pairs, rank, world, tokenizer.pad_token_id)
 
-    state = TrainState()
+    state = TrainState(config=json.loads(json.dumps(cfg.flat(), default=str)))
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             engine.load_checkpoint(d, tag=DS_TAG)
-            state = TrainState.from_json(rundir.read_json(Path(d), STATE) or {})
+            saved = TrainState.from_json(rundir.read_json(Path(d), STATE_FILE) or {})
+            state = dataclasses.replace(saved, config=state.config)  # the driver checked what may change
         print(f"[train] rank {rank}: resumed from step {state.step}", flush=True)
     log = MetricsLog(str(out_dir), state.step, total, open_loggers(args.loggers, cfg)) if rank == 0 else None
 
@@ -205,6 +202,7 @@ def train_loop(config: dict[str, WorkerArgs]) -> None:
     # --- the loop: one optimizer step = gradient_accumulation_steps micro-batches per rank ---
     started = time.time()
     steps_at_start = state.step
+    private_peak = private_memory_bytes()
     while state.step < total:
         rows, own_norm = [], None
         for idx in schedule.micro_batches(state.step, rank):
@@ -221,6 +219,7 @@ def train_loop(config: dict[str, WorkerArgs]) -> None:
                 own_norm = gradient_norm(engine.module)  # DeepSpeed clips at ZeRO-0 but keeps no norm
             engine.step()
             rows.append(r.metric_row)
+        private_peak = max(private_peak, private_memory_bytes())
         state.step += 1
         step = state.step
         reduced = all_reduce_rows(rows, engine.device)  # one collective per optimizer step
@@ -254,6 +253,9 @@ def train_loop(config: dict[str, WorkerArgs]) -> None:
 
     # --- end: final eval, export, summary ---
     final_eval = log_eval(state.step)
+    private = torch.zeros(world, dtype=torch.float64)  # each rank's peak, gathered by a sum of one-hot rows
+    private[rank] = max(private_peak, private_memory_bytes())
+    private = all_reduce(private, engine.device)
     export_model(cfg, engine, tokenizer, out_dir / rundir.FINAL, rank)
     if rank == 0 and log is not None:
         log.close()
@@ -265,6 +267,7 @@ def train_loop(config: dict[str, WorkerArgs]) -> None:
             "train_samples_per_second": state.pairs_seen / seconds if seconds else 0.0,
             "train_tokens_per_second": state.num_tokens / seconds if seconds else 0.0,
             "peak_memory_bytes": peak_memory_bytes(),
+            "worker_private_memory_bytes": [int(b) for b in private.tolist()],  # RssAnon peak per rank
             "num_workers": world,
             "zero_stage": cfg.scale.zero_stage,
             "final_eval": final_eval,
@@ -284,7 +287,7 @@ def _save(engine: Any, state: TrainState, rank: int) -> None:
     try:
         engine.save_checkpoint(str(tmp), tag=DS_TAG)
         if rank == 0:
-            write_json_atomic(tmp / STATE, state.to_json())
+            write_json_atomic(tmp / STATE_FILE, state.to_json())
         ray.train.report({"step": state.step}, checkpoint=Checkpoint.from_directory(str(tmp)))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

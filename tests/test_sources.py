@@ -106,10 +106,10 @@ def test_broken_json_array_and_corrupt_parquet(tmp_path):
 def test_fingerprint_follows_content_not_path(tmp_path):
     a = write_jsonl(tmp_path / "a.jsonl", ROWS)
     shutil.copy(a, tmp_path / "copy.jsonl")
-    fp = fingerprint_inputs(expand_inputs([str(a)], str(tmp_path)))
-    assert fp == fingerprint_inputs(expand_inputs([str(tmp_path / "copy.jsonl")], str(tmp_path)))
+    fp = fingerprint_inputs(expand_inputs([str(a)], str(tmp_path)), tmp_path)
+    assert fp == fingerprint_inputs(expand_inputs([str(tmp_path / "copy.jsonl")], str(tmp_path)), tmp_path)
     write_jsonl(a, ROWS[:1])
-    assert fp != fingerprint_inputs(expand_inputs([str(a)], str(tmp_path)))
+    assert fp != fingerprint_inputs(expand_inputs([str(a)], str(tmp_path)), tmp_path)
 
 
 def test_builtin_names_and_sizes(tmp_path):

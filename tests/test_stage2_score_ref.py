@@ -400,7 +400,7 @@ def test_corrupt_truncated_edited_and_missing_entries_are_refused(stage, tmp_pat
     blob[len(blob) // 2] ^= 0xFF
     victim.write_bytes(bytes(blob))
     with pytest.raises(CacheError, match=r"shard-00002\.parquet fails its checksum"):
-        run_score_ref(cfg, data, shard_pairs=3)
+        run_score_ref(cfg, data, shard_pairs=3, verify=True)  # same size: only --verify reads the bytes
     victim.write_bytes(good[:-10])
     with pytest.raises(CacheError, match=r"shard-00002\.parquet has \d+ bytes.*truncated"):
         find_reference(cfg, data)

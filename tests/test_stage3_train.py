@@ -226,6 +226,27 @@ def test_rerun_with_same_name_resumes(prepared, baseline, tmp_path):
     assert losses(lines) == pytest.approx(losses(baseline[2]), abs=1e-6)
 
 
+def test_resume_checks_settings_and_restart_starts_over(prepared, capsys):
+    """A finished 2-step run, rerun with the same run_name: beta and max_steps changed is refused with both keys
+    and the ways out; only logging_steps changed resumes (nothing left to do) and says so; --restart starts
+    over with the new settings."""
+    root, base = prepared
+    _, summary, _ = train(prepared, "checked", max_steps=2)
+    assert summary["train_steps"] == 2
+    with pytest.raises(ConfigError, match=r"beta: 0.1 -> 0.5\n  max_steps: 2 -> 4\n.*--restart"):
+        train(prepared, "checked", max_steps=4, beta=0.5)
+    capsys.readouterr()
+    _, again, _ = train(prepared, "checked", max_steps=2, logging_steps=2)
+    assert again["steps_this_run"] == 0 and "changed settings that do not alter the run: logging_steps 1 -> 2" in (
+        capsys.readouterr().out
+    )
+    over = run_train(config_from_dict({**base, "output_dir": str(root / "checked"), "run_name": "checked",
+                                       "max_steps": 3, "beta": 0.5}), restart=True)  # fmt: skip
+    lines = [json.loads(x) for x in (root / "checked" / "metrics.jsonl").read_text().splitlines()]
+    assert over["train_steps"] == over["steps_this_run"] == 3 and over["config"]["beta"] == 0.5
+    assert [x["step"] for x in lines if "loss" in x] == [1, 2, 3]
+
+
 def test_token_budget_batches_on_two_workers(prepared):
     """Micro-batches of <= 60 tokens, 2 workers x 2 accumulated: every step runs the schedule's pairs, counted
     exactly (all-reduced), and the loss starts at ln 2."""

@@ -1,0 +1,69 @@
+"""Resume only a run with the same trajectory: the settings a checkpoint was made with, compared on rerun.
+
+Rerunning `train` or `run` with the same `storage_path` and `run_name` resumes from the last checkpoint
+(Ray Train). Each checkpoint records the effective config (`TrainState.config`). Before any worker starts,
+the driver compares it with the new config: a change to anything that decides what the run computes (data,
+model, loss, optimizer, schedule, batch shape, workers, seed, ...) is refused with the changed keys and the
+two ways out; a change to a key in ALLOWED_CHANGES (how often to log, evaluate and save, loggers, eval data,
+where the cache lives, resources of other stages) is allowed and printed.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pipeline.config import Config
+from pipeline.errors import ConfigError
+from pipeline.rundir import read_json
+from pipeline.storage import Location, rmtree
+from pipeline.train_state import STATE_FILE
+
+# Keys that do not change the training trajectory: what is logged or evaluated, and when; where things are.
+ALLOWED_CHANGES = frozenset(
+    {
+        "logging_steps", "eval_steps", "save_steps", "report_to", "eval_dataset", "per_device_eval_batch_size",
+        "max_failures", "cpus_per_worker", "ref_actors", "cpus_per_ref_actor", "gpus_per_ref_actor",
+        "precompute_ref_batch_size", "cache_dir", "output_dir", "storage_path", "run_name",
+    }
+)  # fmt: skip
+
+
+def check_resume(cfg: Config, run_dir: Location, restart: bool) -> None:
+    """Refuse to resume a run whose checkpoint was made with other trajectory settings; with `restart`, drop
+    the run's checkpoints so that it starts over."""
+    if restart:
+        if run_dir.exists():
+            rmtree(run_dir)
+            print(f"[train] --restart: removed the checkpoints in {run_dir}; starting over", flush=True)
+        return
+    old = last_checkpoint_config(run_dir)
+    if old is None:
+        return
+    new = json.loads(json.dumps(cfg.flat(), default=str))
+    changed = {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}
+    refused = {k: ov for k, ov in changed.items() if k not in ALLOWED_CHANGES}
+    if refused:
+        lines = "\n".join(f"  {k}: {o!r} -> {n!r}" for k, (o, n) in sorted(refused.items()))
+        raise ConfigError(
+            f"{run_dir} holds checkpoints of a run with other settings, so it cannot be resumed:\n{lines}\n"
+            "Start a new run (another run_name or output_dir), or pass --restart to discard its checkpoints and "
+            "start over."
+        )
+    if changed:
+        said = ", ".join(f"{k} {o!r} -> {n!r}" for k, (o, n) in sorted(changed.items()))
+        print(f"[train] resuming with changed settings that do not alter the run: {said}", flush=True)
+
+
+def last_checkpoint_config(run_dir: Location) -> dict[str, Any] | None:
+    """The config recorded in the newest checkpoint of a Ray Train run directory (checkpoint_<timestamp>
+    folders), None when there is none or it records none (a checkpoint of an older version)."""
+    if not run_dir.is_dir():
+        return None
+    checkpoints = sorted((p for p in run_dir.iterdir() if p.name.startswith("checkpoint_")), key=lambda p: p.name)
+    for checkpoint in reversed(checkpoints):
+        state = read_json(checkpoint, STATE_FILE)
+        if state is not None:
+            config = state.get("config")
+            return dict(config) if config else None
+    return None

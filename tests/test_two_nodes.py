@@ -1,0 +1,80 @@
+"""Two raylets on this host (`ray.cluster_utils.Cluster`): a head and a worker node of 1 CPU each. `run` with
+2 training workers and 2 scoring actors places one of each on each node, and gives the metrics of the same
+run on one node of 2 CPUs. Everything the stages share goes through cache_dir and output_dir; the workers
+reach the training table through its cache entry, never through the driver."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys
+    import ray
+    from ray.cluster_utils import Cluster
+
+    nodes, argv = int(sys.argv[1]), sys.argv[2:]
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2 if nodes == 1 else 1,
+                      "node_ip_address": "127.0.0.1", "include_dashboard": False})
+    for _ in range(nodes - 1):
+        cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+    cluster.wait_for_nodes()
+    os.environ["RAY_ADDRESS"] = cluster.address
+    from stages.cli import main
+    rc = main(argv)
+    from ray.util.state import list_actors
+    placed = [(a.class_name, a.node_id) for a in list_actors(limit=1000, raise_on_missing_output=False)]
+    print("PLACED " + json.dumps({"rc": rc, "actors": placed, "nodes": len(ray.nodes())}))
+    ray.shutdown()
+    cluster.shutdown()
+    """
+)
+
+
+def run_on(nodes: int, root: Path, tiny_model_dir: Path) -> tuple[dict, list[dict]]:
+    data = root / "train.jsonl"
+    out = root / f"out-{nodes}"
+    words = ["red", "blue", "green", "gold", "black", "white"]
+    rows = [{"prompt": f"Colour {i}?", "chosen": f" {words[i % 6]} {i}", "rejected": f" no {i + 1}"} for i in range(24)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = [
+        "run", "--model", str(tiny_model_dir), "--dataset", str(data), "--eval_dataset", str(data),
+        "--cache_dir", str(root / f"cache-{nodes}"), "--output_dir", str(out), "--max_steps", "3",
+        "--per_device_train_batch_size", "4", "--logging_steps", "1", "--learning_rate", "1e-3",
+        "--num_workers", "2", "--cpus_per_worker", "1", "--ref_actors", "2", "--cpus_per_ref_actor", "1",
+        "--zero_stage", "2", "--gradient_checkpointing", "false",
+    ]  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", SCRIPT, str(nodes), *args], capture_output=True, text=True,
+                          timeout=900, cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    line = next((x for x in done.stdout.splitlines() if x.startswith("PLACED ")), None)
+    assert done.returncode == 0 and line, done.stdout[-3000:] + done.stderr[-3000:]
+    placed = json.loads(line[len("PLACED ") :])
+    assert placed["rc"] == 0 and placed["nodes"] == nodes
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return placed, metrics
+
+
+def test_two_nodes_match_one_node(tmp_path, tiny_model_dir):
+    two, metrics_two = run_on(2, tmp_path, tiny_model_dir)
+    _, metrics_one = run_on(1, tmp_path, tiny_model_dir)
+
+    def nodes_of(actors: list, name: str) -> set:
+        return {node for cls, node in actors if name in cls}
+
+    assert len(nodes_of(two["actors"], "TrainWorker")) == 2, two["actors"]  # one training worker per node
+    assert len(nodes_of(two["actors"], "_ScoreRef")) == 2, two["actors"]  # one scoring actor per node
+    assert [m["step"] for m in metrics_two] == [m["step"] for m in metrics_one]
+    for a, b in zip(metrics_two, metrics_one):
+        for key in ("loss", "eval_loss", "rewards/margins", "eval_rewards/margins", "grad_norm"):
+            if key in a:
+                assert a[key] == pytest.approx(b[key], abs=2e-4), (a["step"], key)
+    first = metrics_two[0]
+    assert first["eval_loss"] == pytest.approx(0.6931472, abs=1e-5) and abs(first["eval_rewards/margins"]) < 1e-6
