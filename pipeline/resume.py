@@ -19,6 +19,8 @@ from pipeline.rundir import read_json
 from pipeline.storage import Location, rmtree
 from pipeline.train_state import STATE_FILE
 
+TABLE_KEY = "train_table"
+
 # Keys that do not change the training trajectory: what is logged or evaluated, and when; where things are.
 ALLOWED_CHANGES = frozenset(
     {
@@ -29,9 +31,16 @@ ALLOWED_CHANGES = frozenset(
 )  # fmt: skip
 
 
-def check_resume(cfg: Config, run_dir: Location, restart: bool) -> None:
-    """Refuse to resume a run whose checkpoint was made with other trajectory settings; with `restart`, drop
-    the run's checkpoints so that it starts over."""
+def run_settings(cfg: Config, train_table: str) -> dict[str, Any]:
+    """What a checkpoint records and a resume compares: the flat config, and the training table's key (the
+    content of the data, its tokenization and its reference scores, which an unchanged path can hide)."""
+    settings: dict[str, Any] = json.loads(json.dumps(cfg.flat(), default=str))
+    return {**settings, TABLE_KEY: train_table}
+
+
+def check_resume(new: dict[str, Any], run_dir: Location, restart: bool) -> None:
+    """Refuse to resume a run whose checkpoint was made with other trajectory settings (`run_settings`); with
+    `restart`, drop the run's checkpoints so that it starts over."""
     if restart:
         if run_dir.exists():
             rmtree(run_dir)
@@ -40,11 +49,12 @@ def check_resume(cfg: Config, run_dir: Location, restart: bool) -> None:
     old = last_checkpoint_config(run_dir)
     if old is None:
         return
-    new = json.loads(json.dumps(cfg.flat(), default=str))
     changed = {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}
     refused = {k: ov for k, ov in changed.items() if k not in ALLOWED_CHANGES}
     if refused:
         lines = "\n".join(f"  {k}: {o!r} -> {n!r}" for k, (o, n) in sorted(refused.items()))
+        if TABLE_KEY in refused:
+            lines += "\n  (the training data, its tokenization or its reference scores differ)"
         raise ConfigError(
             f"{run_dir} holds checkpoints of a run with other settings, so it cannot be resumed:\n{lines}\n"
             "Start a new run (another run_name or output_dir), or pass --restart to discard its checkpoints and "

@@ -29,11 +29,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import cache, schema, storage
+from pipeline.claims import claimed
 from pipeline.config import Config
 from pipeline.core.batching import Schedule
 from pipeline.entries import TABLE, ReferenceScores, TableEntry, TokenizedData, reusable
 from pipeline.errors import CacheError
 from pipeline.pairs import PairTable, make_schedule
+from pipeline.storage import Location
 
 FILE = "pairs.arrow"
 LENGTHS = "lengths.npy"  # (n, 2) int32 sequence lengths: what the driver's token-budget schedule reads
@@ -54,9 +56,20 @@ def build_table(
     merged and written."""
     key = table_key(tokenized, reference)
     path = cache.entry_dir(cfg.data.cache_dir, TABLE, key)
-    found = reusable(path, key, f"[train] {split}", "training table", verify=verify)
+    label = f"[train] {split}"
+    found = reusable(path, key, label, "training table", verify=verify)
     if found is not None:
         return TableEntry(path, key, found)
+    with claimed(path, label) as waited:  # another run building this table: wait for it, then reuse
+        found = reusable(path, key, label, "training table", verify=verify) if waited else None
+        if found is not None:
+            return TableEntry(path, key, found)
+        return _write_table(tokenized, reference, path, key, split)
+
+
+def _write_table(
+    tokenized: TokenizedData, reference: ReferenceScores, path: Location, key: str, split: str
+) -> TableEntry:
     start = time.time()
     with storage.atomic_target(path, directory=True) as tmp:
         lengths = []

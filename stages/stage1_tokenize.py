@@ -19,6 +19,7 @@ import pyarrow as pa
 import ray
 
 from pipeline import cache, schema, storage
+from pipeline.claims import claimed
 from pipeline.cluster import SetupErrorsOnFirstCall, cluster_cpus, data_context
 from pipeline.config import Config
 from pipeline.entries import TOKENIZED, TokenizedData, reusable, tokenized_key
@@ -88,10 +89,26 @@ def run_tokenize(
 ) -> TokenizedData:
     key, files, model_dir, parts = tokenized_key(cfg, specs)
     path = cache.entry_dir(cfg.data.cache_dir, TOKENIZED, key)
-    found = None if force else reusable(path, key, f"[tokenize] {split}", "tokenized data", verify=verify)
+    label = f"[tokenize] {split}"
+    found = None if force else reusable(path, key, label, "tokenized data", verify=verify)
     if found is not None:
         return TokenizedData(path, key, found)
+    with claimed(path, label) as waited:  # another job building this entry: wait for it, then reuse
+        found = reusable(path, key, label, "tokenized data", verify=verify) if waited and not force else None
+        if found is not None:
+            return TokenizedData(path, key, found)
+        return _tokenize(cfg, files, model_dir, parts, path, key, split)
 
+
+def _tokenize(
+    cfg: Config,
+    files: list[InputFile],
+    model_dir: str,
+    parts: dict[str, Any],
+    path: storage.Location,
+    key: str,
+    split: str,
+) -> TokenizedData:
     start = time.time()
     print(f"[tokenize] {split}: {len(files)} file(s) -> {path}", flush=True)
     items = [{"path": f.path, "kind": f.kind, "file_index": i} for i, f in enumerate(files)]

@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 import ray
 
 from pipeline import cache, entries, schema, storage
+from pipeline.claims import claimed
 from pipeline.cluster import SetupErrorsOnFirstCall, cpus_each, data_context
 from pipeline.config import Config, ModelConfig
 from pipeline.entries import REFERENCE, ReferenceScores, TokenizedData, reference_key, reusable, shard_name, shard_of
@@ -125,12 +126,29 @@ def run_score_ref(
 ) -> ReferenceScores:
     key, model_dir, parts = reference_key(cfg, tokenized)
     path = cache.entry_dir(cfg.data.cache_dir, REFERENCE, key)
-    if force and path.exists():
-        storage.rmtree(path)
-    found = reusable(path, key, f"[score-ref] {split}", "reference scores", resumable=True, verify=verify)
+    label = f"[score-ref] {split}"
+    found = None if force else reusable(path, key, label, "reference scores", resumable=True, verify=verify)
     if found is not None:
         return ReferenceScores(path, key, found)
+    with claimed(path, label) as waited:  # another job scoring this entry: wait, then reuse or finish it
+        if force and not waited and path.exists():
+            storage.rmtree(path)
+        found = reusable(path, key, label, "reference scores", resumable=True, verify=verify)
+        if found is not None:
+            return ReferenceScores(path, key, found)
+        return _score(cfg, tokenized, model_dir, parts, path, key, split, shard_pairs)
 
+
+def _score(
+    cfg: Config,
+    tokenized: TokenizedData,
+    model_dir: str,
+    parts: dict[str, Any],
+    path: storage.Location,
+    key: str,
+    split: str,
+    shard_pairs: int,
+) -> ReferenceScores:
     fs, files = storage.parquet_source(tokenized.files)
     pair_ids = pq.ParquetDataset(files, filesystem=fs).read(columns=[schema.PAIR_ID]).column(schema.PAIR_ID).to_pylist()
     num_shards = max(1, math.ceil(len(pair_ids) / shard_pairs))

@@ -12,7 +12,6 @@ a pure function of (seed, step), so resuming continues the data order exactly.
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 import signal
 import tempfile
@@ -35,7 +34,7 @@ from pipeline.kernels import choose_kernels
 from pipeline.loggers import resolve_loggers
 from pipeline.models import resolve_model
 from pipeline.redact import redact_value
-from pipeline.resume import check_resume
+from pipeline.resume import check_resume, run_settings
 from pipeline.storage import LocalMirror, location, write_json_atomic
 from pipeline.table import build_table, training_schedule
 from pipeline.train_state import STATE_FILE, TrainState, WorkerArgs
@@ -74,7 +73,7 @@ def run_train(cfg: Config, restart: bool = False, verify: bool = False) -> dict[
     total = schedule.total_steps(t.num_train_epochs, t.max_steps)
     cpus = cpus_each(s.cpus_per_worker, s.num_workers)
     storage = s.storage_path or str(location(cfg.data.output_dir) / "ray")
-    check_resume(cfg, location(storage) / s.run_name, restart)
+    check_resume(run_settings(cfg, tables["train"].key), location(storage) / s.run_name, restart)
     batch = (
         f"micro-batches of <= {t.max_tokens_per_batch} tokens"
         if t.max_tokens_per_batch
@@ -178,7 +177,7 @@ def train_loop(config: dict[str, WorkerArgs]) -> None:
         eval_pairs = open_table(args.tables["eval"])
         evaluate = Evaluator(cfg, eval_pairs, rank, world, tokenizer.pad_token_id)
 
-    state = TrainState(config=json.loads(json.dumps(cfg.flat(), default=str)))
+    state = TrainState(config=run_settings(cfg, args.tables["train"].key))
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:

@@ -165,12 +165,68 @@ def test_two_workers_match_one_worker(prepared, baseline, zero_stage, padding_fr
         padding_free=padding_free,
     )
     assert_reference_start(lines)
-    assert losses(lines) == pytest.approx(losses(baseline[2]), abs=2e-4)
+    assert_same_trajectory(lines, baseline, prepared, f"w2z{zero_stage}")
 
 
 def test_gradient_accumulation_matches_larger_batch(prepared, baseline):
     _, _, lines = train(prepared, "ga4x2", per_device_train_batch_size=2, gradient_accumulation_steps=4)
+    assert_same_trajectory(lines, baseline, prepared, "ga4x2")
+
+
+def assert_same_trajectory(lines, baseline, prepared, name: str) -> None:
+    """Same losses, same gradient norms (AdamW ignores a constant factor on the gradient, so a sum over ranks
+    instead of a mean would leave losses and weights alike, but not the norm) and the same final weights."""
+    from safetensors.torch import load_file
+
     assert losses(lines) == pytest.approx(losses(baseline[2]), abs=2e-4)
+    norms = [x["grad_norm"] for x in lines if "loss" in x]
+    assert norms == pytest.approx([x["grad_norm"] for x in baseline[2] if "loss" in x], rel=1e-3)
+    root, _ = prepared
+    ours, theirs = (load_file(root / n / "final" / "model.safetensors") for n in (name, "baseline"))
+    assert ours.keys() == theirs.keys()
+    assert max((ours[k] - theirs[k]).abs().max().item() for k in ours) < 2e-4
+
+
+def sequence_logp(model, tok, prompt: str, completion: str) -> float:
+    """Sum of the completion's token log-probs (EOS included), float64, one unpadded sequence at a time."""
+    start = len(tok(prompt)["input_ids"])
+    ids = tok(prompt + completion + tok.eos_token)["input_ids"]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
+    return sum(logp[t - 1, ids[t]].item() for t in range(start, len(ids)))
+
+
+@pytest.mark.parametrize("eval_batch,budget", [(2, None), (4, 60)])
+def test_two_worker_eval_matches_an_independent_computation(prepared, tiny_model_dir, eval_batch, budget):
+    """6 eval pairs on 2 workers: batches of 2 (3 batches: rank 1 runs a filler in round 2) or token-budget
+    batches of uneven sizes. The final eval metrics equal the mean over the 6 pairs computed here, one pair
+    at a time, from the exported policy and the reference model: no rank or batch weighs more than its pairs."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name = f"eval2w-{eval_batch}-{budget}"
+    sizes = {"per_device_eval_batch_size": eval_batch, "max_tokens_per_batch": budget}
+    cfg, summary, _ = train(
+        prepared, name, num_workers=2, per_device_train_batch_size=4, zero_stage=2, max_steps=2, **sizes
+    )
+    final = Path(cfg.data.output_dir) / "final"
+    policy = AutoModelForCausalLM.from_pretrained(final).eval()
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(final)
+    words = ["red", "blue", "green", "gold", "black", "white", "pink", "grey"]
+    margins, chosen = [], []
+    for i in range(6):
+        prompt, c, r = f"Which colour is {i}?", f" {words[i % 8]}", f" not {words[i % 8]}"
+        pc, pr = sequence_logp(policy, tok, prompt, c), sequence_logp(policy, tok, prompt, r)
+        rc, rr = sequence_logp(reference, tok, prompt, c), sequence_logp(reference, tok, prompt, r)
+        margins.append(0.1 * ((pc - rc) - (pr - rr)))
+        chosen.append(pc)
+    m = torch.tensor(margins, dtype=torch.float64)
+    got = summary["final_eval"]
+    assert got["loss"] == pytest.approx(-torch.nn.functional.logsigmoid(m).mean().item(), abs=1e-5)
+    assert got["rewards/margins"] == pytest.approx(m.mean().item(), abs=1e-6)
+    assert got["rewards/accuracies"] == pytest.approx((m > 0).double().mean().item(), abs=1e-9)
+    assert got["logps/chosen"] == pytest.approx(sum(chosen) / 6, abs=1e-4)
+    assert m.abs().max() > 1e-3  # the policy moved: the test can tell weightings apart
 
 
 def test_killed_worker_is_survived_and_resume_matches(prepared, baseline, tmp_path):

@@ -22,10 +22,13 @@ SCRIPT = textwrap.dedent(
     from ray.cluster_utils import Cluster
 
     nodes, argv = int(sys.argv[1]), sys.argv[2:]
+    # Default node address: a driver given 127.0.0.1 rewrites it to the host's IP (resolve_ip_for_localhost)
+    # and then waits forever for a GCS that listens on the loopback only.
+    # The dashboard serves the state API (list_actors) that reports where each actor ran.
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2 if nodes == 1 else 1,
-                      "node_ip_address": "127.0.0.1", "include_dashboard": False})
+                      "include_dashboard": True})
     for _ in range(nodes - 1):
-        cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+        cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
     os.environ["RAY_ADDRESS"] = cluster.address
     from stages.cli import main

@@ -1,0 +1,50 @@
+"""The resume check (pipeline.resume) on hand-made checkpoint directories: what is refused, what is allowed and
+said, the changed data behind an unchanged path, --restart, and runs with nothing to compare."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline.config import config_from_dict
+from pipeline.errors import ConfigError
+from pipeline.resume import check_resume, run_settings
+from pipeline.train_state import STATE_FILE
+
+BASE = {"dataset": "pairs.jsonl", "beta": 0.1, "max_steps": 4}
+
+
+def checkpoint(run_dir, name: str, settings: dict) -> None:
+    (run_dir / name).mkdir(parents=True)
+    (run_dir / name / STATE_FILE).write_text(json.dumps({"step": 2, "config": settings}))
+
+
+def test_trajectory_changes_are_refused_with_every_key(tmp_path):
+    checkpoint(tmp_path, "checkpoint_2026-01-01_00-00-00.000000", run_settings(config_from_dict(BASE), "t1"))
+    new = run_settings(config_from_dict({**BASE, "beta": 0.5, "learning_rate": 1e-5}), "t1")
+    with pytest.raises(ConfigError) as e:
+        check_resume(new, tmp_path, restart=False)
+    text = str(e.value)
+    assert "  beta: 0.1 -> 0.5\n  learning_rate: 1e-06 -> 1e-05\n" in text and "--restart" in text
+    assert "run_name" in text  # the other way out
+
+
+def test_changed_data_under_the_same_path_is_refused(tmp_path):
+    checkpoint(tmp_path, "checkpoint_a", run_settings(config_from_dict(BASE), "old-table"))
+    with pytest.raises(ConfigError, match="train_table: 'old-table' -> 'new-table'\n  \\(the training data"):
+        check_resume(run_settings(config_from_dict(BASE), "new-table"), tmp_path, restart=False)
+
+
+def test_logging_changes_resume_and_are_said(tmp_path, capsys):
+    checkpoint(tmp_path, "checkpoint_a", run_settings(config_from_dict(BASE), "t"))
+    checkpoint(tmp_path, "checkpoint_b", run_settings(config_from_dict({**BASE, "beta": 0.3}), "t"))  # newest
+    check_resume(run_settings(config_from_dict({**BASE, "beta": 0.3, "logging_steps": 5}), "t"), tmp_path, False)
+    assert "changed settings that do not alter the run: logging_steps 10 -> 5" in capsys.readouterr().out
+
+
+def test_restart_removes_the_checkpoints_and_nothing_to_compare_passes(tmp_path):
+    checkpoint(tmp_path, "checkpoint_a", run_settings(config_from_dict(BASE), "t"))
+    check_resume(run_settings(config_from_dict({**BASE, "beta": 0.9}), "t"), tmp_path, restart=True)
+    assert not tmp_path.exists()
+    check_resume(run_settings(config_from_dict(BASE), "t"), tmp_path, restart=False)  # no run yet: nothing to check
