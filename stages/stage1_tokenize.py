@@ -10,8 +10,9 @@ The kept pairs are sorted by pair_id and written under `<cache_dir>/tokenized/<k
 
 from __future__ import annotations
 
+import itertools
 import time
-from dataclasses import asdict
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -37,15 +38,25 @@ from pipeline.tokenization import (
 )
 
 MAX_ERRORS_SHOWN = 10
+READ_BATCH_ROWS = 1024
 KEPT, DROPPED, ERROR = "kept", "dropped", "error"
 
 
 # --- Ray user functions: convert a batch, call pipeline/ ---
 
 
-def _read_file(item: dict[str, Any]) -> list[dict[str, Any]]:
-    f = InputFile(item["path"], item["kind"])
-    return [{"file_index": item["file_index"], **asdict(r), "error": r.error or ""} for r in read_rows(f)]
+def _read_files(batch: dict[str, np.ndarray]) -> Iterator[dict[str, list[Any]]]:
+    """The rows of each file, READ_BATCH_ROWS at a time: a reader's memory does not grow with the file."""
+    for path, kind, file_index in zip(batch["path"], batch["kind"], batch["file_index"]):
+        rows = read_rows(InputFile(str(path), str(kind)))
+        while chunk := list(itertools.islice(rows, READ_BATCH_ROWS)):
+            yield {
+                "file_index": [int(file_index)] * len(chunk),
+                "source": [r.source for r in chunk],
+                "row": [r.row for r in chunk],
+                "record": [r.record for r in chunk],
+                "error": [r.error or "" for r in chunk],
+            }
 
 
 class _Tokenize(SetupErrorsOnFirstCall):
@@ -114,7 +125,8 @@ def _tokenize(
     items = [{"path": f.path, "kind": f.kind, "file_index": i} for i, f in enumerate(files)]
     data_context()
     cpus = cluster_cpus()
-    rows = ray.data.from_items(items).flat_map(_read_file, num_cpus=0)  # light: never waits behind the actors
+    # light (never waits behind the actors); one file per call, its rows yielded in bounded batches
+    rows = ray.data.from_items(items).map_batches(_read_files, batch_size=1, num_cpus=0)
     tokenized = rows.map_batches(
         _Tokenize,
         fn_constructor_args=(model_dir, cfg.model.trust_remote_code, cfg.data.max_length, cfg.data.truncation_mode),

@@ -1,11 +1,15 @@
-"""Parity with trl==1.16.0 itself: TRL's DPOTrainer.compute_loss and our path (model body → hidden →
-sequence_stats → dpo_loss → metrics) on the same tiny Llama, reference and collated batch must give the
-same loss, gradients and logged metrics, for every loss type and a few combinations."""
+"""Parity with trl==1.16.0 itself: TRL's DPOTrainer.compute_loss and the production training step
+(`pipeline.step.micro_step` reading a `PairTable` of the training-table schema, whose reference shared/tail
+columns were scored by stage 2's forward code) on the same tiny Llama, reference and pairs must give the same
+loss, gradients and logged metrics, for every loss type and a few combinations."""
 
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
+import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
@@ -17,13 +21,53 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast 
 from trl import DPOConfig, DPOTrainer  # noqa: E402
 from trl.trainer.dpo_trainer import DataCollatorForPreference  # noqa: E402
 
-from pipeline.config import LOSS_TYPES, LossConfig  # noqa: E402
-from pipeline.core.logprobs import ld_logps, sequence_stats  # noqa: E402
-from pipeline.core.losses import PreferenceInputs, dpo_loss  # noqa: E402
-from pipeline.core.metrics import batch_metric_sums, finalize  # noqa: E402
+from pipeline import schema  # noqa: E402
+from pipeline.config import LOSS_TYPES, LossConfig, config_from_dict  # noqa: E402
+from pipeline.core.metrics import finalize, slot_total  # noqa: E402
+from pipeline.forward import collate_pairs, sequence_forward  # noqa: E402
+from pipeline.kernels import choose_kernels  # noqa: E402
+from pipeline.pairs import PairTable  # noqa: E402
+from pipeline.step import micro_step  # noqa: E402
 
 VOCAB = 128
 PAD, EOS = 0, 1
+IDX = np.arange(3)  # the micro-batch: every pair of the table
+
+
+def stage1_columns(examples: list[dict]) -> dict[str, list]:
+    """The pairs as stage 1 writes them: whole sequences and where their completions start."""
+    return {
+        schema.PAIR_ID: [f"pair-{i}" for i in range(len(examples))],
+        schema.CHOSEN_INPUT_IDS: [e["prompt_ids"] + e["chosen_ids"] for e in examples],
+        schema.REJECTED_INPUT_IDS: [e["prompt_ids"] + e["rejected_ids"] for e in examples],
+        schema.CHOSEN_COMPLETION_START: [len(e["prompt_ids"]) for e in examples],
+        schema.REJECTED_COMPLETION_START: [len(e["prompt_ids"]) for e in examples],
+    }
+
+
+def stage2_scores(model, columns: dict[str, list], padding_free: bool) -> dict[str, list[float]]:
+    """The reference columns as stage 2 computes them (`stages/stage2_score_ref.py`): the production collator
+    and forward under inference mode, the shared/tail split kept as float64."""
+    batch = collate_pairs(columns, PAD)
+    with torch.inference_mode():
+        stats = sequence_forward(model, batch, padding_free=padding_free)
+    b = batch.num_pairs
+    shared, tail = stats.shared_logps.double().tolist(), stats.tail_logps.double().tolist()
+    return {
+        schema.REF_CHOSEN_SHARED_LOGPS: shared[:b],
+        schema.REF_CHOSEN_TAIL_LOGPS: tail[:b],
+        schema.REF_REJECTED_SHARED_LOGPS: shared[b:],
+        schema.REF_REJECTED_TAIL_LOGPS: tail[b:],
+    }
+
+
+def training_table(columns: dict[str, list], ref: dict[str, list[float]]) -> PairTable:
+    """Stage 1's columns joined with stage 2's, in the training table's schema, as stage 3 opens it."""
+    lengths = {
+        schema.CHOSEN_LEN: [len(ids) for ids in columns[schema.CHOSEN_INPUT_IDS]],
+        schema.REJECTED_LEN: [len(ids) for ids in columns[schema.REJECTED_INPUT_IDS]],
+    }
+    return PairTable.from_batches([pa.Table.from_pydict({**columns, **lengths, **ref}, schema=schema.TABLE_SCHEMA)])
 
 
 @pytest.fixture(scope="module")
@@ -76,25 +120,34 @@ def setup(tmp_path_factory):
         {"prompt_ids": [7], "chosen_ids": [50, EOS], "rejected_ids": [60, 61, 62, 63, 64, EOS]},
         {"prompt_ids": [8, 9, 10, 11, 12], "chosen_ids": [70, 71, 72, EOS], "rejected_ids": [EOS]},
     ]
-    batch = DataCollatorForPreference(pad_token_id=PAD)(examples)
+    columns = stage1_columns(examples)
 
-    # Cached reference scores (stage 2), chosen so that the batch's reward order differs from the policy's
+    # Stages 2 and 3 run padding-free rows by default, on the CPU with our per-sequence SDPA (pipeline.kernels),
+    # which TRL's padded forward cannot use: copies of the policy and reference with it (same weights) compute
+    # our side of the main cases. The cached-reference cases run right-padded rows on TRL's own policy.
+    kernels = choose_kernels(config_from_dict({}).model, cuda=False, dtype="float32")
+    packed, packed_ref = copy.deepcopy(model), copy.deepcopy(ref_model)
+    for m in (packed, packed_ref):
+        m.set_attn_implementation(kernels.attn_implementation)
+
+    # Cached reference scores standing in for TRL's precompute_ref_log_probs: the policy's own stage-2 scores
+    # (right-padded rows, the other layout) shifted so that the batch's reward order differs from the policy's
     # and the aot losses really sort.
-    with torch.no_grad():
-        body = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        logps = sequence_stats(
-            body.last_hidden_state,
-            model.lm_head,
-            batch["input_ids"],
-            batch["completion_mask"],
-            torch.zeros(6, dtype=torch.long),
-        ).logps
-    chosen, rejected = logps.chunk(2)
-    cached = {
-        "ref_chosen_logps": chosen + torch.tensor([-4.0, -2.0, 5.0]),
-        "ref_rejected_logps": rejected + torch.tensor([6.0, -2.7, -5.0]),
-    }
-    return trainer, model, ref_model, batch, cached
+    cached = stage2_scores(model, columns, padding_free=False)
+    for key, shift in (
+        (schema.REF_CHOSEN_SHARED_LOGPS, [-4.0, -2.0, 5.0]),
+        (schema.REF_REJECTED_SHARED_LOGPS, [6.0, -2.7, -5.0]),
+    ):
+        cached[key] = [v + s for v, s in zip(cached[key], shift)]
+    return SimpleNamespace(
+        trainer=trainer,
+        model=model,
+        packed=packed,
+        batch=DataCollatorForPreference(pad_token_id=PAD)(examples),
+        pairs=training_table(columns, stage2_scores(packed_ref, columns, padding_free=True)),
+        cached=cached,
+        cached_pairs=training_table(columns, cached),
+    )
 
 
 CASES = [
@@ -135,59 +188,52 @@ def configure(trainer: DPOTrainer, cfg: LossConfig, precomputed: bool = False) -
     trainer.ld_alpha = cfg.ld_alpha
     trainer.args.discopop_tau = cfg.discopop_tau
     trainer._metrics["train"].clear()
+    trainer._total_train_tokens = 0  # num_tokens: this batch's tokens alone
 
 
-def our_loss(cfg: LossConfig, model, ref_model, batch, cached: dict | None = None):
-    """Our training path; the reference is scored by the same function, or taken from `cached`."""
-    ids, attention, completion = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
-    counts = completion[:, 1:].sum(dim=1)
-    shared_len = torch.minimum(*counts.chunk(2)).repeat(2)
-    hidden = model.model(input_ids=ids, attention_mask=attention).last_hidden_state
-    policy = sequence_stats(hidden, model.lm_head, ids, completion, shared_len, chunk_size=5, with_metrics=True)
-    if cached is None:
-        with torch.no_grad():
-            ref_hidden = ref_model.model(input_ids=ids, attention_mask=attention).last_hidden_state
-            ref = sequence_stats(ref_hidden, ref_model.lm_head, ids, completion, shared_len)
-        ref_logps = ld_logps(ref.shared_logps, ref.tail_logps, cfg.ld_alpha).chunk(2)
-    else:
-        ref_logps = cached["ref_chosen_logps"], cached["ref_rejected_logps"]
-    logps = ld_logps(policy.shared_logps, policy.tail_logps, cfg.ld_alpha).chunk(2)
-    x = PreferenceInputs(
-        policy_chosen_logps=logps[0],
-        policy_rejected_logps=logps[1],
-        ref_chosen_logps=ref_logps[0],
-        ref_rejected_logps=ref_logps[1],
-        chosen_tokens=policy.tokens.chunk(2)[0],
-        rejected_tokens=policy.tokens.chunk(2)[1],
-        policy_chosen_full_logps=policy.logps.chunk(2)[0],
-        wpo_chosen_logps=policy.wpo_logps.chunk(2)[0],
-        wpo_rejected_logps=policy.wpo_logps.chunk(2)[1],
-    )
-    out = dpo_loss(cfg, x)
-    return out, finalize(batch_metric_sums(out, x, policy))
+def trl_precomputed(cached: dict[str, list[float]], ld_alpha: float | None) -> dict[str, torch.Tensor]:
+    """What TRL's precompute_ref_log_probs stores for these scores: one log-prob per sequence, LD-combined
+    (its compute_ref_log_probs: shared + α·tail), float32."""
+    out = {}
+    for side in ("chosen", "rejected"):
+        shared, tail = (torch.tensor(cached[f"ref_{side}_{part}_logps"]).float() for part in ("shared", "tail"))
+        out[f"ref_{side}_logps"] = shared + tail if ld_alpha is None else shared + ld_alpha * tail
+    return out
 
 
 def grads(model) -> dict[str, torch.Tensor]:
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
+def our_step(setup, case: dict, precomputed: bool):
+    """The production step on the table: padding-free rows (the default), or right-padded ones on the cached
+    reference. micro_step takes the bare module as its engine (it reads `.device` and runs the forward);
+    backward, which stage 3 leaves to DeepSpeed's engine, is ours."""
+    cfg = config_from_dict({**case, "padding_free": not precomputed})
+    policy = setup.model if precomputed else setup.packed
+    policy.zero_grad()
+    result = micro_step(cfg, policy, setup.cached_pairs if precomputed else setup.pairs, IDX, PAD)
+    metrics = finalize(result.metric_row) | {"num_tokens": slot_total(result.metric_row, "input_tokens")}
+    return result.loss, metrics, policy
+
+
 def compare_with_trl(setup, case: dict, precomputed: bool) -> None:
-    trainer, model, ref_model, batch, cached = setup
+    trainer, model = setup.trainer, setup.model
     cfg = LossConfig(**case)
     configure(trainer, cfg, precomputed)
 
     model.zero_grad()
-    trl_loss = trainer.compute_loss(model, {**batch, **cached} if precomputed else batch)
+    inputs = {**setup.batch, **trl_precomputed(setup.cached, cfg.ld_alpha)} if precomputed else setup.batch
+    trl_loss = trainer.compute_loss(model, inputs)
     trl_loss.backward()
     trl_grads = grads(model)
-    trl_metrics = {k: v[-1] for k, v in trainer._metrics["train"].items() if k != "num_tokens"}
+    trl_metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
 
-    model.zero_grad()
-    out, metrics = our_loss(cfg, model, ref_model, batch, cached if precomputed else None)
-    out.loss.backward()
-    ours = grads(model)
+    loss, metrics, policy = our_step(setup, case, precomputed)
+    loss.backward()
+    ours = grads(policy)
 
-    assert abs(out.loss.item() - trl_loss.item()) < 1e-5, (out.loss.item(), trl_loss.item())
+    assert abs(loss.item() - trl_loss.item()) < 1e-5, (loss.item(), trl_loss.item())
     assert set(metrics) == set(trl_metrics) | {"loss"}
     for name, value in trl_metrics.items():
         assert metrics[name] == pytest.approx(value, abs=1e-5), name
@@ -218,27 +264,31 @@ def test_cached_reference_matches_trl_precompute(setup, case):
 
 
 def test_the_batch_exercises_the_metrics_and_the_sort(setup):
-    trainer, model, ref_model, batch, cached = setup
+    trainer, model = setup.trainer, setup.model
+    rows = setup.pairs.rows(IDX)
+    for side in (schema.REF_CHOSEN_TAIL_LOGPS, schema.REF_REJECTED_TAIL_LOGPS):  # ld_alpha has tails to weigh
+        assert any(v < 0 for v in rows[side]), side
+    ours = collate_pairs(rows, PAD)  # the tensors the step ran are the ones TRL's collator made
+    for name in ("input_ids", "attention_mask", "completion_mask"):
+        assert torch.equal(getattr(ours, name), setup.batch[name]), name
     configure(trainer, LossConfig())
-    trainer.compute_loss(model, batch)
+    trainer.compute_loss(model, setup.batch)
     logged = {k: v[-1] for k, v in trainer._metrics["train"].items()}
     assert 0 < logged["mean_token_accuracy"] < 1
     assert 0 < logged["rewards/accuracies"] < 1
     assert logged["rewards/chosen"] != 0 and logged["rewards/margins"] != 0
     with torch.no_grad():
-        sigmoid, aot = (
-            our_loss(LossConfig(loss_type=(name,)), model, ref_model, batch, cached)[0].loss
-            for name in ("sigmoid", "aot")
-        )
+        sigmoid, aot = (our_step(setup, {"loss_type": (name,)}, precomputed=True)[0] for name in ("sigmoid", "aot"))
     assert abs(sigmoid - aot) > 1e-3
 
 
 def test_trl_sft_with_weighting_raises(setup):
     """TRL 1.16 bug: sft + use_weighting multiplies the WPO weights in place into an expanded tensor. Ours
     gives mean_b(ω_b)·sft (tests/test_losses.py); this pins TRL's behaviour so an upgrade is noticed."""
-    trainer, model, ref_model, batch, _ = setup
-    configure(trainer, LossConfig(loss_type=("sft",), use_weighting=True))
+    trainer, model = setup.trainer, setup.model
+    case = {"loss_type": ("sft",), "use_weighting": True}
+    configure(trainer, LossConfig(**case))
     with pytest.raises(RuntimeError, match="single memory location"):
-        trainer.compute_loss(model, batch)
-    out, _ = our_loss(LossConfig(loss_type=("sft",), use_weighting=True), model, ref_model, batch)
-    assert torch.isfinite(out.loss)
+        trainer.compute_loss(model, setup.batch)
+    loss, _, _ = our_step(setup, case, precomputed=False)
+    assert torch.isfinite(loss)
