@@ -62,8 +62,8 @@ class ModelConfig:
     )
     ref_model: str | None = _f(
         None,
-        "Reference model; default: `model`. With use_peft the reference is always "
-        "the base model without adapters, as in TRL.",
+        "Reference model; default: `model` (with use_peft: the base model without adapters). A ref_model set "
+        "with use_peft is the reference, as in TRL.",
     )
     dtype: Literal["auto", "float32", "bfloat16"] = _f(
         "auto", "Weights and compute dtype. auto = bfloat16 on GPU, float32 on CPU."
