@@ -11,21 +11,26 @@ loss_type, ...) is in either, so a sweep reuses both.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from pipeline import cache
 from pipeline.config import Config
+from pipeline.errors import CacheError
 from pipeline.models import load_tokenizer, resolve_model, tokenizer_fingerprint, weights_fingerprint
 from pipeline.sources import InputFile, expand_inputs, fingerprint_inputs
-from pipeline.storage import Location
+from pipeline.storage import Location, write_json_atomic
 from pipeline.tokenization import TOKENIZATION_VERSION
 
 TOKENIZED = "tokenized"
 REFERENCE = "reference"
 TABLE = "table"
+PLAN = "plan.json"  # an unfinished reference entry: its key and shard count, for resuming
 LOGPROB_VERSION = 1  # bump when the shift/mask/dtype rules of pipeline.core.logprobs change
 
 
@@ -123,3 +128,39 @@ def reusable(
     manifest = cache.read_valid_manifest(path, key, "Rerun with --force to rebuild it.", verify)
     print(f"{label}: reusing cached {what} {path} ({manifest['rows']} pairs); nothing rewritten", flush=True)
     return manifest
+
+
+def check_plan_and_done(path: Location, key: str, num_shards: int, expected: np.ndarray) -> set[int]:
+    """Start or resume an unfinished entry; complete shards are kept only if their row counts match."""
+    plan = {"key": key, "num_shards": num_shards}
+    if not (path / PLAN).exists():
+        if path.exists() and any(path.iterdir()):
+            raise CacheError(
+                f"cache entry {path} holds files but no {PLAN} or manifest: it was not written by this "
+                "version. Delete it or rerun with --force."
+            )
+        write_json_atomic(path / PLAN, plan)
+        return set()
+    found = json.loads((path / PLAN).read_text())
+    if found != plan:
+        raise CacheError(
+            f"unfinished cache entry {path} was planned as {found}, now {plan}; delete it or rerun with --force."
+        )
+    done = set()
+    for i in range(num_shards):
+        f = path / shard_name(i)
+        if f.exists():
+            try:
+                with f.open("rb") as fh:
+                    rows = pq.ParquetFile(fh).metadata.num_rows
+            except (OSError, pa.ArrowException) as e:
+                raise CacheError(
+                    f"cache entry {path}: {f.name} is unreadable ({e}); delete the entry or rerun with --force."
+                ) from None
+            if rows != expected[i]:
+                raise CacheError(
+                    f"cache entry {path}: {f.name} has {rows} rows, expected {expected[i]}; delete "
+                    "the entry or rerun with --force."
+                )
+            done.add(i)
+    return done

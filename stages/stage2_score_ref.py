@@ -14,7 +14,6 @@ shards and a rerun scores only what is missing. The manifest is written last.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections import defaultdict
@@ -30,12 +29,10 @@ from pipeline.claims import claimed
 from pipeline.cluster import SetupErrorsOnFirstCall, cpus_each, data_context
 from pipeline.config import Config, ModelConfig
 from pipeline.entries import REFERENCE, ReferenceScores, TokenizedData, reference_key, reusable, shard_name, shard_of
-from pipeline.errors import CacheError
 from pipeline.kernels import choose_kernels
 
 SHARD_PAIRS = 4096
 BLOCK_BATCHES = 16  # micro-batches per block that an actor sorts by length
-PLAN = "plan.json"
 
 
 # --- the Ray user function: convert a block, call pipeline/ ---
@@ -153,7 +150,7 @@ def _score(
     pair_ids = pq.ParquetDataset(files, filesystem=fs).read(columns=[schema.PAIR_ID]).column(schema.PAIR_ID).to_pylist()
     num_shards = max(1, math.ceil(len(pair_ids) / shard_pairs))
     expected = np.bincount(shard_of(pair_ids, num_shards), minlength=num_shards)
-    done = _check_plan_and_done(path, key, num_shards, expected)
+    done = entries.check_plan_and_done(path, key, num_shards, expected)
     missing = frozenset(i for i in range(num_shards) if i not in done)
     if done:
         print(f"[score-ref] {split}: resuming {path}: {len(done)}/{num_shards} shards already scored", flush=True)
@@ -180,7 +177,7 @@ def _score(
         padding_fraction=_padding(totals),
         versions=_versions(),
     )
-    (path / PLAN).unlink(missing_ok=True)
+    (path / entries.PLAN).unlink(missing_ok=True)
     rate = totals["pairs"] / elapsed if elapsed > 0 else 0.0
     print(
         f"[score-ref] {split}: {totals['pairs']} pairs scored in {elapsed:.1f}s ({rate:.1f} pairs/s), padding "
@@ -188,42 +185,6 @@ def _score(
         flush=True,
     )
     return ReferenceScores(path, key, manifest)
-
-
-def _check_plan_and_done(path: storage.Location, key: str, num_shards: int, expected: np.ndarray) -> set[int]:
-    """Start or resume an unfinished entry; complete shards are kept only if their row counts match."""
-    plan = {"key": key, "num_shards": num_shards}
-    if not (path / PLAN).exists():
-        if path.exists() and any(path.iterdir()):
-            raise CacheError(
-                f"cache entry {path} holds files but no {PLAN} or manifest: it was not written by this "
-                "version. Delete it or rerun with --force."
-            )
-        storage.write_json_atomic(path / PLAN, plan)
-        return set()
-    found = json.loads((path / PLAN).read_text())
-    if found != plan:
-        raise CacheError(
-            f"unfinished cache entry {path} was planned as {found}, now {plan}; delete it or rerun with --force."
-        )
-    done = set()
-    for i in range(num_shards):
-        f = path / shard_name(i)
-        if f.exists():
-            try:
-                with f.open("rb") as fh:
-                    rows = pq.ParquetFile(fh).metadata.num_rows
-            except (OSError, pa.ArrowException) as e:
-                raise CacheError(
-                    f"cache entry {path}: {f.name} is unreadable ({e}); delete the entry or rerun with --force."
-                ) from None
-            if rows != expected[i]:
-                raise CacheError(
-                    f"cache entry {path}: {f.name} has {rows} rows, expected {expected[i]}; delete "
-                    "the entry or rerun with --force."
-                )
-            done.add(i)
-    return done
 
 
 def _score_missing(

@@ -30,12 +30,12 @@ from tiny_models import make_tiny_model
 import stages.stage2_score_ref as stage2
 from pipeline import schema
 from pipeline.config import config_from_dict
-from pipeline.entries import TokenizedData, find_reference, reference_key, tokenized_key
+from pipeline.entries import PLAN, TokenizedData, find_reference, reference_key, tokenized_key
 from pipeline.errors import CacheError
 from pipeline.forward import collate_pairs, sequence_forward
 from pipeline.models import load_causal_lm
 from stages.stage1_tokenize import run_tokenize
-from stages.stage2_score_ref import PLAN, run_score_ref
+from stages.stage2_score_ref import run_score_ref
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_LENGTH = 48
