@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import PipelineError
 from pipeline.storage import Location, write_json_atomic, writing
 
 HEARTBEAT_S = float(os.environ.get("DPO_CLAIM_HEARTBEAT_S", "10"))
@@ -79,8 +80,12 @@ def _create(path: Location, owner: dict[str, Any]) -> bool:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(text)
+        except BaseException:  # a full disk: leave no empty claim behind for others to wait on
+            path.unlink(missing_ok=True)
+            raise
         return True
     if path.exists():
         return False
@@ -90,16 +95,18 @@ def _create(path: Location, owner: dict[str, Any]) -> bool:
 
 
 def _read(path: Location) -> dict[str, Any] | None:
-    """The claim's content; None when there is none. A half-written local claim (just created) reads as fresh."""
+    """The claim's content; None when there is none. A claim that is not (yet) whole JSON counts as written at
+    its modification time: fresh while being created, stale once that is STALE_S ago."""
     try:
         text = path.read_text()
+        written = path.stat().st_mtime_ns / 1e9
     except FileNotFoundError:
         return None
     try:
         found: dict[str, Any] = json.loads(text)
         return found
     except json.JSONDecodeError:
-        return {"token": "", "host": "?", "pid": -1, "heartbeat": time.time()}
+        return {"token": "", "host": "?", "pid": -1, "heartbeat": written}
 
 
 def _is_stale(owner: dict[str, Any]) -> bool:
@@ -143,7 +150,10 @@ def _heartbeat(path: Location, me: dict[str, Any], stop: threading.Event) -> Non
         if current is None or current.get("token") != me["token"]:
             print(f"warning: lost the claim {path} (taken over as stale); keep clocks in sync", flush=True)
             return
-        write_json_atomic(path, {**me, "heartbeat": time.time()})
+        try:
+            write_json_atomic(path, {**me, "heartbeat": time.time()})
+        except PipelineError as e:  # e.g. a full disk: the work itself will meet it and say so
+            print(f"warning: could not refresh the claim {path}: {e}", flush=True)
 
 
 def _describe(owner: dict[str, Any]) -> str:

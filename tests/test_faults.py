@@ -4,21 +4,31 @@
 killed, then a rerun of the missing shards, and a scoring actor killed while the job runs:
 tests/test_stage2_score_ref.py.)
 
-"Unwritable" and "full" are real filesystem conditions, not mocks. We run as root, so permissions do not
-stop a write; instead: a path under a regular file (ENOTDIR, no privileges needed), a read-only bind mount
-(EROFS) and a tiny tmpfs (ENOSPC). The mounts need CAP_SYS_ADMIN; without it those tests skip and say so.
+"Unwritable" and "full" are real filesystem conditions, not mocks, and each has a variant that needs no
+privileges, so that every machine runs it:
+- unwritable: a path under a regular file (ENOTDIR); a directory of mode 0o555 (EACCES), written by a thread
+  without CAP_DAC_OVERRIDE (root's way past permissions; a user has none to drop); a read-only bind mount
+  (EROFS, needs CAP_SYS_ADMIN).
+- full: a file size limit (RLIMIT_FSIZE: a write past it fails with EFBIG, "File too large", since Python
+  ignores SIGXFSZ), on the driver or on the Ray workers that write; a tiny tmpfs (ENOSPC, needs
+  CAP_SYS_ADMIN).
+Without CAP_SYS_ADMIN the mount variants skip and say so.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
+import logging
 import os
+import resource
 import signal
 import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -75,17 +85,70 @@ def test_cache_dir_under_a_regular_file(setup, tmp_path, capsys):
     assert "Traceback" not in err
 
 
-def test_read_only_output_dir(setup, tmp_path, capsys):
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+
+CAP_DAC_OVERRIDE = 1  # <linux/capability.h>: write (and read) whatever the permission bits say
+
+
+@contextlib.contextmanager
+def permissions_apply() -> Iterator[None]:
+    """For this thread, permission bits bind as they do for an ordinary user: CAP_DAC_OVERRIDE is dropped from
+    the effective capabilities (it stays permitted, so it is restored after). A no-op without it."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    header = _CapHeader(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3; pid 0: the calling thread
+
+    def caps(call: str, data: ctypes.Array[_CapData]) -> None:
+        if getattr(libc, call)(ctypes.byref(header), data) != 0:
+            raise OSError(ctypes.get_errno(), f"{call} failed")
+
+    data = (_CapData * 2)()
+    caps("capget", data)
+    saved = data[0].effective
+    data[0].effective &= ~(1 << CAP_DAC_OVERRIDE)
+    caps("capset", data)
+    try:
+        yield
+    finally:
+        data[0].effective = saved
+        caps("capset", data)
+
+
+@contextlib.contextmanager
+def read_only_dir(how: str, target: Path) -> Iterator[str]:
+    """`target`, a directory in which nothing can be created; yields the reason the user is told."""
+    target.mkdir()
+    if how == "permissions":  # no privileges needed
+        target.chmod(0o555)
+        try:
+            with permissions_apply():
+                yield "Permission denied"
+        finally:
+            target.chmod(0o755)
+    else:
+        with mounted(target, "--bind", str(target)):
+            remount = subprocess.run(["mount", "-o", "remount,bind,ro", str(target)], capture_output=True, text=True)
+            assert remount.returncode == 0, remount.stderr
+            yield "Read-only file system"
+
+
+@pytest.mark.parametrize("how", ["permissions", "mount"])
+def test_read_only_output_dir(setup, tmp_path, capsys, how):
     cfg, _ = setup
     target = tmp_path / "readonly"
-    with mounted(target, "--bind", str(target)):
-        remount = subprocess.run(["mount", "-o", "remount,bind,ro", str(target)], capture_output=True, text=True)
-        assert remount.returncode == 0, remount.stderr
+    with read_only_dir(how, target) as reason:
         for command in ("train", "run"):
-            assert main([command, "--config", str(cfg), "--output_dir", str(target / "out")]) == 2
+            status = main([command, "--config", str(cfg), "--output_dir", str(target / "out")])
             err = capsys.readouterr().err
-            assert f"error: output_dir={target / 'out'} is not writable: Read-only file system" in err, err
+            assert f"error: output_dir={target / 'out'} is not writable: {reason}" in err, err
+            assert status == 2
             assert "Traceback" not in err
+    assert list(target.iterdir()) == []
 
 
 # --- full ---
@@ -99,6 +162,35 @@ def fill(mount: Path) -> None:
             fh.flush()
 
 
+FSIZE_LIMIT = 1024  # bytes: a plan, a claim, a digest memo fit under it; a Parquet file (schema, footer) does not
+
+
+@contextlib.contextmanager
+def file_size_limit(limit: int) -> Iterator[None]:
+    """This process's writes past `limit` bytes of a file fail with EFBIG. Any user may lower the soft limit,
+    and raise it back up to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
+def assert_tokenize_failed_cleanly(err: str, cfg: Path, config: dict, reason: str) -> None:
+    """One clear line names the entry, and no entry is left: nothing half-written, nothing a later command
+    could take for data."""
+    tokenized = Path(config["cache_dir"]) / "tokenized"
+    assert f"error: cannot write {tokenized}/" in err and reason in err, err[-2000:]
+    # Ray Data's own logger may print the failed write task's traceback first (it depends on how logging
+    # was set up earlier in the process); the CLI's last word is the one clear line.
+    assert err.strip().splitlines()[-1].startswith(f"error: cannot write {tokenized}/"), err[-2000:]
+    assert manifests(tokenized) == []
+    assert not [p for p in tokenized.iterdir() if p.name != ".filler"]  # the temporary entry was removed
+    with pytest.raises(CacheError, match="no cache entry"):
+        find_tokenized(load_config(cfg), tuple(config["dataset"]))
+
+
 def test_full_disk_while_tokenizing(ray_session, setup, tmp_path, capsys):
     """Stage 1's Parquet is written by Ray Data workers: their ENOSPC reaches the user as one clear line."""
     cfg, config = setup
@@ -106,27 +198,67 @@ def test_full_disk_while_tokenizing(ray_session, setup, tmp_path, capsys):
     with mounted(tokenized, "-t", "tmpfs", "-o", "size=64k", "tmpfs"):
         fill(tokenized)
         assert main(["tokenize", "--config", str(cfg)]) == 2
-        err = capsys.readouterr().err
-        assert f"error: cannot write {tokenized}/" in err and "No space left on device" in err, err[-2000:]
-        # Ray Data's own logger may print the failed write task's traceback first (it depends on how logging
-        # was set up earlier in the process); the CLI's last word is the one clear line.
-        assert err.strip().splitlines()[-1].startswith(f"error: cannot write {tokenized}/"), err[-2000:]
-        assert manifests(tokenized) == []
-        assert not [p for p in tokenized.iterdir() if p.name != ".filler"]  # the temporary entry was removed
-        with pytest.raises(CacheError, match="no cache entry"):
-            find_tokenized(load_config(cfg), tuple(config["dataset"]))
+        assert_tokenize_failed_cleanly(capsys.readouterr().err, cfg, config, "No space left on device")
 
 
-def test_full_disk_while_scoring_then_rerun(ray_session, setup, capsys):
+# Stage 1 with a driver of its own, whose Ray workers (they write the Parquet) start with a file size limit.
+# Their output goes to /dev/null, which no limit applies to: else Ray's writes to their logs would fail first.
+LIMITED_WORKERS = f"""
+import os, resource, sys
+import ray
+from stages.cli import main
+
+def limit_file_size():
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
+    os.dup2(null, 2)
+    resource.setrlimit(resource.RLIMIT_FSIZE, ({FSIZE_LIMIT}, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+         runtime_env={{"worker_process_setup_hook": limit_file_size}})
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_file_size_limit_while_tokenizing(setup):
+    """As above, without privileges: the workers' Parquet writes fail with EFBIG past the limit."""
+    cfg, config = setup
+    cmd = [sys.executable, "-c", LIMITED_WORKERS, "tokenize", "--config", str(cfg)]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, (done.stdout + done.stderr)[-3000:]
+    assert_tokenize_failed_cleanly(done.stderr, cfg, config, "File too large")
+
+
+@contextlib.contextmanager
+def disk_full(how: str, reference: Path) -> Iterator[str]:
+    """Small files still fit but a shard under `reference` does not; yields the reason the user is told."""
+    if how == "fsize":  # no privileges needed; the limit is on this process (the driver writes the shards)
+        # Ray Data's log files, which this process appends to, are silenced meanwhile: they would fail first.
+        ray_data = logging.getLogger("ray.data")
+        level = ray_data.level
+        ray_data.setLevel(logging.CRITICAL)
+        try:
+            with file_size_limit(FSIZE_LIMIT):
+                yield "File too large"
+        finally:
+            ray_data.setLevel(level)
+    else:
+        # two pages: the entry's claim and its plan fit, a shard does not
+        with mounted(reference, "-t", "tmpfs", "-o", "size=8k", "tmpfs"):
+            yield "No space left on device"
+
+
+@pytest.mark.parametrize("how", ["fsize", "tmpfs"])
+def test_full_disk_while_scoring_then_rerun(ray_session, setup, capsys, how):
     """Stage 2's shards are written by the driver: the entry stays unfinished (never valid), and once there
     is space again a rerun completes it."""
     cfg, config = setup
     assert main(["tokenize", "--config", str(cfg)]) == 0
     reference = Path(config["cache_dir"]) / "reference"
-    with mounted(reference, "-t", "tmpfs", "-o", "size=4k", "tmpfs"):  # one page: the plan fits, a shard not
+    with disk_full(how, reference) as reason:
         assert main(["score-ref", "--config", str(cfg)]) == 2
         err = capsys.readouterr().err
-        assert "/shard-00000.parquet: No space left on device" in err and "error: cannot write" in err, err[-2000:]
+        assert f"/shard-00000.parquet: {reason}" in err and "error: cannot write" in err, err[-2000:]
         assert err.strip().splitlines()[-1].startswith("error: cannot write"), err[-2000:]  # as above
         assert manifests(reference) == []
         entry = next(reference.iterdir())
@@ -134,7 +266,7 @@ def test_full_disk_while_scoring_then_rerun(ray_session, setup, capsys):
         loaded = load_config(cfg)
         with pytest.raises(CacheError, match="incomplete"):
             find_reference(loaded, find_tokenized(loaded, tuple(config["dataset"])))
-    assert main(["score-ref", "--config", str(cfg)]) == 0  # space again (the tmpfs is gone)
+    assert main(["score-ref", "--config", str(cfg)]) == 0  # space again (the limit or the tmpfs is gone)
     loaded = load_config(cfg)
     assert find_reference(loaded, find_tokenized(loaded, tuple(config["dataset"]))).manifest["rows"] == 12
 
