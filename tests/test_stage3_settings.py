@@ -16,6 +16,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
+from test_stage3_train import train  # the same run-and-read-metrics helper
 
 from pipeline import schema
 from pipeline.config import config_from_dict
@@ -23,7 +24,6 @@ from pipeline.entries import find_tokenized
 from pipeline.errors import CacheError
 from stages.stage1_tokenize import run_tokenize
 from stages.stage2_score_ref import run_score_ref
-from stages.stage3_train import run_train
 
 pytestmark = pytest.mark.slow
 
@@ -77,14 +77,6 @@ def score(prepared, **overrides) -> None:
     cfg = config_from_dict({**base, "output_dir": str(root / "prep"), **overrides})
     for split, specs in (("train", cfg.data.dataset), ("eval", cfg.data.eval_dataset)):
         run_score_ref(cfg, run_tokenize(cfg, specs, split), split)
-
-
-def train(prepared, name: str, **overrides):
-    root, base = prepared
-    cfg = config_from_dict({**base, "output_dir": str(root / name), "run_name": name, **overrides})
-    summary = run_train(cfg)
-    lines = [json.loads(x) for x in (root / name / "metrics.jsonl").read_text().splitlines()]
-    return cfg, summary, lines
 
 
 def train_lines(lines):
