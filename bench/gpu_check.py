@@ -137,6 +137,11 @@ class SigmoidDPO:
     f_divergence_clamp: bool = False
     use_weighting: bool = False
     discopop_tau: float = 0.05
+    cpo_beta: float | None = None
+    cpo_alpha: float = 1.0
+    simpo_gamma: float = 0.5
+    alphapo_alpha: float = 0.0
+    orpo_lambda: float = 0.1
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,12 @@ LOSS_TYPES = (
     "discopop",
     "sft",
     "sigmoid_norm",
+    "cpo",
+    "simpo",
+    "orpo",
 )
+# TRL 1.16's experimental CPO/ORPO losses: the policy alone, so a run of only these skips stage 2.
+REFERENCE_FREE_LOSS_TYPES = frozenset({"cpo", "simpo", "orpo"})
 F_DIVERGENCE_TYPES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 # TRL 1.16: only losses built on the chosen-rejected score difference accept a non-default f-divergence.
 F_DIVERGENCE_LOSS_TYPES = frozenset(
@@ -176,6 +181,19 @@ class LossConfig:
         "LD-DPO α in [0, 1]: weight of completion tokens beyond the shorter completion's length. null = plain DPO.",
     )
     discopop_tau: float = _f(0.05, "DiscoPOP temperature τ.")
+    cpo_beta: float | None = _f(
+        None,
+        "β of cpo and simpo (TRL CPOConfig.beta: SimPO's paper uses 2-10); null = beta. Separate so that a mix "
+        "with a reference-based loss keeps DPO's β.",
+    )
+    cpo_alpha: float = _f(
+        1.0, "Weight of the chosen NLL term in cpo and simpo (TRL CPOConfig.cpo_alpha); 0 = the SimPO paper."
+    )
+    simpo_gamma: float = _f(0.5, "SimPO target reward margin γ (TRL CPOConfig.simpo_gamma).")
+    alphapo_alpha: float = _f(
+        0.0, "AlphaPO reward shape α for cpo and simpo (TRL CPOConfig.alpha); 0 = log-prob rewards."
+    )
+    orpo_lambda: float = _f(0.1, "ORPO's λ, the weight of the odds-ratio term (TRL ORPOConfig.beta).")
 
     def __post_init__(self) -> None:
         _check(self.beta > 0 and math.isfinite(self.beta), "beta", self.beta, "a finite number > 0")
@@ -228,12 +246,34 @@ class LossConfig:
         if self.ld_alpha is not None:
             _check(0.0 <= self.ld_alpha <= 1.0, "ld_alpha", self.ld_alpha, "a number in [0, 1], or null")
         _check(self.discopop_tau > 0, "discopop_tau", self.discopop_tau, "a number > 0")
+        if self.cpo_beta is not None:
+            _check(self.cpo_beta > 0 and math.isfinite(self.cpo_beta), "cpo_beta", self.cpo_beta, "a finite number > 0")
+        for key in ("cpo_alpha", "simpo_gamma", "alphapo_alpha", "orpo_lambda"):
+            _check(math.isfinite(getattr(self, key)), key, getattr(self, key), "a finite number")
+        free = [t for t in self.loss_type if t in REFERENCE_FREE_LOSS_TYPES]
+        _check(
+            not free or self.ld_alpha is None,
+            "ld_alpha",
+            self.ld_alpha,
+            f"null with loss types {free} (LD-DPO is defined for reference log-ratios)",
+        )
+        _check(
+            not free or not self.use_weighting,
+            "use_weighting",
+            True,
+            f"false with loss types {free} (TRL's CPO and ORPO trainers have no WPO)",
+        )
         _check(
             math.isfinite(self.f_alpha_divergence_coef),
             "f_alpha_divergence_coef",
             self.f_alpha_divergence_coef,
             "a finite number",
         )
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether any loss reads the reference: false only for reference-free losses alone (no stage 2)."""
+        return any(t not in REFERENCE_FREE_LOSS_TYPES for t in self.loss_type)
 
     @property
     def weights(self) -> tuple[float, ...]:
@@ -367,7 +407,41 @@ class ScaleConfig:
         return self.gpus_per_ref_actor if self.use_gpu else 0
 
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "loss": LossConfig, "train": TrainConfig, "scale": ScaleConfig}
+@dataclass(frozen=True)
+class GenerateConfig:
+    max_new_tokens: int = _f(
+        64, "Tokens per generated completion of an eval prompt (`generate`; `run` with eval data); 0 = none."
+    )
+    num_generations: int = _f(0, "Sampled completions per eval prompt, besides the greedy one.")
+    temperature: float = _f(1.0, "Sampling temperature of the sampled completions.")
+    top_p: float = _f(1.0, "Nucleus sampling: keep the smallest token set with this much probability.")
+    report_samples: int = _f(8, "Eval prompts shown side by side (chosen, rejected, reference, policy) in the report.")
+    judge: str | None = _f(
+        None,
+        "A Python function `module:function(prompt, reference, policy) -> float in [0, 1]` (1 = the policy's "
+        "answer is better) scoring each eval prompt's greedy answers; its mean is the win rate in the report.",
+    )
+
+    def __post_init__(self) -> None:
+        for key in ("max_new_tokens", "num_generations", "report_samples"):
+            _check(getattr(self, key) >= 0, key, getattr(self, key), "an integer >= 0")
+        _check(
+            self.temperature > 0 and math.isfinite(self.temperature), "temperature", self.temperature, "a number > 0"
+        )
+        _check(0 < self.top_p <= 1, "top_p", self.top_p, "a number in (0, 1]")
+        if self.judge is not None:
+            module, _, function = self.judge.partition(":")
+            _check(bool(module and function), "judge", self.judge, "`module:function`, or null")
+
+
+SECTIONS = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "loss": LossConfig,
+    "train": TrainConfig,
+    "scale": ScaleConfig,
+    "generate": GenerateConfig,
+}
 
 
 @dataclass(frozen=True)
@@ -379,6 +453,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     scale: ScaleConfig = field(default_factory=ScaleConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
 
     @property
     def compute_dtype(self) -> str:

@@ -30,6 +30,7 @@ from pipeline.tokenization import TOKENIZATION_VERSION
 TOKENIZED = "tokenized"
 REFERENCE = "reference"
 TABLE = "table"
+GENERATIONS = "generations"  # stage 4: the reference's completions of eval prompts
 PLAN = "plan.json"  # an unfinished reference entry: its key and shard count, for resuming
 LOGPROB_VERSION = 1  # bump when the shift/mask/dtype rules of pipeline.core.logprobs change
 

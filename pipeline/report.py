@@ -18,6 +18,7 @@ import yaml
 
 from pipeline import plots
 from pipeline.config import config_fields
+from pipeline.generation_report import generation_section
 from pipeline.rundir import DATA_REPORTS, PLOTS, REPORT, SUMMARY, TENSORBOARD, RunData, load_run, splits
 from pipeline.storage import LocalMirror, Location
 from pipeline.uris import redact_uri
@@ -71,6 +72,7 @@ def write_report(run_dir: str) -> Report:
             *_curves(curves),
             *_data(run),
             *_reference(run, histogram),
+            *generation_section(run),
             *_config(run),
         ]
     )
@@ -91,9 +93,14 @@ def _header(run: RunData) -> list[str]:
     cfg = run.cfg
     if cfg is not None:
         losses = " + ".join(f"{w} × {t}" for t, w in zip(cfg.loss.loss_type, cfg.loss.weights))
+        reference = (
+            f"reference `{cfg.ref_model_name}`, scored once and cached"
+            if cfg.loss.needs_reference
+            else "no reference model (reference-free losses)"
+        )
         lines += [
             f"Policy `{cfg.model.model}` trained for {last['step']} optimizer steps with {losses} (β = "
-            f"{cfg.loss.beta}); reference `{cfg.ref_model_name}`, scored once and cached.",
+            f"{cfg.loss.beta}); {reference}.",
             "",
         ]
     return lines

@@ -27,6 +27,7 @@ ALLOWED_CHANGES = frozenset(
         "logging_steps", "eval_steps", "save_steps", "report_to", "eval_dataset", "per_device_eval_batch_size",
         "max_failures", "cpus_per_worker", "ref_actors", "cpus_per_ref_actor", "gpus_per_ref_actor",
         "precompute_ref_batch_size", "cache_dir", "output_dir", "storage_path", "run_name",
+        "max_new_tokens", "num_generations", "temperature", "top_p", "report_samples", "judge",
     }
 )  # fmt: skip
 
@@ -49,7 +50,8 @@ def check_resume(new: dict[str, Any], run_dir: Location, restart: bool) -> None:
     old = last_checkpoint_config(run_dir)
     if old is None:
         return
-    changed = {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}
+    defaults = json.loads(json.dumps(Config().flat(), default=str))  # a key newer than the checkpoint had its default
+    changed = {k: (old.get(k, defaults.get(k)), v) for k, v in new.items() if old.get(k, defaults.get(k)) != v}
     refused = {k: ov for k, ov in changed.items() if k not in ALLOWED_CHANGES}
     if refused:
         lines = "\n".join(f"  {k}: {o!r} -> {n!r}" for k, (o, n) in sorted(refused.items()))

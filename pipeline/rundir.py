@@ -13,7 +13,7 @@ which reads a whole run back for the report.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +35,8 @@ REPORT = "report.md"
 PLOTS = "plots"
 TENSORBOARD = "tensorboard"
 FINAL = "final"
+GENERATIONS_FILE = "generations.jsonl"  # stage 4: every eval prompt's completions, before and after
+GENERATION_SUMMARY = "generation_summary.json"
 DATA_REPORTS = {"train": "data_report.json", "eval": "eval_data_report.json"}
 EVAL_PREFIX = "eval_"
 
@@ -82,6 +84,8 @@ class RunData:
     data_reports: dict[str, dict[str, Any]]  # split -> data report
     ref_margins: dict[str, np.ndarray]  # split -> reference log-prob margins, one per pair
     ref_notes: dict[str, str]  # split -> why its margins are missing
+    generation_summary: dict[str, Any] | None = None  # stage 4's totals
+    generations: list[dict[str, Any]] = field(default_factory=list)  # stage 4's records, one per eval prompt
 
     @property
     def config(self) -> dict[str, Any]:
@@ -117,7 +121,9 @@ def load_run(run_dir: str) -> RunData:
     summary = read_json(d, SUMMARY)
     data_reports = {split: r for split, name in DATA_REPORTS.items() if (r := read_json(d, name)) is not None}
     margins, notes = _reference_margins((summary or {}).get("inputs"))
-    return RunData(d, train, evals, summary, data_reports, margins, notes)
+    generated = d / GENERATIONS_FILE
+    records = [json.loads(line) for line in generated.read_text().splitlines()] if generated.is_file() else []
+    return RunData(d, train, evals, summary, data_reports, margins, notes, read_json(d, GENERATION_SUMMARY), records)
 
 
 def _reference_margins(inputs: dict[str, Any] | None) -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -128,6 +134,9 @@ def _reference_margins(inputs: dict[str, Any] | None) -> tuple[dict[str, np.ndar
 
     margins, notes = {}, {}
     for split in splits(inputs):
+        if inputs[split].get("reference") is None:
+            notes[split] = "the losses are reference-free: no reference was scored"
+            continue
         path = location(inputs[split]["reference"])
         manifest = read_json(path, MANIFEST)
         if manifest is None:

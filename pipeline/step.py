@@ -53,23 +53,28 @@ def micro_step(
     )
     x = preference_inputs(cfg, stats, rows, batch)
     out = dpo_loss(cfg.loss, x)
-    row = batch_metric_sums(out, x, stats, input_tokens=batch.num_tokens, loss_scale=loss_scale)
+    row = batch_metric_sums(out, stats, input_tokens=batch.num_tokens, loss_scale=loss_scale)
     return MicroResult(out.loss * loss_scale, row * weight)
 
 
 def preference_inputs(
     cfg: Config, stats: SequenceStats, rows: dict[str, list[Any]], batch: PairBatch
 ) -> PreferenceInputs:
+    """The loss inputs of one micro-batch; the reference's come from the table's cached columns, and are None
+    when the run needs no reference (its table has none)."""
     b = batch.num_pairs
-    device = stats.logps.device
-    ref = {k: torch.tensor(rows[k], dtype=stats.logps.dtype, device=device) for k in REF_COLUMNS}
     alpha = cfg.loss.ld_alpha
     policy = ld_logps(stats.shared_logps, stats.tail_logps, alpha)
+    ref_chosen = ref_rejected = None
+    if cfg.loss.needs_reference:
+        ref = {k: torch.tensor(rows[k], dtype=stats.logps.dtype, device=stats.logps.device) for k in REF_COLUMNS}
+        ref_chosen = ld_logps(ref[schema.REF_CHOSEN_SHARED_LOGPS], ref[schema.REF_CHOSEN_TAIL_LOGPS], alpha)
+        ref_rejected = ld_logps(ref[schema.REF_REJECTED_SHARED_LOGPS], ref[schema.REF_REJECTED_TAIL_LOGPS], alpha)
     return PreferenceInputs(
         policy_chosen_logps=policy[:b],
         policy_rejected_logps=policy[b:],
-        ref_chosen_logps=ld_logps(ref[schema.REF_CHOSEN_SHARED_LOGPS], ref[schema.REF_CHOSEN_TAIL_LOGPS], alpha),
-        ref_rejected_logps=ld_logps(ref[schema.REF_REJECTED_SHARED_LOGPS], ref[schema.REF_REJECTED_TAIL_LOGPS], alpha),
+        ref_chosen_logps=ref_chosen,
+        ref_rejected_logps=ref_rejected,
         chosen_tokens=stats.tokens[:b],
         rejected_tokens=stats.tokens[b:],
         policy_chosen_full_logps=stats.logps[:b],

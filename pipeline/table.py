@@ -1,6 +1,7 @@
 """The training table: stage 1's pairs and stage 2's scores merged in pair_id order into one file per key.
 
-    table = build_table(cfg, tokenized, reference)   # on the driver, once per key (a cache entry)
+    table = build_table(cfg, tokenized, reference)   # on the driver, once per key (a cache entry); reference
+                                                     # None for reference-free losses: no ref_* columns
     pairs = open_table(table)                        # on each worker: memory-mapped, zero-copy
 
 Both inputs are already sorted by pair_id (stage 1 writes sorted files, stage 2 writes shards of pair_id
@@ -45,12 +46,21 @@ TABLE_VERSION = 1
 BATCH_ROWS = 4096  # rows merged and written at a time: the merge's memory bound
 
 
-def table_key(tokenized: TokenizedData, reference: ReferenceScores) -> str:
-    return cache.cache_key(tokenized=tokenized.key, reference=reference.key, version=TABLE_VERSION)
+def table_key(tokenized: TokenizedData, reference: ReferenceScores | None) -> str:
+    return cache.cache_key(
+        tokenized=tokenized.key, reference=None if reference is None else reference.key, version=TABLE_VERSION
+    )
+
+
+def table_schema(with_reference: bool) -> pa.Schema:
+    """The table's columns: TABLE_SCHEMA, without the ref_* columns for a reference-free run."""
+    if with_reference:
+        return schema.TABLE_SCHEMA
+    return pa.schema([f for f in schema.TABLE_SCHEMA if f.name not in REF_COLUMNS])
 
 
 def build_table(
-    cfg: Config, tokenized: TokenizedData, reference: ReferenceScores, split: str, verify: bool = False
+    cfg: Config, tokenized: TokenizedData, reference: ReferenceScores | None, split: str, verify: bool = False
 ) -> TableEntry:
     """The training table of these entries: reused when its entry is valid (`verify`: checksums too), else
     merged and written."""
@@ -68,12 +78,12 @@ def build_table(
 
 
 def _write_table(
-    tokenized: TokenizedData, reference: ReferenceScores, path: Location, key: str, split: str
+    tokenized: TokenizedData, reference: ReferenceScores | None, path: Location, key: str, split: str
 ) -> TableEntry:
     start = time.time()
     with storage.atomic_target(path, directory=True) as tmp:
         lengths = []
-        with (tmp / FILE).open("wb") as sink, pa.ipc.new_file(sink, schema.TABLE_SCHEMA) as writer:
+        with (tmp / FILE).open("wb") as sink, pa.ipc.new_file(sink, table_schema(reference is not None)) as writer:
             for batch in merge(tokenized, reference):
                 writer.write_batch(batch)
                 lengths.append(np.stack([batch.column(c).to_numpy() for c in LENGTH_COLUMNS], axis=1))
@@ -89,34 +99,39 @@ def _write_table(
         TABLE,
         [FILE, LENGTHS],
         rows=rows,
-        inputs={"tokenized": tokenized.key, "reference": reference.key},
+        inputs={"tokenized": tokenized.key, "reference": None if reference is None else reference.key},
         timings={"merge_s": round(time.time() - start, 2)},
     )
     print(f"[train] {split}: training table of {rows} pairs -> {path} in {time.time() - start:.1f}s", flush=True)
     return TableEntry(path, key, manifest)
 
 
-def merge(tokenized: TokenizedData, reference: ReferenceScores) -> Iterator[pa.RecordBatch]:
-    """Record batches of the training table, in pair_id order: a merge join of two sorted streams."""
-    scores = _Stream(_sorted_batches(reference.files, list(schema.REFERENCE_SCHEMA.names)), schema.REFERENCE_SCHEMA)
+def merge(tokenized: TokenizedData, reference: ReferenceScores | None) -> Iterator[pa.RecordBatch]:
+    """Record batches of the training table, in pair_id order: a merge join of two sorted streams (the
+    tokenized pairs alone when `reference` is None)."""
+    out_schema = table_schema(reference is not None)
+    scores = (
+        None
+        if reference is None
+        else _Stream(_sorted_batches(reference.files, list(schema.REFERENCE_SCHEMA.names)), schema.REFERENCE_SCHEMA)
+    )
     for tok in _sorted_batches(tokenized.files, list(schema.TOKENIZED_SCHEMA.names)):
-        ref = scores.take(tok.num_rows)
-        ids = tok.column(schema.PAIR_ID)
-        if ref.num_rows != tok.num_rows or not ref.column(schema.PAIR_ID).combine_chunks().equals(ids):
-            raise CacheError(
-                f"reference scores in {reference.path} do not cover the tokenized pairs of {tokenized.path} (first "
-                f"pair {ids[0]}); rerun `dpo-pipeline score-ref --force`."
-            )
-        yield pa.RecordBatch.from_pydict(
-            {
-                **{n: tok.column(n) for n in schema.TOKENIZED_SCHEMA.names if n in schema.TABLE_SCHEMA.names},
-                schema.CHOSEN_LEN: pc.list_value_length(tok.column(schema.CHOSEN_INPUT_IDS)).cast(pa.int32()),
-                schema.REJECTED_LEN: pc.list_value_length(tok.column(schema.REJECTED_INPUT_IDS)).cast(pa.int32()),
-                **{n: ref.column(n).combine_chunks() for n in REF_COLUMNS},
-            },
-            schema=schema.TABLE_SCHEMA,
-        )
-    if scores.take(1).num_rows:
+        columns = {
+            **{n: tok.column(n) for n in schema.TOKENIZED_SCHEMA.names if n in out_schema.names},
+            schema.CHOSEN_LEN: pc.list_value_length(tok.column(schema.CHOSEN_INPUT_IDS)).cast(pa.int32()),
+            schema.REJECTED_LEN: pc.list_value_length(tok.column(schema.REJECTED_INPUT_IDS)).cast(pa.int32()),
+        }
+        if reference is not None and scores is not None:
+            ref = scores.take(tok.num_rows)
+            ids = tok.column(schema.PAIR_ID)
+            if ref.num_rows != tok.num_rows or not ref.column(schema.PAIR_ID).combine_chunks().equals(ids):
+                raise CacheError(
+                    f"reference scores in {reference.path} do not cover the tokenized pairs of {tokenized.path} "
+                    f"(first pair {ids[0]}); rerun `dpo-pipeline score-ref --force`."
+                )
+            columns.update({n: ref.column(n).combine_chunks() for n in REF_COLUMNS})
+        yield pa.RecordBatch.from_pydict(columns, schema=out_schema)
+    if reference is not None and scores is not None and scores.take(1).num_rows:
         raise CacheError(f"reference scores in {reference.path} hold pairs that {tokenized.path} does not")
 
 

@@ -11,99 +11,30 @@ started; rerunning resumes. Everything printed passes through pipeline.redact (n
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import sys
 import traceback
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 from pipeline.cluster import init_ray
-from pipeline.config import SECTIONS, Config, config_fields, describe_type, field_type, load_config
+from pipeline.config import Config
 from pipeline.entries import TokenizedData, find_tokenized
 from pipeline.errors import PipelineError, find_pipeline_error
+from pipeline.judge import load_judge
 from pipeline.loggers import resolve_loggers
 from pipeline.redact import RedactingStream
 from pipeline.report import write_report
 from pipeline.rundir import FINAL, PLOTS, first_eval, write_data_report
 from pipeline.storage import check_writable, write_problem
+from stages.cli_args import Options, build_parser, parse_config
 from stages.stage1_tokenize import run_tokenize
 from stages.stage2_score_ref import run_score_ref
 from stages.stage3_train import run_train
+from stages.stage4_generate import run_generate
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
-
-COMMANDS = {
-    "tokenize": "Stage 1: tokenize the preference data (dataset and eval_dataset) into the cache.",
-    "score-ref": "Stage 2: score the tokenized pairs with the frozen reference model into the cache.",
-    "train": "Stage 3: train the policy against the cached reference scores.",
-    "run": "All three stages in order; each is skipped when its cached output is valid.",
-    "report": "Write report.md and PNG plots (loss, rewards, accuracy, log-probs, learning rate and grad norm, "
-    "reference margins) for a run directory; `train` and `run` do this at their end.",
-}
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="dpo-pipeline",
-        description="Scalable DPO on Ray: tokenize, score the reference once, train the policy alone.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, help_text in COMMANDS.items():
-        p = sub.add_parser(
-            name, help=help_text, description=help_text, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-        )
-        if name == "report":
-            p.add_argument(
-                "run_dir",
-                metavar="RUN_DIR",
-                help="The output_dir of a training run (it holds metrics.jsonl). Writes "
-                "RUN_DIR/report.md and RUN_DIR/plots/*.png.",
-            )
-            continue
-        p.add_argument("--config", metavar="FILE.yaml", help="YAML file of config keys (flags override it).")
-        if name in ("tokenize", "score-ref", "run"):
-            p.add_argument("--force", action="store_true", help="Rebuild cached outputs even when valid.")
-        if name in ("train", "run"):
-            p.add_argument(
-                "--restart",
-                action="store_true",
-                help="Delete the checkpoints of an earlier run with this storage_path/run_name and train from "
-                "step 0. Without it a rerun resumes, and refuses when settings that change the run differ.",
-            )
-        p.add_argument(
-            "--verify",
-            action="store_true",
-            help="Recompute the checksum of every file of a reused cache entry (reads it whole); without it a "
-            "lookup checks that each file is there with its recorded size.",
-        )
-        _add_config_flags(p)
-    return parser
-
-
-def _add_config_flags(p: argparse.ArgumentParser) -> None:
-    fields = config_fields()
-    for section in SECTIONS:
-        group = p.add_argument_group(f"{section} settings")
-        for key, (sec, f) in fields.items():
-            if sec != section:
-                continue
-            default = f.default if not isinstance(f.default, tuple) else ",".join(map(str, f.default))
-            group.add_argument(
-                f"--{key}",
-                dest=f"cfg_{key}",
-                metavar="V",
-                default=argparse.SUPPRESS,
-                help=f"{f.metadata['help']} [{describe_type(field_type(sec, key))}; default: {default}]",
-            )
-
-
-def parse_config(args: argparse.Namespace) -> Config:
-    overrides = {k[len("cfg_") :]: v for k, v in vars(args).items() if k.startswith("cfg_")}
-    return load_config(args.config, overrides).with_absolute_paths()
-
 
 # --- commands ---
 
@@ -119,21 +50,13 @@ def check_outputs(cfg: Config, command: str) -> None:
         "tokenize": ("cache_dir", "output_dir"),
         "score-ref": ("cache_dir",),
         "train": ("output_dir", "storage_path"),
+        "generate": ("cache_dir", "output_dir"),
         "run": ("cache_dir", "output_dir", "storage_path"),
     }[command]
     flat = cfg.flat()
     for key in keys:
         if flat[key] is not None:
             check_writable(flat[key], key)
-
-
-@dataclass(frozen=True)
-class Options:
-    """The command-line flags that are not config keys."""
-
-    force: bool = False
-    verify: bool = False
-    restart: bool = False
 
 
 def tokenize_splits(cfg: Config, opts: Options) -> dict[str, TokenizedData]:
@@ -160,7 +83,17 @@ def cmd_tokenize(cfg: Config, opts: Options) -> None:
     tokenize_splits(cfg, opts)
 
 
+def reference_free_note(cfg: Config) -> str:
+    return (
+        f"loss_type {','.join(cfg.loss.loss_type)} is reference-free: no reference model is loaded or scored, "
+        "and training reads the tokenized pairs alone"
+    )
+
+
 def cmd_score_ref(cfg: Config, opts: Options) -> None:
+    if not cfg.loss.needs_reference:
+        print(f"[score-ref] nothing to score: {reference_free_note(cfg)}.", flush=True)
+        return
     init_ray()
     for split, specs in splits(cfg):
         run_score_ref(cfg, find_tokenized(cfg, specs, opts.verify), split, force=opts.force, verify=opts.verify)
@@ -174,16 +107,39 @@ def cmd_train(cfg: Config, opts: Options) -> None:
 
 def cmd_run(cfg: Config, opts: Options) -> None:
     init_ray()
-    for split, data in tokenize_splits(cfg, opts).items():
-        run_score_ref(cfg, data, split, force=opts.force, verify=opts.verify)
+    tokenized = tokenize_splits(cfg, opts)
+    if cfg.loss.needs_reference:
+        for split, data in tokenized.items():
+            run_score_ref(cfg, data, split, force=opts.force, verify=opts.verify)
+    else:
+        print(f"[run] stage 2 skipped: {reference_free_note(cfg)}.", flush=True)
     final = train(cfg, "run", opts).get("final_eval")
+    generated = run_generate(cfg, opts.verify) if cfg.data.eval_dataset and cfg.generate.max_new_tokens else None
     if final:
         first = first_eval(cfg.data.output_dir)
         print(
             f"held-out reward accuracy: {first['eval_rewards/accuracies']:.3f} -> {final['rewards/accuracies']:.3f}",
             flush=True,
         )
+    if generated is not None:
+        print_answer_accuracy(generated)
     write_run_report(cfg.data.output_dir)
+
+
+def cmd_generate(cfg: Config, opts: Options) -> None:
+    init_ray()
+    print_answer_accuracy(run_generate(cfg, opts.verify))
+    write_run_report(cfg.data.output_dir)
+
+
+def print_answer_accuracy(summary: dict[str, Any]) -> None:
+    """The answer accuracy line of `run` and `generate`, or why there is none."""
+    acc = summary["answer_accuracy"]
+    if acc is None:
+        print("held-out answer accuracy: none of the eval prompts has a builtin checker", flush=True)
+        return
+    of = "" if acc["prompts"] == summary["prompts"] else f" ({acc['prompts']} of {summary['prompts']} prompts)"
+    print(f"held-out answer accuracy: {acc['reference']:.3f} -> {acc['policy']:.3f}{of}", flush=True)
 
 
 def write_run_report(output_dir: str) -> None:
@@ -211,6 +167,7 @@ def command_table() -> dict[str, Callable[[Config, Options], None]]:
         "tokenize": cmd_tokenize,
         "score-ref": cmd_score_ref,
         "train": cmd_train,
+        "generate": cmd_generate,
         "run": cmd_run,
     }
 
@@ -225,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
             cfg = parse_config(args)
             if args.command in ("train", "run"):
                 resolve_loggers(cfg)  # a requested logger that is not installed fails before anything is written
+            if args.command in ("generate", "run") and cfg.generate.judge:
+                load_judge(cfg.generate.judge)  # so does a judge that cannot be imported
             check_outputs(cfg, args.command)
             opts = Options(getattr(args, "force", False), args.verify, getattr(args, "restart", False))
             command_table()[args.command](cfg, opts)

@@ -3,7 +3,8 @@
     dpo-pipeline train --config configs/demo.yaml
 
 No reference model exists here: its scores come from stage 2's cache, merged with the tokenized pairs by
-pair_id into a training table (pipeline.table) that every worker memory-maps. Each micro-batch of B pairs is
+pair_id into a training table (pipeline.table) that every worker memory-maps. Reference-free losses alone
+(cpo, simpo, orpo) need no scores: the table then holds the tokenized pairs only. Each micro-batch of B pairs is
 ONE forward of 2B sequences (chosen then rejected), then the combined loss. Metrics are all-reduced once per
 optimizer step. A checkpoint holds every rank's DeepSpeed shards plus the loop's state; the data schedule is
 a pure function of (seed, step), so resuming continues the data order exactly.
@@ -58,12 +59,12 @@ def run_train(cfg: Config, restart: bool = False, verify: bool = False) -> dict[
         if not specs:
             continue
         tok = find_tokenized(cfg, specs, verify)
-        reference = find_reference(cfg, tok, verify)
+        reference = find_reference(cfg, tok, verify) if cfg.loss.needs_reference else None
         tables[split] = build_table(cfg, tok, reference, split, verify)
         inputs[split] = {
             "pairs": tok.manifest["rows"],
             "tokenized": str(tok.path),
-            "reference": str(reference.path),
+            "reference": None if reference is None else str(reference.path),
             "table": str(tables[split].path),
         }
         rundir.write_data_report(cfg.data.output_dir, tok, split)

@@ -25,7 +25,7 @@ import yaml
 
 from pipeline.config import load_config
 from pipeline.redact import is_secret_name
-from stages.cli import COMMANDS, build_parser
+from stages.cli_args import COMMANDS, build_parser
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"

@@ -1,4 +1,5 @@
-"""Every loss type and option against formulas written out here, on float64 scalars, one pair at a time."""
+"""Every reference-based loss type and option against formulas written out here, on float64 scalars, one pair
+at a time (the reference-free ones: tests/test_reference_free_losses.py)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,20 @@ import pytest
 import torch
 from torch import Tensor
 
-from pipeline.config import F_DIVERGENCE_LOSS_TYPES, LOSS_TYPES, LossConfig
+from pipeline.config import F_DIVERGENCE_LOSS_TYPES, LOSS_TYPES, REFERENCE_FREE_LOSS_TYPES, LossConfig
 from pipeline.core.logprobs import ld_logps
-from pipeline.core.losses import LOSSES, PreferenceInputs, Scores, dpo_loss, f_divergence_score, wpo_weights
+from pipeline.core.losses import (
+    LOSSES,
+    REFERENCE_FREE_LOSSES,
+    PreferenceInputs,
+    Scores,
+    dpo_loss,
+    f_divergence_score,
+    wpo_weights,
+)
 from pipeline.errors import ConfigError
+
+REFERENCE_BASED = tuple(name for name in LOSS_TYPES if name not in REFERENCE_FREE_LOSS_TYPES)
 
 # --- an independent naive implementation: python loops over pairs, 0-dim float64 tensors ---
 
@@ -157,8 +168,8 @@ def cfg(loss_type=("sigmoid",), **kw) -> LossConfig:
 
 
 CASES = (
-    [cfg((name,)) for name in LOSS_TYPES]
-    + [cfg((name,), beta=0.5) for name in LOSS_TYPES]
+    [cfg((name,)) for name in REFERENCE_BASED]
+    + [cfg((name,), beta=0.5) for name in REFERENCE_BASED]
     + [
         cfg((name,), f_divergence_type=kind, f_alpha_divergence_coef=alpha)
         for name in sorted(F_DIVERGENCE_LOSS_TYPES)
@@ -177,7 +188,7 @@ CASES = (
         cfg(("aot_unpaired",), label_smoothing=0.25),
         cfg(("discopop",), discopop_tau=0.5),
     ]
-    + [cfg((name,), use_weighting=True) for name in LOSS_TYPES if name not in ("aot", "aot_unpaired")]
+    + [cfg((name,), use_weighting=True) for name in REFERENCE_BASED if name not in ("aot", "aot_unpaired")]
     + [
         cfg(("sigmoid", "bco_pair", "sft"), loss_weights=(0.8, 0.2, 1.0)),
         cfg(("sigmoid", "sft"), loss_weights=(1.0, 0.5), use_weighting=True),
@@ -204,8 +215,9 @@ def case_id(c: LossConfig) -> str:
 
 
 def test_registry_is_trl_loss_types():
-    assert set(LOSSES) == set(LOSS_TYPES)
-    assert len(LOSSES) == len(LOSS_TYPES) == 15
+    assert set(LOSSES) == set(REFERENCE_BASED) and len(LOSSES) == 15  # DPOTrainer's
+    assert set(REFERENCE_FREE_LOSSES) == REFERENCE_FREE_LOSS_TYPES == {"cpo", "simpo", "orpo"}  # CPO/ORPO trainers'
+    assert len(LOSS_TYPES) == len(set(LOSS_TYPES)) == 18
 
 
 @pytest.mark.parametrize("c", CASES, ids=case_id)
@@ -356,7 +368,7 @@ def test_f_divergence_scores():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("margin", [1e4, -1e4])
-@pytest.mark.parametrize("name", LOSS_TYPES)
+@pytest.mark.parametrize("name", REFERENCE_BASED)
 def test_finite_at_extreme_margins(name, margin, dtype):
     pw = torch.tensor([margin / 2, 0.0, -margin], dtype=dtype, requires_grad=True)
     pl = torch.tensor([-margin / 2, margin, 0.0], dtype=dtype, requires_grad=True)

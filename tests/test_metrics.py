@@ -56,7 +56,7 @@ def test_one_micro_batch_by_hand():
         entropy_sum=[3.0, 4.0, 2.0, 1.0],
         top1_hits=[1, 3, 0, 1],
     )
-    m = finalize(batch_metric_sums(out, x, stats))
+    m = finalize(batch_metric_sums(out, stats))
     assert set(m) == TRL_NAMES
     assert m["loss"] == pytest.approx(out.loss.item())
     assert m["rewards/chosen"] == pytest.approx(0.0)
@@ -73,7 +73,7 @@ def test_one_micro_batch_by_hand():
 
 def test_rows_are_float64_and_detached():
     out, x, stats = micro_batch([-1.0], [-2.0], [-1.5], [-1.5], [1, 1], [0.0, 0.0], [0.0, 0.0], [0, 0])
-    row = batch_metric_sums(out, x, stats)
+    row = batch_metric_sums(out, stats)
     assert row.shape == (len(SLOTS),) and row.dtype == torch.float64 and not row.requires_grad
 
 
@@ -100,7 +100,7 @@ def test_all_reduced_rows_equal_trl_gather_then_mean_over_micro_batches():
         ],
     ]
     built = [[micro_batch(*a) for a in mb] for mb in args]
-    rows = torch.stack([sum(batch_metric_sums(*r) for r in ranks) for ranks in built])  # the all-reduce
+    rows = torch.stack([sum(batch_metric_sums(o, s) for o, _, s in ranks) for ranks in built])  # the all-reduce
     got = finalize(rows)
 
     def trl_micro_batch(ranks) -> dict[str, float]:
@@ -134,7 +134,7 @@ def test_all_reduced_rows_equal_trl_gather_then_mean_over_micro_batches():
 
 def test_no_tokens_logs_zero_like_trl():
     out, x, stats = micro_batch([0.0], [0.0], [0.0], [0.0], [0, 0], [0.0, 0.0], [0.0, 0.0], [0, 0])
-    m = finalize(batch_metric_sums(out, x, stats))
+    m = finalize(batch_metric_sums(out, stats))
     assert m["logits/chosen"] == m["logits/rejected"] == m["entropy"] == m["mean_token_accuracy"] == 0.0
 
 
@@ -142,6 +142,6 @@ def test_errors():
     out, x, stats = micro_batch([-1.0], [-2.0], [-1.5], [-1.5], [1, 1], [0.0, 0.0], [0.0, 0.0], [0, 0])
     bare = SequenceStats(stats.logps, stats.tokens, stats.shared_logps, stats.tail_logps)
     with pytest.raises(ValueError, match="with_metrics"):
-        batch_metric_sums(out, x, bare)
+        batch_metric_sums(out, bare)
     with pytest.raises(ValueError, match="at least one row"):
         finalize(torch.zeros(0, len(SLOTS)))

@@ -48,3 +48,13 @@ def test_restart_removes_the_checkpoints_and_nothing_to_compare_passes(tmp_path)
     check_resume(run_settings(config_from_dict({**BASE, "beta": 0.9}), "t"), tmp_path, restart=True)
     assert not tmp_path.exists()
     check_resume(run_settings(config_from_dict(BASE), "t"), tmp_path, restart=False)  # no run yet: nothing to check
+
+
+def test_a_key_newer_than_the_checkpoint_counts_as_its_default(tmp_path):
+    """A checkpoint written before a key existed (e.g. cpo_alpha, added with the reference-free losses) resumes
+    when the key keeps its default, and is refused when it does not."""
+    old = {k: v for k, v in run_settings(config_from_dict(BASE), "t").items() if k != "cpo_alpha"}
+    checkpoint(tmp_path, "checkpoint_a", old)
+    check_resume(run_settings(config_from_dict(BASE), "t"), tmp_path, restart=False)
+    with pytest.raises(ConfigError, match="  cpo_alpha: 1.0 -> 0.0\n"):
+        check_resume(run_settings(config_from_dict({**BASE, "cpo_alpha": 0.0}), "t"), tmp_path, restart=False)

@@ -22,7 +22,7 @@ from trl import DPOConfig, DPOTrainer  # noqa: E402
 from trl.trainer.dpo_trainer import DataCollatorForPreference  # noqa: E402
 
 from pipeline import schema  # noqa: E402
-from pipeline.config import LOSS_TYPES, LossConfig, config_from_dict  # noqa: E402
+from pipeline.config import LOSS_TYPES, REFERENCE_FREE_LOSS_TYPES, LossConfig, config_from_dict  # noqa: E402
 from pipeline.core.metrics import finalize, slot_total  # noqa: E402
 from pipeline.forward import collate_pairs, sequence_forward  # noqa: E402
 from pipeline.kernels import choose_kernels  # noqa: E402
@@ -151,7 +151,7 @@ def setup(tmp_path_factory):
 
 
 CASES = [
-    *({"loss_type": (name,)} for name in LOSS_TYPES if name != "exo_pair"),
+    *({"loss_type": (name,)} for name in LOSS_TYPES if name != "exo_pair" and name not in REFERENCE_FREE_LOSS_TYPES),
     {"loss_type": ("exo_pair",), "label_smoothing": 1e-3},
     {"loss_type": ("sigmoid", "bco_pair", "sft"), "loss_weights": (0.8, 0.2, 1.0)},
     {"loss_type": ("sigmoid", "sft"), "ld_alpha": 0.5},

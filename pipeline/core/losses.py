@@ -16,6 +16,10 @@ Shared symbols (each loss docstring repeats the ones it uses):
     |y_w|, |y_l| completion token counts (clamped to ≥ 1 where they divide)
     ε            cfg.label_smoothing
     σ            the logistic function
+
+Reference-free losses (cpo, simpo, orpo: TRL 1.16's experimental CPO and ORPO trainers) read the policy alone;
+a batch for them alone needs no reference log-probs, and a mix of them with reference-based losses is one
+weighted sum like any other mix.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +55,16 @@ class LossSettings(Protocol):
     def use_weighting(self) -> bool: ...
     @property
     def discopop_tau(self) -> float: ...
+    @property
+    def cpo_beta(self) -> float | None: ...
+    @property
+    def cpo_alpha(self) -> float: ...
+    @property
+    def simpo_gamma(self) -> float: ...
+    @property
+    def alphapo_alpha(self) -> float: ...
+    @property
+    def orpo_lambda(self) -> float: ...
 
 
 @dataclass(frozen=True)
@@ -64,8 +78,8 @@ class PreferenceInputs:
 
     policy_chosen_logps: Tensor
     policy_rejected_logps: Tensor
-    ref_chosen_logps: Tensor
-    ref_rejected_logps: Tensor
+    ref_chosen_logps: Tensor | None  # None: no reference (only reference-free losses can be computed)
+    ref_rejected_logps: Tensor | None
     chosen_tokens: Tensor  # scored completion tokens (int): ipo / sigmoid_norm / WPO normalisation, sft mean
     rejected_tokens: Tensor
     policy_chosen_full_logps: Tensor | None = None  # sft: Σ over ALL chosen tokens, never LD-weighted;
@@ -91,14 +105,23 @@ class Scores:
 
 @dataclass(frozen=True)
 class LossOutput:
+    """The combined loss and what the metrics report. Rewards and logps are the reference-based ones (β·ρ and
+    the log-prob sums) whenever the mix has a reference-based loss; for reference-free losses alone they are
+    those of the first loss type, as its TRL trainer logs them (`Rewards`)."""
+
     loss: Tensor  # scalar: Σ_k w_k · mean_b(loss_k)
     losses: dict[str, Tensor]  # per loss type: mean_b(loss_k), WPO-weighted, before w_k
-    chosen_rewards: Tensor  # (B,) β·ρ_w, detached
-    rejected_rewards: Tensor  # (B,) β·ρ_l, detached
+    chosen_rewards: Tensor  # (B,) detached
+    rejected_rewards: Tensor
+    chosen_logps: Tensor  # (B,) detached: the log-probs the rewards are built from (logps/* metrics)
+    rejected_logps: Tensor
+    extras: dict[str, Tensor]  # reference-free metrics: nll_loss (scalar), log_odds_ratio, log_odds_chosen (B,)
 
 
 LossFn = Callable[[PreferenceInputs, Scores, LossSettings], Tensor]
-LOSSES: dict[str, LossFn] = {}
+LOSSES: dict[str, LossFn] = {}  # reference-based: they read the scores
+RefFreeLossFn = Callable[[PreferenceInputs, LossSettings], Tensor]
+REFERENCE_FREE_LOSSES: dict[str, RefFreeLossFn] = {}  # they read the policy's log-probs alone
 
 
 def _register(name: str) -> Callable[[LossFn], LossFn]:
@@ -109,14 +132,49 @@ def _register(name: str) -> Callable[[LossFn], LossFn]:
     return add
 
 
+def _register_reference_free(name: str) -> Callable[[RefFreeLossFn], RefFreeLossFn]:
+    def add(fn: RefFreeLossFn) -> RefFreeLossFn:
+        REFERENCE_FREE_LOSSES[name] = fn
+        return fn
+
+    return add
+
+
 # --- the combined loss ---
 
 
 def dpo_loss(cfg: LossSettings, x: PreferenceInputs) -> LossOutput:
     """The weighted mix of `cfg.loss_type`: Σ_k w_k · mean_b(ω_b · loss_k,b), ω = WPO weight or 1."""
+    scores = _scores(cfg, x) if any(name in LOSSES for name in cfg.loss_type) else None
+    weights = wpo_weights(x) if cfg.use_weighting else None
+    losses = {}
+    for name in cfg.loss_type:
+        if name in LOSSES:
+            assert scores is not None
+            per_pair = LOSSES[name](x, scores, cfg)
+        else:
+            per_pair = REFERENCE_FREE_LOSSES[name](x, cfg)
+        losses[name] = (per_pair if weights is None else per_pair * weights).mean()
+    loss = torch.stack([losses[name] * w for name, w in zip(cfg.loss_type, cfg.weights, strict=True)]).sum()
+    if scores is not None:
+        rewards = Rewards(
+            cfg.beta * scores.chosen_logratios.detach(),
+            cfg.beta * scores.rejected_logratios.detach(),
+            x.policy_chosen_logps.detach(),
+            x.policy_rejected_logps.detach(),
+        )
+    else:
+        rewards = reference_free_rewards(cfg.loss_type[0], x, cfg)
+    return LossOutput(loss, losses, *rewards, extras=_reference_free_metrics(cfg, x))
+
+
+def _scores(cfg: LossSettings, x: PreferenceInputs) -> Scores:
+    if x.ref_chosen_logps is None or x.ref_rejected_logps is None:
+        bad = [name for name in cfg.loss_type if name in LOSSES]
+        raise ValueError(f"loss types {bad} need the reference log-probs (ref_chosen_logps, ref_rejected_logps)")
     chosen_logratios = x.policy_chosen_logps - x.ref_chosen_logps
     rejected_logratios = x.policy_rejected_logps - x.ref_rejected_logps
-    scores = Scores(
+    return Scores(
         chosen_logratios,
         rejected_logratios,
         f_divergence_score(
@@ -125,18 +183,6 @@ def dpo_loss(cfg: LossSettings, x: PreferenceInputs) -> LossOutput:
         f_divergence_score(
             rejected_logratios, cfg.f_divergence_type, cfg.f_alpha_divergence_coef, cfg.f_divergence_clamp
         ),
-    )
-    weights = wpo_weights(x) if cfg.use_weighting else None
-    losses = {}
-    for name in cfg.loss_type:
-        per_pair = LOSSES[name](x, scores, cfg)
-        losses[name] = (per_pair if weights is None else per_pair * weights).mean()
-    loss = torch.stack([losses[name] * w for name, w in zip(cfg.loss_type, cfg.weights, strict=True)]).sum()
-    return LossOutput(
-        loss=loss,
-        losses=losses,
-        chosen_rewards=cfg.beta * chosen_logratios.detach(),
-        rejected_rewards=cfg.beta * rejected_logratios.detach(),
     )
 
 
@@ -331,6 +377,7 @@ def aot(x: PreferenceInputs, s: Scores, cfg: LossSettings) -> Tensor:
         β = cfg.beta; ε = cfg.label_smoothing. Row i is a rank, not pair i.
     Shapes: x.*_logps (B,) → (B,)
     """
+    assert x.ref_chosen_logps is not None and x.ref_rejected_logps is not None  # dpo_loss checked
     policy, _ = torch.sort(x.policy_chosen_logps - x.policy_rejected_logps, dim=0)
     ref, _ = torch.sort(x.ref_chosen_logps - x.ref_rejected_logps, dim=0)
     return _smoothed_logistic(policy - ref, cfg)
@@ -412,8 +459,13 @@ def sft(x: PreferenceInputs, s: Scores, cfg: LossSettings) -> Tensor:
         this expanded tensor); we give what that line means, mean_b(ω_b)·sft. A batch with no chosen
         token gives 0 where TRL gives NaN.
     """
+    return chosen_nll(x).expand(x.policy_chosen_logps.shape)
+
+
+def chosen_nll(x: PreferenceInputs) -> Tensor:
+    """−Σ_b log π(y_w,b) / Σ_b |y_w,b|: the chosen completions' NLL, a token mean over the local batch (scalar)."""
     full = x.policy_chosen_logps if x.policy_chosen_full_logps is None else x.policy_chosen_full_logps
-    return (-full.sum() / x.chosen_tokens.sum().clamp(min=1)).expand(full.shape)
+    return -full.sum() / x.chosen_tokens.sum().clamp(min=1)
 
 
 @_register("sigmoid_norm")
@@ -430,3 +482,141 @@ def sigmoid_norm(x: PreferenceInputs, s: Scores, cfg: LossSettings) -> Tensor:
     """
     margin = _per_token_delta(x, s)
     return -F.logsigmoid(cfg.beta * margin)
+
+
+# --- reference-free losses: the policy's log-probs alone (TRL 1.16 trl.experimental.cpo / .orpo) ---
+
+
+def _mean_logps(x: PreferenceInputs) -> tuple[Tensor, Tensor]:
+    """ā_w, ā_l: log π(y)/|y|, the per-token mean log-probs (counts clamped to ≥ 1)."""
+    return (
+        x.policy_chosen_logps / x.chosen_tokens.clamp(min=1),
+        x.policy_rejected_logps / x.rejected_tokens.clamp(min=1),
+    )
+
+
+def alphapo_reward(logps: Tensor, alpha: float) -> Tensor:
+    """AlphaPO's reward shape: r = (1 − p^{−α})/α with p = e^{logps}; r = logps at α = 0.
+
+    Paper: "AlphaPO: Reward Shape Matters for LLM Alignment", Gupta et al. 2025, https://arxiv.org/abs/2501.03884
+    Formula: r = −expm1(−α·logps)/α, computed in float64 (returned as float64 when α ≠ 0)
+    TRL: computes p^{−α} from p = e^{logps} in the log-probs' dtype, which overflows once α·logps < −88 (float32),
+        as summed log-probs (cpo) soon are; in float64 the same number stays finite down to α·logps = −709.
+        Beyond that the reward is −inf here too: AlphaPO is meant for per-token means (simpo).
+    """
+    return logps if alpha == 0.0 else -torch.expm1(-alpha * logps.double()) / alpha
+
+
+def _cpo_beta(cfg: LossSettings) -> float:
+    return cfg.beta if cfg.cpo_beta is None else cfg.cpo_beta
+
+
+def _smoothed_pair(z: Tensor, eps: float) -> Tensor:
+    """−(1−ε)·log σ(z) − ε·log σ(−z); at ε = 0 just −log σ(z), so that z = +inf gives 0, not inf·0 = NaN."""
+    loss = -F.logsigmoid(z)
+    return loss if eps == 0 else loss * (1 - eps) - F.logsigmoid(-z) * eps
+
+
+@_register_reference_free("cpo")
+def cpo(x: PreferenceInputs, cfg: LossSettings) -> Tensor:
+    """CPO: DPO's logistic loss on the policy's own log-probs, plus a behaviour-cloning NLL on chosen.
+
+    Paper: "Contrastive Preference Optimization: Pushing the Boundaries of LLM Performance in Machine
+    Translation", Xu et al. 2024, https://arxiv.org/abs/2401.08417 (Eq. 3 with label smoothing)
+    Formula: −(1−ε)·log σ(β·(r_w − r_l)) − ε·log σ(−β·(r_w − r_l)) + α_bc·NLL_w
+    Where: r = alphapo_reward(log π(y), cfg.alphapo_alpha) (= log π(y), the sum, at α 0); β = cfg.cpo_beta or
+        cfg.beta; ε = cfg.label_smoothing; α_bc = cfg.cpo_alpha; NLL_w = chosen_nll (a token mean over the
+        local batch, the same for every pair).
+    Shapes: x.policy_*_logps (B,) → (B,)
+    """
+    beta, alpha = _cpo_beta(cfg), cfg.alphapo_alpha
+    margin = alphapo_reward(x.policy_chosen_logps, alpha) - alphapo_reward(x.policy_rejected_logps, alpha)
+    pair = _smoothed_pair(beta * margin, cfg.label_smoothing).to(x.policy_chosen_logps.dtype)
+    return pair + cfg.cpo_alpha * chosen_nll(x)
+
+
+@_register_reference_free("simpo")
+def simpo(x: PreferenceInputs, cfg: LossSettings) -> Tensor:
+    """SimPO: a logistic loss on length-normalised log-probs with a target reward margin; no reference.
+
+    Paper: "SimPO: Simple Preference Optimization with a Reference-Free Reward", Meng et al. 2024,
+    https://arxiv.org/abs/2405.14734 (Eq. 6); AlphaPO (Gupta et al. 2025) with cfg.alphapo_alpha ≠ 0.
+    Formula: −(1−ε)·log σ(β·(r_w − r_l) − γ) − ε·log σ(−(β·(r_w − r_l) − γ)) + α_bc·NLL_w
+    Where: r = alphapo_reward(ā, cfg.alphapo_alpha), ā = log π(y)/|y| (the per-token mean; r = ā at α 0);
+        β = cfg.cpo_beta or cfg.beta; γ = cfg.simpo_gamma; ε = cfg.label_smoothing; α_bc = cfg.cpo_alpha
+        (TRL's default 1.0 is CPO-SimPO; 0 is the paper's SimPO); NLL_w as in cpo.
+    Shapes: x.policy_*_logps, x.*_tokens (B,) → (B,)
+    """
+    beta, alpha = _cpo_beta(cfg), cfg.alphapo_alpha
+    mean_w, mean_l = _mean_logps(x)
+    z = beta * (alphapo_reward(mean_w, alpha) - alphapo_reward(mean_l, alpha)) - cfg.simpo_gamma
+    return _smoothed_pair(z, cfg.label_smoothing).to(mean_w.dtype) + cfg.cpo_alpha * chosen_nll(x)
+
+
+def orpo_log_odds(x: PreferenceInputs) -> Tensor:
+    """log odds(y_w) − log odds(y_l), odds(y) = p̄/(1 − p̄), p̄ = e^{ā}: (ā_w − ā_l) − (log(1−e^{ā_w}) − log(1−e^{ā_l})).
+    Computed in float32 at least (as TRL). (B,)"""
+    mean_w, mean_l = (m.float() if m.dtype != torch.float64 else m for m in _mean_logps(x))
+    return (mean_w - mean_l) - (_log1mexp(mean_w) - _log1mexp(mean_l))
+
+
+def _log1mexp(a: Tensor) -> Tensor:
+    """log(1 − e^a) for a ≤ 0, accurate on both sides of −ln 2. Each branch sees its own side only (the branch
+    `where` does not pick must stay finite, or its zero gradient times inf is NaN), and a = 0 counts as the
+    smallest negative normal number: finite, with no gradient."""
+    ln2 = math.log(2)
+    far = torch.log1p(-torch.exp(a.clamp(max=-ln2)))
+    near = torch.log(-torch.expm1(a.clamp(min=-ln2, max=-torch.finfo(a.dtype).tiny)))
+    return torch.where(a < -ln2, far, near)
+
+
+@_register_reference_free("orpo")
+def orpo(x: PreferenceInputs, cfg: LossSettings) -> Tensor:
+    """ORPO: chosen NLL plus a log-odds-ratio penalty; no reference.
+
+    Paper: "ORPO: Monolithic Preference Optimization without Reference Model", Hong et al. 2024,
+    https://arxiv.org/abs/2403.07691 (Eqs. 6-7)
+    Formula: NLL_w − λ·log σ(log odds(y_w) − log odds(y_l))
+    Where: λ = cfg.orpo_lambda (TRL's ORPOConfig.beta); odds(y) = p̄/(1−p̄) with p̄ = e^{ā}, ā = log π(y)/|y|
+        (orpo_log_odds); NLL_w = chosen_nll.
+    Shapes: x.policy_*_logps, x.*_tokens (B,) → (B,)
+    TRL: its NLL covers the whole chosen sequence, prompt tokens included ("computed over the full prompt and
+        response"); ours covers the chosen completion, as the paper's L_SFT = −log P(y_w|x) and CPO's NLL do.
+        A per-token mean within float rounding of 0 (p̄ = 1: a certain or empty completion) gives TRL a NaN
+        gradient for the whole batch; here a finite loss with no gradient through that mean (_log1mexp).
+    """
+    ratio = F.logsigmoid(orpo_log_odds(x)).to(x.policy_chosen_logps.dtype)
+    return chosen_nll(x) - cfg.orpo_lambda * ratio
+
+
+class Rewards(NamedTuple):
+    """What rewards/* and logps/* report, (B,) each, detached."""
+
+    chosen: Tensor
+    rejected: Tensor
+    chosen_logps: Tensor
+    rejected_logps: Tensor
+
+
+def reference_free_rewards(name: str, x: PreferenceInputs, cfg: LossSettings) -> Rewards:
+    """The rewards and logps TRL's trainer of loss `name` logs: cpo β·r (sums), simpo β·r (per-token means),
+    orpo λ·ā (per-token means); r = alphapo_reward(·, cfg.alphapo_alpha)."""
+    logps = (x.policy_chosen_logps, x.policy_rejected_logps) if name == "cpo" else _mean_logps(x)
+    chosen, rejected = (v.detach() for v in logps)
+    if name == "orpo":
+        return Rewards(cfg.orpo_lambda * chosen, cfg.orpo_lambda * rejected, chosen, rejected)
+    beta, alpha = _cpo_beta(cfg), cfg.alphapo_alpha
+    return Rewards(beta * alphapo_reward(chosen, alpha), beta * alphapo_reward(rejected, alpha), chosen, rejected)
+
+
+def _reference_free_metrics(cfg: LossSettings, x: PreferenceInputs) -> dict[str, Tensor]:
+    """TRL's extra metrics of the CPO/ORPO trainers: nll_loss with any reference-free loss, and ORPO's
+    log_odds_ratio (log σ of the log odds) and log_odds_chosen (the log odds)."""
+    extras: dict[str, Tensor] = {}
+    if any(name in REFERENCE_FREE_LOSSES for name in cfg.loss_type):
+        extras["nll_loss"] = chosen_nll(x).detach()
+    if "orpo" in cfg.loss_type:
+        log_odds = orpo_log_odds(x).detach()
+        extras["log_odds_ratio"] = F.logsigmoid(log_odds)
+        extras["log_odds_chosen"] = log_odds
+    return extras

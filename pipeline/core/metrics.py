@@ -1,6 +1,6 @@
 """Training metrics under TRL 1.16's names, synced once per optimizer step.
 
-    row = batch_metric_sums(out, x, policy_stats)              # per micro-batch, local sums (K,)
+    row = batch_metric_sums(out, policy_stats)           # per micro-batch, local sums (K,)
     step = torch.stack(rows_of_this_step)                       # (M, K)
     dist.all_reduce(step)                                       # the one collective of the step
     window.append(step)
@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from pipeline.core.logprobs import SequenceStats
-from pipeline.core.losses import LossOutput, PreferenceInputs
+from pipeline.core.losses import LossOutput
 
 # Slots of a row: sums and the counts they are divided by.
 SLOTS = (
@@ -33,7 +33,8 @@ SLOTS = (
     "rewards_rejected",
     "rewards_correct",  # pairs with β·ρ_w > β·ρ_l (strict)
     "margins",  # Σ β·(ρ_w − ρ_l)
-    "logps_chosen",  # Σ of sequence log-probs (LD-combined when ld_alpha is set)
+    "logps_chosen",  # Σ of LossOutput.chosen_logps: sequence log-probs (LD-combined when ld_alpha is set), or
+    # per-token means for simpo/orpo alone
     "logps_rejected",
     "chosen_tokens",
     "rejected_tokens",
@@ -42,18 +43,22 @@ SLOTS = (
     "entropy",  # Σ over chosen and rejected tokens of the entropy
     "top1_hits",  # chosen tokens whose label is the argmax
     "input_tokens",  # non-pad tokens of the forward (throughput and the num_tokens metric)
+    "nll_loss",  # reference-free losses: Σ over ranks of the micro-batch's chosen NLL (times loss_scale)
+    "nll_ranks",  # 1 per rank where nll_loss was computed
+    "log_odds_ratio",  # orpo: Σ log σ(log odds)
+    "log_odds_chosen",  # orpo: Σ log odds
+    "odds_pairs",  # pairs where the log odds were computed
 )
+# Metrics logged only when their count slot is non-zero over the rows (the CPO/ORPO trainers' extras).
+_OPTIONAL = {"nll_loss": "nll_ranks", "log_odds_ratio": "odds_pairs", "log_odds_chosen": "odds_pairs"}
 _INDEX = {name: i for i, name in enumerate(SLOTS)}
 
 
-def batch_metric_sums(
-    out: LossOutput, x: PreferenceInputs, policy: SequenceStats, input_tokens: int = 0, loss_scale: float = 1.0
-) -> Tensor:
+def batch_metric_sums(out: LossOutput, policy: SequenceStats, input_tokens: int = 0, loss_scale: float = 1.0) -> Tensor:
     """One micro-batch's local sums and counts, a (len(SLOTS),) float64 tensor on the loss's device.
 
     Args:
         out: `dpo_loss`'s output (loss before any gradient-accumulation scaling, rewards).
-        x: the loss inputs (policy log-probs as the loss saw them).
         policy: `sequence_stats(..., with_metrics=True)` of the 2B policy sequences, chosen first.
         input_tokens: non-pad tokens the forward ran on.
         loss_scale: the micro-batch's weight in the step's loss (`Schedule.loss_scale`; 1 for equal batches,
@@ -72,8 +77,8 @@ def batch_metric_sums(
         "rewards_rejected": out.rejected_rewards.sum(),
         "rewards_correct": (out.chosen_rewards > out.rejected_rewards).sum(),
         "margins": (out.chosen_rewards - out.rejected_rewards).sum(),
-        "logps_chosen": x.policy_chosen_logps.sum(),
-        "logps_rejected": x.policy_rejected_logps.sum(),
+        "logps_chosen": out.chosen_logps.sum(),
+        "logps_rejected": out.rejected_logps.sum(),
         "chosen_tokens": chosen_tokens.sum(),
         "rejected_tokens": rejected_tokens.sum(),
         "logits_chosen": chosen_logits.sum(),
@@ -81,6 +86,11 @@ def batch_metric_sums(
         "entropy": policy.entropy_sum.sum(),
         "top1_hits": chosen_hits.sum(),
         "input_tokens": input_tokens,
+        "nll_loss": out.extras["nll_loss"] * loss_scale if "nll_loss" in out.extras else 0.0,
+        "nll_ranks": float("nll_loss" in out.extras),
+        "log_odds_ratio": out.extras["log_odds_ratio"].sum() if "log_odds_ratio" in out.extras else 0.0,
+        "log_odds_chosen": out.extras["log_odds_chosen"].sum() if "log_odds_chosen" in out.extras else 0.0,
+        "odds_pairs": out.extras["log_odds_ratio"].numel() if "log_odds_ratio" in out.extras else 0,
     }
     device = out.loss.device
     return torch.stack([torch.as_tensor(values[name], device=device).detach().to(torch.float64) for name in SLOTS])
@@ -120,5 +130,9 @@ def finalize(rows: Tensor) -> dict[str, float]:
         "logits/rejected": ratio("logits_rejected", col("rejected_tokens")),
         "entropy": ratio("entropy", chosen_tokens + col("rejected_tokens")),
         "mean_token_accuracy": ratio("top1_hits", chosen_tokens),
+        "nll_loss": ratio("nll_loss", col("nll_ranks")),
+        "log_odds_ratio": ratio("log_odds_ratio", col("odds_pairs")),
+        "log_odds_chosen": ratio("log_odds_chosen", col("odds_pairs")),
     }
-    return {name: value.mean().item() for name, value in per_row.items()}
+    shown = [name for name in per_row if name not in _OPTIONAL or col(_OPTIONAL[name]).sum() > 0]
+    return {name: per_row[name].mean().item() for name in shown}
