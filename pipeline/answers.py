@@ -5,8 +5,9 @@ answer (the chosen completion) and the generation are read by the family's rule 
 right when the two readings are equal; an empty or unreadable generation is wrong. Per family:
 
     addition, subtraction, multiplication, count_letter, word_length, compare, rounding, sequence:
-        the first number in the line, by value ("56", " 56.", "The answer is 56.", "056", "56.0" and "5,600"
-        read as numbers; "-56" and "56.5" are other numbers; "12 + 44 = 56" reads 12; "fifty-six" is none)
+        the first number in the line after its last "=" (the whole line without one), by value ("56", " 56.",
+        "The answer is 56.", "056", "56.0" and "5,600" read as numbers; "-56" and "56.5" are other numbers;
+        "12 + 44 = 56" reads 56; "fifty-six" is none)
     unit_conversion: the first number, by value, and the word after it (past a space), any case ("5,000 Meters."
         is right; "5000", "5000 m" and "5000meters" are not)
     reverse: the first word (run of letters), any case ("Elppa." is right; "The answer is elppa" reads "the")
@@ -53,7 +54,7 @@ def _first_line(text: str) -> str:
 
 
 def _number(line: str) -> Decimal | None:
-    m = re.search(_NUMBER, line)
+    m = re.search(_NUMBER, line.rsplit("=", 1)[-1])  # a worked answer ("80 + 53 = 133") gives its result
     return Decimal(m[0].replace(",", "")) if m else None
 
 

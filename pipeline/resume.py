@@ -5,7 +5,8 @@ Rerunning `train` or `run` with the same `storage_path` and `run_name` resumes f
 the driver compares it with the new config: a change to anything that decides what the run computes (data,
 model, loss, optimizer, schedule, batch shape, workers, seed, ...) is refused with the changed keys and the
 two ways out; a change to a key in ALLOWED_CHANGES (how often to log, evaluate and save, loggers, eval data,
-where the cache lives, resources of other stages) is allowed and printed.
+where the cache lives, resources of other stages, what stage 4 generates after training) is allowed and
+printed. A key the checkpoint does not record (one added by a later version) counts as its default.
 """
 
 from __future__ import annotations

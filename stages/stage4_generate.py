@@ -3,12 +3,12 @@
     dpo-pipeline generate --config configs/demo.yaml    # after `train`; `run` does it when eval data is set
 
 Each eval prompt gets a greedy completion (and `num_generations` sampled ones) from a Ray Data actor pool,
-like stage 2's (GPUs with use_gpu). "Before" is the reference (for reference-free losses, which load none, the
-policy's starting weights). Its completions are a cache entry keyed by the tokenized eval
-data, the reference weights, the dtype and the generation settings, so a sweep generates them once; the
-policy's are new on every run. Both go to `generations.jsonl` in the run directory, scored by the task's own
-checker where the prompt is a builtin question (`pipeline.answers`) and by the judge when one is configured;
-the totals go to `generation_summary.json` and the report.
+like stage 2's (GPUs with use_gpu). "Before" is the reference (for reference-free losses, which load none,
+the policy's starting weights); its completions are a cache entry keyed by the tokenized eval data, its
+weights, the dtype and the generation settings, so a sweep generates them once. The policy's are new on
+every run. Both go to `generations.jsonl` in the run directory, scored by the task's own checker where the
+prompt is a builtin question (`pipeline.answers`) and by the judge when one is configured; the totals go to
+`generation_summary.json` and the report.
 """
 
 from __future__ import annotations
