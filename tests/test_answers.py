@@ -19,8 +19,10 @@ CASES = [
     (  # What is 12 + 44?
         "addition",
         "56",
-        [" 56", "56.", "56\nQuestion: What is 1 + 2?\nAnswer: 3", "\n 56 ", "The answer is 56.", "056", "56.0"]
-        + ["12 + 44 = 56", "12 + 44 = 56. The answer is 56"],  # a worked sum: the number after its last "="
+        [
+            *(" 56", "56.", "56\nQuestion: What is 1 + 2?\nAnswer: 3", "\n 56 ", "The answer is 56.", "056", "56.0"),
+            *("12 + 44 = 56", "12 + 44 = 56. The answer is 56"),  # a worked sum: the number after its last "="
+        ],
         ["57", "55", "66", "65", "32", "57, no, 56", "Let me see.\n56", "12 + 44 = 57", "56.5", "-56", "fifty-six"],
     ),
     ("subtraction", " 52", ["52", " 52.\n"], ["53", "51", "62", "25", "98", "-52"]),  # What is 75 - 23?

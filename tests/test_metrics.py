@@ -46,7 +46,7 @@ def micro_batch(chosen, rejected, ref_chosen, ref_rejected, tokens, logits_sum, 
 
 def test_one_micro_batch_by_hand():
     # ρ_w = (1, −1), ρ_l = (−1, −1) → rewards (β = 0.5): chosen (0.5, −0.5), rejected (−0.5, −0.5)
-    out, x, stats = micro_batch(
+    out, _, stats = micro_batch(
         chosen=[-4.0, -6.0],
         rejected=[-9.0, -3.0],
         ref_chosen=[-5.0, -5.0],
@@ -72,7 +72,7 @@ def test_one_micro_batch_by_hand():
 
 
 def test_rows_are_float64_and_detached():
-    out, x, stats = micro_batch([-1.0], [-2.0], [-1.5], [-1.5], [1, 1], [0.0, 0.0], [0.0, 0.0], [0, 0])
+    out, _, stats = micro_batch([-1.0], [-2.0], [-1.5], [-1.5], [1, 1], [0.0, 0.0], [0.0, 0.0], [0, 0])
     row = batch_metric_sums(out, stats)
     assert row.shape == (len(SLOTS),) and row.dtype == torch.float64 and not row.requires_grad
 
@@ -133,13 +133,13 @@ def test_all_reduced_rows_equal_trl_gather_then_mean_over_micro_batches():
 
 
 def test_no_tokens_logs_zero_like_trl():
-    out, x, stats = micro_batch([0.0], [0.0], [0.0], [0.0], [0, 0], [0.0, 0.0], [0.0, 0.0], [0, 0])
+    out, _, stats = micro_batch([0.0], [0.0], [0.0], [0.0], [0, 0], [0.0, 0.0], [0.0, 0.0], [0, 0])
     m = finalize(batch_metric_sums(out, stats))
     assert m["logits/chosen"] == m["logits/rejected"] == m["entropy"] == m["mean_token_accuracy"] == 0.0
 
 
 def test_errors():
-    out, x, stats = micro_batch([-1.0], [-2.0], [-1.5], [-1.5], [1, 1], [0.0, 0.0], [0.0, 0.0], [0, 0])
+    out, _, stats = micro_batch([-1.0], [-2.0], [-1.5], [-1.5], [1, 1], [0.0, 0.0], [0.0, 0.0], [0, 0])
     bare = SequenceStats(stats.logps, stats.tokens, stats.shared_logps, stats.tail_logps)
     with pytest.raises(ValueError, match="with_metrics"):
         batch_metric_sums(out, bare)

@@ -56,5 +56,5 @@ def test_a_key_newer_than_the_checkpoint_counts_as_its_default(tmp_path):
     old = {k: v for k, v in run_settings(config_from_dict(BASE), "t").items() if k != "cpo_alpha"}
     checkpoint(tmp_path, "checkpoint_a", old)
     check_resume(run_settings(config_from_dict(BASE), "t"), tmp_path, restart=False)
-    with pytest.raises(ConfigError, match="  cpo_alpha: 1.0 -> 0.0\n"):
+    with pytest.raises(ConfigError, match=r"  cpo_alpha: 1\.0 -> 0\.0\n"):
         check_resume(run_settings(config_from_dict({**BASE, "cpo_alpha": 0.0}), "t"), tmp_path, restart=False)

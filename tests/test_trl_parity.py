@@ -70,15 +70,14 @@ def training_table(columns: dict[str, list], ref: dict[str, list[float]]) -> Pai
     return PairTable.from_batches([pa.Table.from_pydict({**columns, **lengths, **ref}, schema=schema.TABLE_SCHEMA)])
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def word_tokenizer_and_llama() -> tuple[PreTrainedTokenizerFast, LlamaForCausalLM]:
+    """A word-level tokenizer over w0..w124 and a tiny random Llama over it (seed 0)."""
     vocab = {"<pad>": PAD, "<eos>": EOS, "<unk>": 2, **{f"w{i}": i + 3 for i in range(VOCAB - 3)}}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
     )
-
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=VOCAB,
@@ -90,7 +89,12 @@ def setup(tmp_path_factory):
         pad_token_id=PAD,
         eos_token_id=EOS,
     )
-    model = LlamaForCausalLM(config)
+    return tokenizer, LlamaForCausalLM(config)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tokenizer, model = word_tokenizer_and_llama()
     ref_model = copy.deepcopy(model)
     with torch.no_grad():  # a reference that differs slightly, so rewards are not zero
         for p in ref_model.parameters():

@@ -24,9 +24,7 @@ from torch import Tensor
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers renames, inside TRL
 
 from datasets import Dataset  # noqa: E402
-from test_trl_parity import EOS, PAD, VOCAB, grads, stage1_columns  # noqa: E402
-from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
+from test_trl_parity import EOS, PAD, grads, stage1_columns, word_tokenizer_and_llama  # noqa: E402
 from trl.experimental.cpo import CPOConfig, CPOTrainer  # noqa: E402
 from trl.experimental.orpo import ORPOConfig, ORPOTrainer  # noqa: E402
 from trl.experimental.utils import DPODataCollatorWithPadding  # noqa: E402
@@ -113,24 +111,7 @@ def reference_free_table(examples: list[dict]) -> PairTable:
 
 @pytest.fixture(scope="module")
 def parity(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
-    vocab = {"<pad>": PAD, "<eos>": EOS, "<unk>": 2, **{f"w{i}": i + 3 for i in range(VOCAB - 3)}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
-    )
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        pad_token_id=PAD,
-        eos_token_id=EOS,
-    )
-    model = LlamaForCausalLM(config)
+    tokenizer, model = word_tokenizer_and_llama()
 
     out = str(tmp_path_factory.mktemp("trl"))
     common = {
