@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 from pipeline.config import Config
 from pipeline.errors import ConfigError
+from pipeline.progress import eta_text
 from pipeline.rundir import METRICS, TENSORBOARD
 from pipeline.uris import redact_uri
 
@@ -216,17 +217,10 @@ class MetricsLog:
         return (
             f"[train] step {step}/{self.total} ({100 * step / self.total:.0f}%) epoch {v['epoch']:.2f} | "
             f"loss {v['loss']:.4f} | reward acc {v['rewards/accuracies']:.3f} | margin "
-            f"{v['rewards/margins']:.4f} | {v.get('pairs_per_second', 0.0):.2f} pairs/s | ETA {_eta(eta)}"
+            f"{v['rewards/margins']:.4f} | {v.get('pairs_per_second', 0.0):.2f} pairs/s | ETA {eta_text(eta)}"
         )
 
     def close(self) -> None:
         self.tb.close()
         for logger in self.loggers:
             logger.close()
-
-
-def _eta(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    m, s = divmod(int(seconds), 60)
-    return f"{m}m{s:02d}s"

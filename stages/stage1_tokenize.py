@@ -158,7 +158,11 @@ def _tokenize(
         report=report,
         timings={"tokenize_s": round(time.time() - start, 2)},
     )
-    print(f"[tokenize] {split}: {_summary_line(report)} in {time.time() - start:.1f}s", flush=True)
+    elapsed = time.time() - start
+    print(
+        f"[tokenize] {split}: {_summary_line(report)} in {elapsed:.1f}s ({report['rows_read'] / elapsed:.0f} rows/s)",
+        flush=True,
+    )
     if report["prompt_boundary_merged"]:
         print(
             f"[tokenize] warning: in {report['prompt_boundary_merged']} pair(s) the tokenized prompt is not a "

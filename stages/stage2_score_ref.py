@@ -30,6 +30,7 @@ from pipeline.cluster import SetupErrorsOnFirstCall, cpus_each, data_context
 from pipeline.config import Config, ModelConfig
 from pipeline.entries import REFERENCE, ReferenceScores, TokenizedData, reference_key, reusable, shard_name, shard_of
 from pipeline.kernels import choose_kernels
+from pipeline.progress import Progress
 
 SHARD_PAIRS = 4096
 BLOCK_BATCHES = 16  # micro-batches per block that an actor sorts by length
@@ -235,7 +236,9 @@ def _score_missing(
     pending: dict[int, list[pa.Table]] = defaultdict(list)
     have: dict[int, int] = defaultdict(int)
     written = 0
+    progress = Progress(f"[score-ref] {split}", int(expected[sorted(missing)].sum()), "pairs")
     for block in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
+        progress.add(block.num_rows)
         totals["tokens"] += int(pa.compute.sum(block.column("_tokens")).as_py() or 0)
         totals["padded"] += int(pa.compute.sum(block.column("_padded")).as_py() or 0)
         totals["pairs"] += block.num_rows

@@ -31,6 +31,7 @@ from pipeline.errors import PipelineError
 from pipeline.generation import GenerationSettings
 from pipeline.judge import load_judge
 from pipeline.models import resolve_model, weights_fingerprint
+from pipeline.progress import Progress
 from pipeline.rundir import FINAL, GENERATION_SUMMARY, GENERATIONS_FILE
 from pipeline.storage import location, write_json_atomic
 from pipeline.uris import is_uri
@@ -104,7 +105,7 @@ def run_generate(cfg: Config, verify: bool = False) -> dict[str, Any]:
     reference = reference_generations(cfg, tokenized, verify)
     start = time.time()
     print(f"[generate] eval: policy {policy_dir}: {tokenized.manifest['rows']} prompts", flush=True)
-    policy = _generate(cfg, tokenized, policy_dir)
+    policy = _generate(cfg, tokenized, policy_dir, "policy")
     print(f"[generate] eval: policy done in {time.time() - start:.1f}s", flush=True)
     records = completion_records(tokenized, reference, policy, resolve_model(cfg.model.model, cfg.data.cache_dir))
     if judge is not None and cfg.generate.judge:
@@ -148,7 +149,7 @@ def _write_reference(
     start = time.time()
     rows = tokenized.manifest["rows"]
     print(f"[generate] eval: reference {before_model(cfg)}: {rows} prompts -> {path}", flush=True)
-    completions = _generate(cfg, tokenized, model_dir)
+    completions = _generate(cfg, tokenized, model_dir, "reference")
     table = pa.table(
         {schema.PAIR_ID: list(completions), COMPLETIONS: list(completions.values())}, schema=OUT_SCHEMA
     ).sort_by(schema.PAIR_ID)
@@ -158,7 +159,7 @@ def _write_reference(
     print(f"[generate] eval: reference done in {time.time() - start:.1f}s", flush=True)
 
 
-def _generate(cfg: Config, tokenized: TokenizedData, model_dir: str) -> dict[str, list[list[int]]]:
+def _generate(cfg: Config, tokenized: TokenizedData, model_dir: str, label: str) -> dict[str, list[list[int]]]:
     """Completions of every prompt of `tokenized` by the model in `model_dir`, on an actor pool."""
     actors = cfg.scale.ref_actors
     cpus = cpus_each(cfg.scale.cpus_per_ref_actor, actors)
@@ -180,8 +181,10 @@ def _generate(cfg: Config, tokenized: TokenizedData, model_dir: str) -> dict[str
         num_gpus=cfg.scale.ref_actor_gpus,
     )
     out: dict[str, list[list[int]]] = {}
+    progress = Progress(f"[generate] eval: {label}", tokenized.manifest["rows"], "prompts")
     for block in generated.iter_batches(batch_size=None, batch_format="pyarrow"):
         assert isinstance(block, pa.Table)
+        progress.add(block.num_rows)
         out.update(zip(block.column(schema.PAIR_ID).to_pylist(), block.column(COMPLETIONS).to_pylist(), strict=True))
     if len(out) != tokenized.manifest["rows"]:
         raise PipelineError(f"generated {len(out)} of {tokenized.manifest['rows']} eval prompts of {tokenized.path}")
