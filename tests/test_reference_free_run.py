@@ -1,7 +1,8 @@
 """Reference-free losses end to end through `dpo-pipeline run` on a real local Ray and DeepSpeed.
 
-A run of simpo alone must never reach stage 2: its reference model is a corrupt copy that would fail to load,
-stage 2's entry point is replaced by one that fails, and the cache must end with no reference entry. Its
+A run of simpo alone must never reach stage 2: its reference model is a corrupt copy that would fail to load
+(stage 4 answers with the starting policy instead), stage 2's entry point is replaced by one that fails, and
+the cache must end with no reference entry. Its
 held-out metrics at step 0 and after training equal SimPO's formula computed here, one pair at a time in
 float64, from the initial and the exported policy. A mixed run (sigmoid + simpo) scores the reference once
 and trains from the cached scores: at step 0 its eval loss is ln 2 plus the weighted SimPO value.
@@ -144,7 +145,8 @@ def test_reference_free_run_never_touches_a_reference(data, tiny_model_dir, monk
 
 
 def test_mixed_run_scores_once_and_trains_from_cached_scores(data, tiny_model_dir, capsys):
-    rc, out = run(data, tiny_model_dir, "mixed", loss_type=["sigmoid", "simpo"], loss_weights=[1.0, 0.5], **SIMPO)
+    mix = {"loss_type": ["sigmoid", "simpo"], "loss_weights": [1.0, 0.5], "max_new_tokens": 0}  # no stage 4
+    rc, out = run(data, tiny_model_dir, "mixed", **mix, **SIMPO)
     console = capsys.readouterr()
     assert rc == 0, console.out + console.err
     step0, summary = metrics(out)
