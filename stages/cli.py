@@ -6,7 +6,9 @@
 Every subcommand takes `--config FILE.yaml` and one flag per config key, which overrides the file.
 User errors (bad config, bad data, missing cache, an output location that cannot be written) print one
 clear message and exit with status 2. Ctrl-C exits with status 130 after Ray has stopped what this run
-started; rerunning resumes. Everything printed passes through pipeline.redact (no tokens or keys).
+started; rerunning resumes. Everything printed passes through pipeline.redact (no tokens or keys). The console
+shows the pipeline's own lines; Ray's, DeepSpeed's and the libraries' logs go to OUTPUT_DIR/logs/pipeline.log
+(pipeline.console), or to the console too with `--verbose`.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 
 from pipeline.cluster import init_ray
 from pipeline.config import Config
+from pipeline.console import open_console
 from pipeline.entries import TokenizedData, find_tokenized
 from pipeline.errors import PipelineError, find_pipeline_error
 from pipeline.judge import load_judge
@@ -48,7 +51,7 @@ def check_outputs(cfg: Config, command: str) -> None:
     """Fail before any work when a location this command writes cannot be written (the key names it)."""
     keys = {
         "tokenize": ("cache_dir", "output_dir"),
-        "score-ref": ("cache_dir",),
+        "score-ref": ("cache_dir", "output_dir"),
         "train": ("output_dir", "storage_path"),
         "generate": ("cache_dir", "output_dir"),
         "run": ("cache_dir", "output_dir", "storage_path"),
@@ -151,7 +154,6 @@ def write_run_report(output_dir: str) -> None:
         print(
             f"[report] could not write the report ({type(e).__name__}: {e}); the model and metrics are "
             f"complete. Retry with `dpo-pipeline report {output_dir}`.",
-            file=sys.stderr,
             flush=True,
         )
 
@@ -175,6 +177,7 @@ def command_table() -> dict[str, Callable[[Config, Options], None]]:
 def main(argv: list[str] | None = None) -> int:
     with _redacted_console():
         args = build_parser().parse_args(argv)
+        log = None
         try:
             if args.command == "report":
                 cmd_report(args.run_dir)
@@ -185,8 +188,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.command in ("generate", "run") and cfg.generate.judge:
                 load_judge(cfg.generate.judge)  # so does a judge that cannot be imported
             check_outputs(cfg, args.command)
-            opts = Options(getattr(args, "force", False), args.verify, getattr(args, "restart", False))
-            command_table()[args.command](cfg, opts)
+            opts = Options(getattr(args, "force", False), args.verify, getattr(args, "restart", False), args.verbose)
+            with open_console(cfg.data.output_dir, args.command, opts.verbose) as log:
+                command_table()[args.command](cfg, opts)
         except KeyboardInterrupt:
             _stop_ray()
             print("interrupted; rerun the same command to resume", file=sys.stderr)
@@ -195,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
             user_error = _user_error(e)
             if user_error is None:
                 traceback.print_exc()  # a bug: the traceback, through the redacting console
+                if log is not None:
+                    print(f"Ray's and the libraries' logs of this command: {log}", file=sys.stderr)
                 return 1
             print(f"error: {user_error}", file=sys.stderr)
             return EXIT_USER_ERROR

@@ -58,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
             help="Recompute the checksum of every file of a reused cache entry (reads it whole); without it a "
             "lookup checks that each file is there with its recorded size.",
         )
+        p.add_argument(
+            "--verbose",
+            action="store_true",
+            help="Print Ray's, DeepSpeed's and the libraries' logs on the console too. Without it the console "
+            "shows the pipeline's own lines, and those logs go to OUTPUT_DIR/logs/pipeline.log.",
+        )
         _add_config_flags(p)
     return parser
 
@@ -91,3 +97,4 @@ class Options:
     force: bool = False
     verify: bool = False
     restart: bool = False
+    verbose: bool = False

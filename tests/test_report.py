@@ -1,10 +1,11 @@
 """The run report, built from one real small run: `dpo-pipeline run` in a subprocess, as a user starts it (tiny
 random Llama, 34 input rows of which 2 are dropped, 6 eval pairs, 6 steps, ZeRO-0, MLflow when installed).
 
-Checked: the run ends by writing the report; stages 1-2 show Ray Data progress and training prints its
-progress line; every plot is a PNG that decodes, with the series expected from metrics.jsonl; the numbers the
-report states are those of metrics.jsonl, train_summary.json, the data reports and the reference cache; MLflow
-received the same metrics under their metrics.jsonl names, in its default store under the run directory.
+Checked: the run ends by writing the report; stages 1-2 log Ray Data progress into the run's log file and
+training prints its progress line; every plot is a PNG that decodes, with the series expected from
+metrics.jsonl; the numbers the report states are those of metrics.jsonl, train_summary.json, the data reports
+and the reference cache; MLflow received the same metrics under their metrics.jsonl names, in its default store
+under the run directory.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import pytest
 import torch
 import yaml
 
+from pipeline.console import LOG_FILE
 from pipeline.engine import gradient_norm
 from pipeline.plots import CURVES, ema
 from pipeline.report import TABLE_METRICS, write_report
@@ -100,10 +102,11 @@ def test_run_writes_report_and_shows_progress(run):
     out, proc, lines = run
     assert f"[report] {out / 'report.md'}" in proc.stdout
     assert (out / "report.md").is_file()
-    # Ray Data progress of stage 1 (the tokenizer pool) and stage 2 (the reference pool); on a terminal these
-    # are progress bars, in a pipe Ray logs them as "operator: done/total" lines
-    assert re.search(r"MapBatches\(_Tokenize\)\S*: \d+/\d+", proc.stderr)
-    assert re.search(r"MapBatches\(_ScoreRef\)\S*: \d+/\d+", proc.stderr)
+    # Ray Data progress of stage 1 (the tokenizer pool) and stage 2 (the reference pool): Ray logs them as
+    # "operator: done/total" lines, into the run's log file (pipeline.console)
+    log = (out / LOG_FILE).read_text()
+    assert re.search(r"MapBatches\(_Tokenize\)\S*: \d+/\d+", log)
+    assert re.search(r"MapBatches\(_ScoreRef\)\S*: \d+/\d+", log)
     last = re.search(
         r"\[train\] step 6/6 \(100%\) epoch [\d.]+ \| loss ([\d.]+) \| reward acc ([\d.]+) \| margin "
         r"\S+ \| [\d.]+ pairs/s \| ETA \d+m\d\ds",

@@ -1,0 +1,110 @@
+"""The console shows the pipeline's own lines; Ray's, DeepSpeed's and the libraries' logs go to
+<output_dir>/logs/pipeline.log (pipeline.console)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.console import LOG_FILE, for_console
+from stages.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+# what Ray, Ray Data, Ray Train, DeepSpeed and transformers print in a run today (see the module docstring)
+INTERNAL = (
+    "logging_progress",
+    "streaming_executor",
+    "core_worker",
+    "Token authentication",
+    "real_accelerator",
+    "deepspeed.ops",
+    "Writing model shards",
+    "Loading weights",
+    "RayTrainWorker",
+    "TrainController",
+)
+OURS = re.compile(r"\[[a-z-]+\] |held-out ")
+
+
+def where(command: str, log: Path) -> str:
+    """The console's first line: where the log file is."""
+    return f"[{command}] Ray's, DeepSpeed's and the libraries' logs: {log} (--verbose shows them here)"
+
+
+def test_forwarded_worker_lines_reach_the_console_only_when_they_are_the_pipelines():
+    blue, reset = "\x1b[36m", "\x1b[0m"
+    step = "[train] step 2/4 (50%) epoch 0.25 | loss 0.6932"
+    assert for_console(f"{blue}(RayTrainWorker pid=17479){reset} {step}") == step
+    assert for_console("(MapWorker(MapBatches(_ScoreRef)) pid=1, ip=10.0.0.2) [score-ref] kernels: x") == (
+        "[score-ref] kernels: x"
+    )
+    ds = "[2026-12-01 04:37:20,666] [WARNING] [real_accelerator.py:213:get_accelerator] Setting accelerator to CPU."
+    assert for_console(f"{blue}(RayTrainWorker pid=17479){reset} {ds}") is None
+    assert for_console("(pid=12) DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully") is None
+    unschedulable = "Warning: The following resource request cannot be scheduled right now: {'CPU': 4.0}."
+    assert for_console(f"(autoscaler +1m2s) {unschedulable}") == unschedulable
+    assert for_console("(autoscaler +1m2s) Tip: use `ray status` to view detailed cluster status.") is None
+    assert for_console("held-out reward accuracy: 0.000 -> 0.438") == "held-out reward accuracy: 0.000 -> 0.438"
+
+
+@pytest.mark.slow
+def test_run_console_shows_the_pipelines_lines_and_logs_the_rest(tiny_model_dir, tmp_path):
+    """A real console: a `run` in its own process, which starts Ray itself (log_to_driver on)."""
+    out = tmp_path / "out"
+    data = "builtin:demo-train-text:16"  # as eval data too: its entries are reused, and stage 4 has prompts
+    args = ["--model", str(tiny_model_dir), "--dataset", data, "--eval_dataset", data, "--max_steps", "2",
+            "--per_device_train_batch_size", "4", "--logging_steps", "1", "--zero_stage", "0",
+            "--gradient_checkpointing", "false", "--max_new_tokens", "4",
+            "--output_dir", str(out), "--cache_dir", str(tmp_path / "cache")]  # fmt: skip
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    done = subprocess.run(
+        [sys.executable, "-m", "stages.cli", "run", *args], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    console = done.stdout + done.stderr
+    assert done.returncode == 0, console[-3000:]
+    assert done.stderr == "", done.stderr[-3000:]
+    lines = console.splitlines()
+    assert [x for x in lines if not OURS.match(x)] == []
+    assert not [x for x in INTERNAL if x in console]
+    assert not re.search("error|traceback|exception", console, re.I), console
+    log = out / LOG_FILE
+    assert lines[0] == where("run", log)
+    for said in (
+        "[tokenize] train: 16 rows read",
+        "[score-ref] train: scoring 16 pairs",
+        "[score-ref] eval: reusing cached reference scores",
+        "[train] kernels:",
+        "[eval] step 0:",
+        "[train] step 2/2 (100%)",
+        "[run] done: 2 steps",
+        "[generate] eval: policy done",
+        "[generate] eval: 16 prompts ->",
+        "held-out reward accuracy:",
+    ):
+        assert said in console, said
+    text = log.read_text()
+    for internal in ("streaming_executor", "core_worker.cc", "(RayTrainWorker pid=", "real_accelerator"):
+        assert internal in text, internal
+    assert "\x1b[" not in text  # Ray's colors are for terminals
+
+
+def test_in_a_ray_session_errors_stay_one_line_and_the_rest_is_logged(ray_session, tiny_model_dir, tmp_path, capfd):
+    """Ray already running (log_to_driver off), as for a library caller: the same console, one error line."""
+    bad = tmp_path / "pairs.parquet"
+    bad.write_bytes(b"PAR1" + b"\x00" * 64)
+    out = tmp_path / "out"
+    rc = main(["tokenize", "--model", str(tiny_model_dir), "--dataset", str(bad),
+               "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(out)])  # fmt: skip
+    captured = capfd.readouterr()
+    assert rc == 2, captured.err[-3000:]
+    said, started = captured.out.splitlines()
+    assert said == where("tokenize", out / LOG_FILE)
+    assert started.startswith(f"[tokenize] train: 1 file(s) -> {tmp_path / 'cache' / 'tokenized'}/")
+    assert captured.err.splitlines() == [captured.err.strip()] and captured.err.startswith(f"error: {bad}")
+    assert "streaming_executor" in (out / LOG_FILE).read_text()
+    assert ray_session.is_initialized()  # the session's Ray is not the command's to stop
