@@ -17,7 +17,9 @@ INTERVAL_S = float(os.environ.get("DPO_PROGRESS_INTERVAL_S", "10"))
 
 
 class Progress:
-    def __init__(self, label: str, total: int, unit: str):
+    """`total` None: a count without an end (a Ray Data actor's share of a stream): done and rate only."""
+
+    def __init__(self, label: str, total: int | None, unit: str):
         self.label, self.total, self.unit = label, total, unit
         self.done = 0
         self.start = self.last = time.monotonic()
@@ -27,12 +29,14 @@ class Progress:
         item: the stage's own summary line says that)."""
         self.done += n
         now = time.monotonic()
-        if now - self.last >= INTERVAL_S and self.done < self.total:
+        if now - self.last >= INTERVAL_S and (self.total is None or self.done < self.total):
             self.last = now
             print(self.line(now), flush=True)
 
     def line(self, now: float) -> str:
         rate = self.done / (now - self.start) if now > self.start else 0.0
+        if self.total is None:
+            return f"{self.label}: {self.done:,} {self.unit}, {rate:.1f} {self.unit}/s"
         eta = (self.total - self.done) / rate if rate else float("nan")
         return (
             f"{self.label}: {self.done:,}/{self.total:,} {self.unit} ({100 * self.done / max(self.total, 1):.0f}%), "

@@ -11,6 +11,7 @@ The kept pairs are sorted by pair_id and written under `<cache_dir>/tokenized/<k
 from __future__ import annotations
 
 import itertools
+import os
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -26,6 +27,7 @@ from pipeline.config import Config
 from pipeline.entries import TOKENIZED, TokenizedData, reusable, tokenized_key
 from pipeline.errors import DataError
 from pipeline.models import load_tokenizer
+from pipeline.progress import Progress
 from pipeline.sources import InputFile, read_rows
 from pipeline.tokenization import (
     DUPLICATE_PAIR,
@@ -64,6 +66,8 @@ class _Tokenize(SetupErrorsOnFirstCall):
         self.tokenizer = load_tokenizer(model_dir, trust_remote_code)
         self.max_length = max_length
         self.truncation_mode = truncation_mode
+        # each actor says how far it is (the stage materializes its output: the driver sees no rows until the end)
+        self.progress = Progress(f"[tokenize] actor {os.getpid()}", None, "rows")
 
     def process(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         out: dict[str, list[Any]] = {
@@ -89,6 +93,7 @@ class _Tokenize(SetupErrorsOnFirstCall):
                 default: Any = "" if name == schema.PAIR_ID else [] if name.endswith("_ids") else 0
                 out[name].append(getattr(result, name) if kept else default)
         out["truncated"] = [bool(t) for t in out["truncated"]]
+        self.progress.add(len(batch["record"]))
         return {**out, "file_index": batch["file_index"], "source": batch["source"], "row": batch["row"]}
 
 

@@ -23,3 +23,13 @@ def test_progress_lines(monkeypatch, capsys):
 
 def test_eta_text():
     assert eta_text(247.9) == "4m07s" and eta_text(float("inf")) == "?" and eta_text(float("nan")) == "?"
+
+
+def test_a_count_without_total(monkeypatch, capsys):
+    clock = iter([0.0, 5.0, 10.0])
+    monkeypatch.setattr(progress.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(progress, "INTERVAL_S", 10.0)
+    p = Progress("[tokenize] actor 7", total=None, unit="rows")
+    p.add(256)  # t = 5: too soon
+    p.add(256)  # t = 10: 512 rows in 10 s
+    assert capsys.readouterr().out == "[tokenize] actor 7: 512 rows, 51.2 rows/s\n"
