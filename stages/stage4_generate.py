@@ -68,7 +68,7 @@ class _Generate(SetupErrorsOnFirstCall):
 
         ids = batch.column(schema.PAIR_ID).to_pylist()
         prompts = batch.column("prompt_ids").to_pylist()
-        seed = int.from_bytes(ids[0].encode()[:8].ljust(8, b"\0"), "little") if ids else 0
+        seed = int.from_bytes(ids[0].encode()[:8].ljust(8, b"\0"), "little") if ids else 0  # per batch, reproducible
         completions = generate(self.model, prompts, self.pad_id, self.eos_id, self.settings, seed)
         return pa.table({schema.PAIR_ID: ids, COMPLETIONS: completions}, schema=OUT_SCHEMA)
 
@@ -99,6 +99,8 @@ def run_generate(cfg: Config, verify: bool = False) -> dict[str, Any]:
     """Reference and policy completions of every eval prompt, written to the run directory; the summary."""
     if not cfg.data.eval_dataset:
         raise PipelineError("generate answers the eval prompts: set eval_dataset")
+    if not cfg.generate.max_new_tokens:
+        raise PipelineError("max_new_tokens is 0: nothing to generate (set it > 0)")
     judge = load_judge(cfg.generate.judge) if cfg.generate.judge else None  # a bad judge fails before any work
     policy_dir = _policy_dir(cfg)
     tokenized = find_tokenized(cfg, cfg.data.eval_dataset, verify)

@@ -160,6 +160,8 @@ def test_generate_before_training_says_what_to_run(tmp_path, tiny_model_dir, cap
     assert "run `dpo-pipeline train` (or `run`) first" in capfd.readouterr().err
     assert main(["generate", "--model", str(tiny_model_dir), "--output_dir", str(tmp_path)]) == 2
     assert "generate answers the eval prompts: set eval_dataset" in capfd.readouterr().err
+    assert main([*args, "--output_dir", str(tmp_path), "--max_new_tokens", "0"]) == 2
+    assert "max_new_tokens is 0: nothing to generate" in capfd.readouterr().err
 
 
 def test_reference_free_before_is_the_starting_policy(tiny_model_dir):
