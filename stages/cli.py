@@ -35,6 +35,7 @@ from stages.stage1_tokenize import run_tokenize
 from stages.stage2_score_ref import run_score_ref
 from stages.stage3_train import run_train
 from stages.stage4_generate import run_generate
+from stages.stage4_generate import unsupported as unsupported_generation
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -117,7 +118,12 @@ def cmd_run(cfg: Config, opts: Options) -> None:
     else:
         print(f"[run] stage 2 skipped: {reference_free_note(cfg)}.", flush=True)
     final = train(cfg, "run", opts).get("final_eval")
-    generated = run_generate(cfg, opts.verify) if cfg.data.eval_dataset and cfg.generate.max_new_tokens else None
+    generated = None
+    if cfg.data.eval_dataset and cfg.generate.max_new_tokens:
+        if (why := unsupported_generation(cfg)) is None:
+            generated = run_generate(cfg, opts.verify)
+        else:
+            print(f"[run] stage 4 skipped: {why}", flush=True)
     if final:
         first = first_eval(cfg.data.output_dir)
         print(

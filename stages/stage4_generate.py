@@ -193,14 +193,21 @@ def _generate(cfg: Config, tokenized: TokenizedData, model_dir: str, label: str)
     return out
 
 
+def unsupported(cfg: Config) -> str | None:
+    """Why this config cannot generate, or None: the trained policy is read from output_dir's files."""
+    if is_uri(cfg.data.output_dir):
+        return (
+            f"generate reads the trained policy from {cfg.data.output_dir}, a URI: it needs a local or shared "
+            "output_dir (object storage is not supported yet)"
+        )
+    return None
+
+
 def _policy_dir(cfg: Config) -> str:
     """The trained policy in output_dir: `final/`, or `final/merged/` for LoRA (a full model either way)."""
     final = location(cfg.data.output_dir) / FINAL
-    if is_uri(str(final)):
-        raise PipelineError(
-            f"generate reads the trained policy from {final}, a URI: give a local or shared output_dir (not yet "
-            "supported for object storage)"
-        )
+    if (why := unsupported(cfg)) is not None:
+        raise PipelineError(why)
     merged = final / "merged"
     found = merged if merged.is_dir() else final
     if not (found / "config.json").is_file():

@@ -177,3 +177,11 @@ def test_report_cells_are_one_escaped_line():
 
     assert _cell("a | b\nc") == "a \\| b c"
     assert _cell("x" * 500).endswith("…") and len(_cell("x" * 500)) == 160
+
+
+def test_an_object_store_output_dir_is_said_not_silently_skipped():
+    from stages.stage4_generate import unsupported
+
+    assert unsupported(config_from_dict({"output_dir": "runs/x"})) is None
+    why = unsupported(config_from_dict({"output_dir": "s3://bucket/runs/x"}))
+    assert why is not None and "needs a local or shared output_dir" in why  # `run` prints it as "stage 4 skipped"
