@@ -31,6 +31,7 @@ SCRIPT = textwrap.dedent(
         cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
     os.environ["RAY_ADDRESS"] = cluster.address
+    ray.init(address=cluster.address)  # this driver's own connection: the command leaves it open (pipeline.console)
     from stages.cli import main
     rc = main(argv)
     from ray.util.state import list_actors
