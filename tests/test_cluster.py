@@ -210,7 +210,10 @@ def ray_head(tmp_path):
         "PATH": f"{RAY_BIN.parent}:{env.get('PATH', '')}",
         "RAY_USAGE_STATS_ENABLED": "0",
     }
-    gcs, dash, client, nm, om, agent, agent_grpc, rt_agent, metrics, lo = free_ports(10)
+    *named, lo = free_ports(10)
+    while any(lo <= p <= lo + 200 for p in named):  # the workers' port range must not hold a named port
+        *named, lo = free_ports(10)
+    gcs, dash, client, nm, om, agent, agent_grpc, rt_agent, metrics = named
     temp_dir = tempfile.mkdtemp(prefix="rayj", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     log = (tmp_path / "head.log").open("w")
     head = subprocess.Popen(
