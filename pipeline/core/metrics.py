@@ -1,6 +1,6 @@
 """Training metrics under TRL 1.16's names, synced once per optimizer step.
 
-    row = batch_metric_sums(out, policy_stats)           # per micro-batch, local sums (K,)
+    row = batch_metric_sums(out, policy_stats)                  # per micro-batch, local sums (K,)
     step = torch.stack(rows_of_this_step)                       # (M, K)
     dist.all_reduce(step)                                       # the one collective of the step
     window.append(step)
