@@ -29,11 +29,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -c "import torch, ray, deepspeed, transformers, pipeline; print('installed: torch', torch.__version__, '| ray', ray.__version__, '| deepspeed', deepspeed.__version__, '| transformers', transformers.__version__)"
 	touch $(STAMP)
 
-# Lint (including the layering rules in */ruff.toml), format, types, then the tests; -rs lists every skip
-# with its reason, so a skipped check is visible in CI's log.
+# Lint, format, the layering contracts (import-linter, pyproject.toml), types, then the tests; -rs lists every
+# skip with its reason, so a skipped check is visible in CI's log; --durations shows the 15 slowest tests.
 test: setup lint
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -q -rs
+	$(BIN)/python -m pytest -q -rs --durations=15
 
 demo: setup
 	$(BIN)/dpo-pipeline run --config configs/demo.yaml
@@ -41,6 +41,7 @@ demo: setup
 lint: setup
 	$(BIN)/ruff check pipeline stages tests bench
 	$(BIN)/ruff format --check pipeline stages tests bench
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

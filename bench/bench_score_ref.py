@@ -7,7 +7,7 @@ Same random Llama (SmolLM2 tokenizer, 49k vocabulary), same stage-1 tokenized HH
 threads, three ways:
   ours   `run_score_ref` on a local Ray (one actor), micro-batches of --batch-size pairs, length-grouped within
          blocks of 16 micro-batches;
-  plain  the same pipeline.forward calls in this process, same micro-batches in the same order: what scoring
+  plain  the same pipeline.models.forward calls in this process, same micro-batches in the same order: what scoring
          costs without Ray, so ours / plain is the Ray overhead (target: <= 1.10);
   plain_unsorted  the same calls on TRL's batches (dataset order, no length grouping): plain_unsorted / plain
          is what length grouping buys, trl / plain_unsorted what the log-prob computation costs apart from it;
@@ -73,7 +73,7 @@ def main() -> None:
 
     import stages.stage2_score_ref as stage2
     from pipeline.config import config_from_dict
-    from pipeline.models import load_causal_lm
+    from pipeline.models.loading import load_causal_lm
     from stages.stage1_tokenize import run_tokenize
 
     torch.set_num_threads(args.threads)
@@ -178,7 +178,7 @@ def build_model(work: Path, args: argparse.Namespace) -> Path:
     from tiny_models import make_tiny_model
     from transformers import AutoTokenizer
 
-    from pipeline.models import builtin_gguf, load_tokenizer
+    from pipeline.models.loading import builtin_gguf, load_tokenizer
 
     source, gguf_file = builtin_gguf("smollm2-135m")
     AutoTokenizer.from_pretrained(source, gguf_file=gguf_file).save_pretrained(work / "tokenizer")
@@ -276,7 +276,7 @@ def run_plain(model, rows: list[dict], batch_size: int, block_batches: int, grou
     import numpy as np
     import torch
 
-    from pipeline.forward import collate_pairs, sequence_forward
+    from pipeline.models.forward import collate_pairs, sequence_forward
 
     block = batch_size * block_batches
     scores, real, width_total = {}, 0, 0

@@ -223,8 +223,8 @@ def child_step(seq: int, vocab: int, layers: int, threads: int) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from pipeline.config import ModelConfig
-    from pipeline.forward import collate_pairs, sequence_forward
-    from pipeline.kernels import choose_kernels
+    from pipeline.models.forward import collate_pairs, sequence_forward
+    from pipeline.models.kernels import choose_kernels
 
     torch.manual_seed(0)
     torch.set_num_threads(threads)
@@ -307,8 +307,8 @@ def train_step_flops(model_dir: str, cfg_dict: dict, work: Path, steps: range) -
 
     from pipeline.config import config_from_dict
     from pipeline.core.packing import scored_tokens
-    from pipeline.entries import find_tokenized
-    from pipeline.pairs import PairTable
+    from pipeline.data.entries import find_tokenized
+    from pipeline.data.pairs import PairTable
 
     cfg = config_from_dict({**cfg_dict, "output_dir": str(work / "ours")}).with_absolute_paths()
     pairs = PairTable.from_batches([pq.read_table(f) for f in find_tokenized(cfg, cfg.data.dataset).files])
@@ -369,7 +369,7 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from pipeline.models import resolve_model
+    from pipeline.models.loading import resolve_model
 
     load_before = os.getloadavg()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-train-"))

@@ -4,7 +4,7 @@
 
 Written for a borrowed machine with torch, transformers, peft, pyarrow and triton only: no Ray, no DeepSpeed,
 no network, no weights. Every model is a random Llama built here; the code under test is the pure core
-(`pipeline.core`), `pipeline.forward` and `pipeline.kernels`, imported as the trainer imports them.
+(`pipeline.core`), `pipeline.models.forward` and `pipeline.models.kernels`, imported as the trainer imports them.
 Rows, in the printed table:
   1  bf16 per-sequence log-probs of the padding-free packed path against the right-padded SDPA path
      (`sequence_forward`, same model, same pairs of varied lengths), within 3x bf16's own error;
@@ -61,8 +61,8 @@ from pipeline import schema  # noqa: E402
 from pipeline.core.logprobs import SequenceStats  # noqa: E402
 from pipeline.core.losses import PreferenceInputs, dpo_loss  # noqa: E402
 from pipeline.core.packing import PairBatch  # noqa: E402
-from pipeline.forward import collate_pairs, sequence_forward  # noqa: E402
-from pipeline.kernels import Kernels, apply_liger, choose_kernels, liger_available  # noqa: E402
+from pipeline.models.forward import collate_pairs, sequence_forward  # noqa: E402
+from pipeline.models.kernels import Kernels, apply_liger, choose_kernels, liger_available  # noqa: E402
 
 if TYPE_CHECKING:
     from pipeline.config import ModelConfig  # for the type checker only: this script must not import the config

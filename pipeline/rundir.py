@@ -7,7 +7,7 @@ which reads a whole run back for the report.
     <output_dir>/report.md, plots/      `dpo-pipeline report`
     <output_dir>/tensorboard/, final/   TensorBoard events; the trained model (HF format)
 
-`output_dir` may be a local path or a URI (pipeline.storage): every reader here goes through `location`.
+`output_dir` may be a local path or a URI (pipeline.cache.storage): every reader here goes through `location`.
 """
 
 from __future__ import annotations
@@ -20,14 +20,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipeline import schema
-from pipeline.cache import MANIFEST
+from pipeline.cache.manifests import MANIFEST
+from pipeline.cache.storage import Location, location, parquet_source, write_json_atomic
 from pipeline.config import Config, config_from_dict
 from pipeline.errors import PipelineError
-from pipeline.storage import Location, location, parquet_source, write_json_atomic
 from pipeline.uris import is_uri
 
 if TYPE_CHECKING:
-    from pipeline.entries import TokenizedData
+    from pipeline.data.entries import TokenizedData
 
 METRICS = "metrics.jsonl"
 SUMMARY = "train_summary.json"

@@ -1,5 +1,5 @@
 """URIs and the credentials they may carry: one place for recognising a URI, refusing one that holds a secret,
-and masking the secret when a URI is printed. No I/O (pipeline.storage opens URIs; pipeline.redact masks text).
+and masking the secret when a URI is printed. No I/O (pipeline.cache.storage opens URIs; pipeline.redact masks text).
 """
 
 from __future__ import annotations

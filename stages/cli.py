@@ -19,17 +19,17 @@ import traceback
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from pipeline.cache.storage import check_writable, write_problem
 from pipeline.cluster import init_ray
 from pipeline.config import Config
 from pipeline.console import open_console
-from pipeline.entries import TokenizedData, find_tokenized
+from pipeline.data.entries import TokenizedData, find_tokenized
 from pipeline.errors import PipelineError, find_pipeline_error
-from pipeline.judge import load_judge
-from pipeline.loggers import resolve_loggers
+from pipeline.evaluate.judge import load_judge
 from pipeline.redact import RedactingStream
-from pipeline.report import write_report
+from pipeline.report.loggers import resolve_loggers
+from pipeline.report.run_report import write_report
 from pipeline.rundir import FINAL, PLOTS, first_eval, write_data_report
-from pipeline.storage import check_writable, write_problem
 from stages.cli_args import Options, build_parser, parse_config
 from stages.stage1_tokenize import run_tokenize
 from stages.stage2_score_ref import run_score_ref

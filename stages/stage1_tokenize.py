@@ -20,16 +20,14 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from pipeline import cache, schema, storage
-from pipeline.claims import claimed
+from pipeline import schema
+from pipeline.cache import manifests, storage
+from pipeline.cache.claims import claimed
 from pipeline.cluster import SetupErrorsOnFirstCall, cluster_cpus, data_context
 from pipeline.config import Config
-from pipeline.entries import TOKENIZED, TokenizedData, reusable, tokenized_key
-from pipeline.errors import DataError
-from pipeline.models import load_tokenizer
-from pipeline.progress import Progress
-from pipeline.sources import InputFile, read_rows
-from pipeline.tokenization import (
+from pipeline.data.entries import TOKENIZED, TokenizedData, reusable, tokenized_key
+from pipeline.data.sources import InputFile, read_rows
+from pipeline.data.tokenization import (
     DUPLICATE_PAIR,
     Drop,
     RowError,
@@ -38,6 +36,9 @@ from pipeline.tokenization import (
     row_format,
     tokenize_row,
 )
+from pipeline.errors import DataError
+from pipeline.models.loading import load_tokenizer
+from pipeline.progress import Progress
 
 MAX_ERRORS_SHOWN = 10
 READ_BATCH_ROWS = 1024
@@ -104,7 +105,7 @@ def run_tokenize(
     cfg: Config, specs: tuple[str, ...], split: str = "train", force: bool = False, verify: bool = False
 ) -> TokenizedData:
     key, files, model_dir, parts = tokenized_key(cfg, specs)
-    path = cache.entry_dir(cfg.data.cache_dir, TOKENIZED, key)
+    path = manifests.entry_dir(cfg.data.cache_dir, TOKENIZED, key)
     label = f"[tokenize] {split}"
     found = None if force else reusable(path, key, label, "tokenized data", verify=verify)
     if found is not None:
@@ -152,7 +153,7 @@ def _tokenize(
     with storage.atomic_target(path, directory=True) as tmp:  # --force replaces the old entry only now
         kept.sort(schema.PAIR_ID).write_parquet(str(tmp))
         names = sorted(p.name for p in tmp.iterdir() if p.name.endswith(".parquet"))
-    manifest = cache.write_manifest(
+    manifest = manifests.write_manifest(
         path,
         key,
         TOKENIZED,

@@ -3,7 +3,7 @@
     dpo-pipeline score-ref --config configs/demo.yaml
 
 Each actor holds one copy of the reference model, on `gpus_per_ref_actor` GPUs with use_gpu (split by layers
-when it needs more than one; `pipeline.placement`). It receives blocks of pairs, sorts each block by
+when it needs more than one; `pipeline.models.placement`). It receives blocks of pairs, sorts each block by
 length so that micro-batches of `precompute_ref_batch_size` pairs carry little padding, and runs the
 same forward and log-prob function as training, under `torch.inference_mode`.
 
@@ -24,12 +24,22 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from pipeline import cache, entries, schema, storage
-from pipeline.claims import claimed
+from pipeline import schema
+from pipeline.cache import manifests, storage
+from pipeline.cache.claims import claimed
 from pipeline.cluster import SetupErrorsOnFirstCall, cpus_each, data_context
 from pipeline.config import Config, ModelConfig
-from pipeline.entries import REFERENCE, ReferenceScores, TokenizedData, reference_key, reusable, shard_name, shard_of
-from pipeline.kernels import choose_kernels
+from pipeline.data import entries
+from pipeline.data.entries import (
+    REFERENCE,
+    ReferenceScores,
+    TokenizedData,
+    reference_key,
+    reusable,
+    shard_name,
+    shard_of,
+)
+from pipeline.models.kernels import choose_kernels
 from pipeline.progress import Progress
 
 SHARD_PAIRS = 4096
@@ -45,7 +55,7 @@ class _ScoreRef(SetupErrorsOnFirstCall):
     ) -> None:
         import torch
 
-        from pipeline.models import build_model, load_tokenizer
+        from pipeline.models.loading import build_model, load_tokenizer
 
         torch.set_num_threads(threads)
         self.model, kernels = build_model(model_cfg, model_dir, dtype, gpus > 0, gpus)  # read onto its GPUs
@@ -58,7 +68,7 @@ class _ScoreRef(SetupErrorsOnFirstCall):
     def process(self, block: pa.Table) -> pa.Table:
         import torch
 
-        from pipeline.forward import collate_pairs, sequence_forward
+        from pipeline.models.forward import collate_pairs, sequence_forward
 
         columns = block.to_pydict()
         lengths = [
@@ -123,7 +133,7 @@ def run_score_ref(
     verify: bool = False,
 ) -> ReferenceScores:
     key, model_dir, parts = reference_key(cfg, tokenized)
-    path = cache.entry_dir(cfg.data.cache_dir, REFERENCE, key)
+    path = manifests.entry_dir(cfg.data.cache_dir, REFERENCE, key)
     label = f"[score-ref] {split}"
     found = None if force else reusable(path, key, label, "reference scores", resumable=True, verify=verify)
     if found is not None:
@@ -164,7 +174,7 @@ def _score(
         _score_missing(cfg, tokenized, model_dir, path, num_shards, missing, expected, totals, split)
     elapsed = time.time() - start
     names = [shard_name(i) for i in range(num_shards)]
-    manifest = cache.write_manifest(
+    manifest = manifests.write_manifest(
         path,
         key,
         REFERENCE,

@@ -3,7 +3,7 @@
     dpo-pipeline train --config configs/demo.yaml
 
 No reference model exists here: its scores come from stage 2's cache, merged with the tokenized pairs by
-pair_id into a training table (pipeline.table) that every worker memory-maps. Reference-free losses alone
+pair_id into a training table (pipeline.data.table) that every worker memory-maps. Reference-free losses alone
 (cpo, simpo, orpo) need no scores: the table then holds the tokenized pairs only. Each micro-batch of B pairs is
 ONE forward of 2B sequences (chosen then rejected), then the combined loss. Metrics are all-reduced once per
 optimizer step. A checkpoint holds every rank's DeepSpeed shards plus the loop's state; the data schedule is
@@ -27,18 +27,18 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from pipeline import rundir
+from pipeline.cache.storage import LocalMirror, location, write_json_atomic
 from pipeline.cluster import cpus_each
 from pipeline.config import Config
-from pipeline.entries import TableEntry, find_reference, find_tokenized
-from pipeline.faults import Fault
-from pipeline.kernels import choose_kernels
-from pipeline.loggers import resolve_loggers
-from pipeline.models import resolve_model
+from pipeline.data.entries import TableEntry, find_reference, find_tokenized
+from pipeline.data.table import build_table, training_schedule
+from pipeline.models.kernels import choose_kernels
+from pipeline.models.loading import resolve_model
 from pipeline.redact import redact_value
-from pipeline.resume import check_resume, run_settings
-from pipeline.storage import LocalMirror, location, write_json_atomic
-from pipeline.table import build_table, training_schedule
-from pipeline.train_state import STATE_FILE, TrainState, WorkerArgs
+from pipeline.report.loggers import resolve_loggers
+from pipeline.train.faults import Fault
+from pipeline.train.resume import check_resume, run_settings
+from pipeline.train.train_state import STATE_FILE, TrainState, WorkerArgs
 
 DS_TAG = "ds"
 
@@ -140,9 +140,12 @@ def _fit(trainer: TorchTrainer) -> None:
 def train_loop(config: dict[str, WorkerArgs]) -> None:
     import deepspeed  # noqa: F401  (imported before the engine to register the CPU accelerator)
 
-    from pipeline.collectives import all_reduce, all_reduce_rows
     from pipeline.core.metrics import finalize, slot_total
-    from pipeline.engine import (
+    from pipeline.data.table import open_table
+    from pipeline.models.loading import load_tokenizer
+    from pipeline.report.loggers import MetricsLog, open_loggers
+    from pipeline.train.collectives import all_reduce, all_reduce_rows
+    from pipeline.train.engine import (
         build_engine,
         build_policy,
         export_model,
@@ -150,10 +153,7 @@ def train_loop(config: dict[str, WorkerArgs]) -> None:
         peak_memory_bytes,
         private_memory_bytes,
     )
-    from pipeline.loggers import MetricsLog, open_loggers
-    from pipeline.models import load_tokenizer
-    from pipeline.step import Evaluator, micro_step
-    from pipeline.table import open_table
+    from pipeline.train.step import Evaluator, micro_step
 
     args = config["args"]
     cfg, total = args.cfg, args.total_steps

@@ -7,7 +7,7 @@ like stage 2's (GPUs with use_gpu). "Before" is the reference (for reference-fre
 the policy's starting weights); its completions are a cache entry keyed by the tokenized eval data, its
 weights, the dtype and the generation settings, so a sweep generates them once. The policy's are new on
 every run. Both go to `generations.jsonl` in the run directory, scored by the task's own checker where the
-prompt is a builtin question (`pipeline.answers`) and by the judge when one is configured; the totals go to
+prompt is a builtin question (`pipeline.evaluate.answers`) and by the judge when one is configured; the totals go to
 `generation_summary.json` and the report.
 """
 
@@ -21,19 +21,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from pipeline import cache, schema, storage
-from pipeline.claims import claimed
+from pipeline import schema
+from pipeline.cache import manifests, storage
+from pipeline.cache.claims import claimed
+from pipeline.cache.storage import location, write_json_atomic
 from pipeline.cluster import SetupErrorsOnFirstCall, cpus_each, data_context
-from pipeline.completions import add_judge_scores, completion_records, summarize
 from pipeline.config import Config, ModelConfig
-from pipeline.entries import GENERATIONS, TokenizedData, find_tokenized, reusable
+from pipeline.data.entries import GENERATIONS, TokenizedData, find_tokenized, reusable
 from pipeline.errors import PipelineError
-from pipeline.generation import GenerationSettings
-from pipeline.judge import load_judge
-from pipeline.models import resolve_model, weights_fingerprint
+from pipeline.evaluate.completions import add_judge_scores, completion_records, summarize
+from pipeline.evaluate.generation import GenerationSettings
+from pipeline.evaluate.judge import load_judge
+from pipeline.models.loading import resolve_model, weights_fingerprint
 from pipeline.progress import Progress
 from pipeline.rundir import FINAL, GENERATION_SUMMARY, GENERATIONS_FILE
-from pipeline.storage import location, write_json_atomic
 from pipeline.uris import is_uri
 
 FILE = "generations.parquet"
@@ -48,8 +49,8 @@ class _Generate(SetupErrorsOnFirstCall):
     ) -> None:
         import torch
 
-        from pipeline.models import load_causal_lm, load_tokenizer
-        from pipeline.placement import gpu_placement
+        from pipeline.models.loading import load_causal_lm, load_tokenizer
+        from pipeline.models.placement import gpu_placement
 
         torch.set_num_threads(threads)
         self.model = load_causal_lm(
@@ -64,7 +65,7 @@ class _Generate(SetupErrorsOnFirstCall):
         self.settings = settings
 
     def process(self, batch: pa.Table) -> pa.Table:
-        from pipeline.generation import generate
+        from pipeline.evaluate.generation import generate
 
         ids = batch.column(schema.PAIR_ID).to_pylist()
         prompts = batch.column("prompt_ids").to_pylist()
@@ -131,8 +132,8 @@ def reference_generations(cfg: Config, tokenized: TokenizedData, verify: bool = 
         "settings": settings_of(cfg).__dict__,
         "version": GENERATION_VERSION,
     }
-    key = cache.cache_key(**parts)
-    path = cache.entry_dir(cfg.data.cache_dir, GENERATIONS, key)
+    key = manifests.cache_key(**parts)
+    path = manifests.entry_dir(cfg.data.cache_dir, GENERATIONS, key)
     label = "[generate] eval"
     found = reusable(path, key, label, "reference completions", verify=verify)
     if found is None:
@@ -157,7 +158,7 @@ def _write_reference(
     ).sort_by(schema.PAIR_ID)
     with storage.atomic_target(path, directory=True) as tmp, (tmp / FILE).open("wb") as fh:
         pq.write_table(table, fh)
-    cache.write_manifest(path, key, GENERATIONS, [FILE], rows=table.num_rows, inputs=parts)
+    manifests.write_manifest(path, key, GENERATIONS, [FILE], rows=table.num_rows, inputs=parts)
     print(f"[generate] eval: reference done in {time.time() - start:.1f}s", flush=True)
 
 

@@ -23,7 +23,7 @@ def test_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tokenizer_dir(test_cache: Path) -> Path:
     from transformers import AutoTokenizer
 
-    from pipeline.models import builtin_gguf
+    from pipeline.models.loading import builtin_gguf
 
     source, gguf_file = builtin_gguf("smollm2-135m")
     out = test_cache / "smollm2-tokenizer"
@@ -33,7 +33,7 @@ def tokenizer_dir(test_cache: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def tokenizer(tokenizer_dir: Path):
-    from pipeline.models import load_tokenizer
+    from pipeline.models.loading import load_tokenizer
 
     return load_tokenizer(str(tokenizer_dir))
 

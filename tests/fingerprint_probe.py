@@ -22,7 +22,7 @@ def rchar() -> int:
 
 def memo(path: str, cache_dir: str) -> dict[str, Any]:
     """Fingerprint one file; the bytes that took."""
-    from pipeline.fingerprints import file_fingerprints
+    from pipeline.cache.fingerprints import file_fingerprints
 
     start = rchar()
     digest = file_fingerprints([Path(path)], cache_dir)[0]
@@ -34,9 +34,9 @@ def keys(config: str, mode: str) -> dict[str, Any]:
     their entries, stage 3 looks both up again. The first run writes stand-ins for the two entries first.
     `tokenizer`: what loading the tokenizer reads by itself, as often as tokenized_key loads it (stages 1 and 3,
     per split); a constant, whatever the size of the weights."""
-    from pipeline import cache
+    from pipeline.cache import manifests
     from pipeline.config import config_from_dict
-    from pipeline.entries import (
+    from pipeline.data.entries import (
         REFERENCE,
         TOKENIZED,
         TokenizedData,
@@ -46,17 +46,17 @@ def keys(config: str, mode: str) -> dict[str, Any]:
         reusable,
         tokenized_key,
     )
-    from pipeline.models import load_tokenizer
+    from pipeline.models.loading import load_tokenizer
 
     cfg = config_from_dict(json.loads(config)).with_absolute_paths()
     splits = [cfg.data.dataset, cfg.data.eval_dataset]
 
     def entry(kind: str, key: str) -> Any:
-        path = cache.entry_dir(cfg.data.cache_dir, kind, key)
+        path = manifests.entry_dir(cfg.data.cache_dir, kind, key)
         if mode == "first":
             path.mkdir(parents=True)
             (path / "data.parquet").write_bytes(b"x" * 1000)
-            cache.write_manifest(path, key, kind, ["data.parquet"], rows=1)
+            manifests.write_manifest(path, key, kind, ["data.parquet"], rows=1)
         return path
 
     load_tokenizer(cfg.model.model)  # the imports that loading a tokenizer makes, before counting
@@ -81,7 +81,7 @@ def hub(cache_dir: str, refs: str, *commits: str) -> dict[str, Any]:
     """The fingerprint of hub id org/tiny with `main` naming each commit in turn (HF_HUB_CACHE set by the
     caller), and the error for a hub id with no local snapshot."""
     from pipeline.errors import PipelineError
-    from pipeline.models import weights_fingerprint
+    from pipeline.models.loading import weights_fingerprint
 
     out = {}
     for commit in commits:

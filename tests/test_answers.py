@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.answers import _QUESTIONS, is_correct, task_family
-from pipeline.demo_data import FAMILIES
+from pipeline.data.demo_data import FAMILIES
+from pipeline.evaluate.answers import _QUESTIONS, is_correct, task_family
 
 # (family, expected, generations that give it, generations that do not: each mistake of the family's generator,
 # then decorations the family's rule refuses)

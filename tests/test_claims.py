@@ -1,4 +1,4 @@
-"""Claims on cache entries (pipeline.claims): one builder at a time, waiters told and let in after release, stale
+"""Claims on cache entries (pipeline.cache.claims): one builder at a time, waiters told and let in after release, stale
 claims of dead or silent owners taken over, the heartbeat kept fresh while the owner works. Then the issue's
 case end to end: two `run`s started at once on one cache_dir with different beta both succeed, each entry is
 written once, and the reference is scored once."""
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import claims
-from pipeline.claims import claim_file, claimed
+from pipeline.cache import claims
+from pipeline.cache.claims import claim_file, claimed
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,7 +26,7 @@ HOLDER = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from pipeline.claims import claimed
+    from pipeline.cache.claims import claimed
     entry, seconds = Path(sys.argv[1]), float(sys.argv[2])
     with claimed(entry, "[holder]"):
         print("held", flush=True)

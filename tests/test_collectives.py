@@ -13,10 +13,11 @@ import pyarrow as pa
 import pytest
 import torch
 
-from pipeline import collectives, schema
+from pipeline import schema
 from pipeline.config import Config
-from pipeline.pairs import PairTable
-from pipeline.step import Evaluator, micro_step
+from pipeline.data.pairs import PairTable
+from pipeline.train import collectives
+from pipeline.train.step import Evaluator, micro_step
 
 FAKE = torch.device("meta")
 
@@ -83,7 +84,7 @@ def test_step_metrics_are_reduced_on_the_engine_device(two_ranks):
 
 def test_eval_reduces_on_the_engine_device(two_ranks, monkeypatch):
     row = torch.ones(4, dtype=torch.float64)
-    monkeypatch.setattr("pipeline.step.micro_step", lambda *a, **k: SimpleNamespace(metric_row=row))
+    monkeypatch.setattr("pipeline.train.step.micro_step", lambda *a, **k: SimpleNamespace(metric_row=row))
     engine = SimpleNamespace(device=FAKE, eval=lambda: None, train=lambda: None)
     evaluate = Evaluator(Config(), pairs(3), rank=0, world=2, pad_id=0)
     with pytest.raises(Reduced) as got:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import pytest
 
-from pipeline.demo_data import BUILTIN_DATASETS, FAMILIES, builtin_dataset_path, generate_pairs
+from pipeline.data.demo_data import BUILTIN_DATASETS, FAMILIES, builtin_dataset_path, generate_pairs
 from pipeline.errors import PipelineError
 
 _UNIT_FACTORS = {

@@ -35,7 +35,7 @@ import psutil
 import pytest
 
 from pipeline.config import load_config
-from pipeline.entries import find_reference, find_tokenized
+from pipeline.data.entries import find_reference, find_tokenized
 from pipeline.errors import CacheError
 from stages.cli import main
 

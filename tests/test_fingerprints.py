@@ -1,4 +1,4 @@
-"""File fingerprints computed once and remembered (pipeline.fingerprints), lookups that check sizes only unless
+"""File fingerprints computed once and remembered (pipeline.cache.fingerprints), lookups that check sizes only unless
 --verify, and hub ids fingerprinted by their local snapshot.
 
 Bytes read are measured with /proc/self/io `rchar` (every byte a read call returned, page cache or not) in fresh
@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 from fingerprint_probe import rchar
 
-from pipeline import cache, fingerprints, storage
+from pipeline.cache import fingerprints, manifests, storage
+from pipeline.cache.fingerprints import MEMO_FILE, content_digest, file_fingerprints
 from pipeline.errors import CacheError
-from pipeline.fingerprints import MEMO_FILE, content_digest, file_fingerprints
-from pipeline.models import weights_fingerprint
+from pipeline.models.loading import weights_fingerprint
 from stages.cli import build_parser
 
 REPO = Path(__file__).resolve().parents[1]
@@ -190,17 +190,17 @@ def test_lookup_checks_sizes_and_verify_checks_checksums(tmp_path):
     entry.mkdir(parents=True)
     blob = os.urandom(1 << 20) * 40
     (entry / "shard-00000.parquet").write_bytes(blob)
-    manifest = cache.write_manifest(entry, "k", "reference", ["shard-00000.parquet"], rows=1)
+    manifest = manifests.write_manifest(entry, "k", "reference", ["shard-00000.parquet"], rows=1)
     assert manifest["files"]["shard-00000.parquet"] == {
         "bytes": len(blob),
         "checksum": content_digest(entry / "shard-00000.parquet"),
     }
 
     start = rchar()
-    cache.read_valid_manifest(entry, "k", "")
+    manifests.read_valid_manifest(entry, "k", "")
     lookup = rchar() - start
     start = rchar()
-    cache.read_valid_manifest(entry, "k", "", verify=True)
+    manifests.read_valid_manifest(entry, "k", "", verify=True)
     verified = rchar() - start
     print(f"\nlookup of a {len(blob) / 1e6:.0f} MB entry read {lookup} B; with verify {verified / 1e6:.1f} MB")
     assert lookup < 0.01 * len(blob) and verified >= len(blob)
@@ -208,12 +208,12 @@ def test_lookup_checks_sizes_and_verify_checks_checksums(tmp_path):
     corrupt = bytearray(blob)
     corrupt[len(blob) // 2] ^= 0xFF
     (entry / "shard-00000.parquet").write_bytes(bytes(corrupt))
-    assert cache.read_valid_manifest(entry, "k", "")["rows"] == 1  # same size: a lookup does not read the bytes
+    assert manifests.read_valid_manifest(entry, "k", "")["rows"] == 1  # same size: a lookup does not read the bytes
     with pytest.raises(CacheError, match=r"shard-00000\.parquet fails its checksum"):
-        cache.read_valid_manifest(entry, "k", "", verify=True)
+        manifests.read_valid_manifest(entry, "k", "", verify=True)
     (entry / "shard-00000.parquet").write_bytes(blob[:-1])
     with pytest.raises(CacheError, match="has 41943039 bytes, the manifest says 41943040"):
-        cache.read_valid_manifest(entry, "k", "")
+        manifests.read_valid_manifest(entry, "k", "")
 
 
 @pytest.mark.parametrize("command", ["tokenize", "score-ref", "train", "run"])

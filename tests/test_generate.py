@@ -12,10 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.answers import is_correct, task_family
 from pipeline.config import config_from_dict
-from pipeline.entries import find_tokenized
-from pipeline.generation import GenerationSettings, generate
+from pipeline.data.entries import find_tokenized
+from pipeline.evaluate.answers import is_correct, task_family
+from pipeline.evaluate.generation import GenerationSettings, generate
 from stages.cli import main
 
 NEW = 6  # max_new_tokens
@@ -173,7 +173,7 @@ def test_reference_free_before_is_the_starting_policy(tiny_model_dir):
 
 
 def test_report_cells_are_one_escaped_line():
-    from pipeline.generation_report import _cell
+    from pipeline.report.generation_report import _cell
 
     assert _cell("a | b\nc") == "a \\| b c"
     assert _cell("x" * 500).endswith("…") and len(_cell("x" * 500)) == 160

@@ -107,7 +107,7 @@ def test_row1_catches_attention_leaking_across_packed_sequences() -> None:
     the ones before it, so its log-probs change by far more than float32 rounding, and row 1 must say FAIL."""
     from transformers import AttentionInterface
 
-    from pipeline.kernels import VARLEN_SDPA, Kernels, register_varlen_sdpa
+    from pipeline.models.kernels import VARLEN_SDPA, Kernels, register_varlen_sdpa
 
     script = _load_script()
     register_varlen_sdpa()

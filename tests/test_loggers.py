@@ -18,7 +18,7 @@ import pytest
 
 from pipeline.config import config_from_dict
 from pipeline.errors import ConfigError
-from pipeline.loggers import MetricsLog, open_loggers, resolve_loggers
+from pipeline.report.loggers import MetricsLog, open_loggers, resolve_loggers
 from pipeline.uris import redact_uri
 from stages.cli import main
 

@@ -1,4 +1,5 @@
-"""A model split over devices (`pipeline.placement`, `load_causal_lm(placement=...)`, `gpus_per_ref_actor`), on CPU.
+"""A model split over devices (`pipeline.models.placement`, `load_causal_lm(placement=...)`,
+`gpus_per_ref_actor`), on CPU.
 
 There are no GPUs here, so the split is accelerate's offload, the same hooks a multi-GPU layout uses: some modules
 held in host memory ("cpu"), the rest read from the model's safetensors file at every forward ("disk"), all
@@ -29,10 +30,10 @@ from transformers import AutoModelForCausalLM
 
 from pipeline.config import config_from_dict
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.forward import collate_pairs, module_device, sequence_forward
-from pipeline.kernels import VARLEN_SDPA, register_varlen_sdpa
-from pipeline.models import load_causal_lm
-from pipeline.placement import GPU_WEIGHT_FRACTION, device_map
+from pipeline.models.forward import collate_pairs, module_device, sequence_forward
+from pipeline.models.kernels import VARLEN_SDPA, register_varlen_sdpa
+from pipeline.models.loading import load_causal_lm
+from pipeline.models.placement import GPU_WEIGHT_FRACTION, device_map
 
 ROOT = Path(__file__).resolve().parents[1]
 MIB = 1024**2
@@ -43,9 +44,9 @@ BIG = {"hidden_size": 256, "num_layers": 8, "num_heads": 4, "num_kv_heads": 2, "
 PROBE = r"""
 import json, re, sys
 import torch
-from pipeline.forward import collate_pairs, sequence_forward
-from pipeline.kernels import VARLEN_SDPA, register_varlen_sdpa
-from pipeline.models import load_causal_lm
+from pipeline.models.forward import collate_pairs, sequence_forward
+from pipeline.models.kernels import VARLEN_SDPA, register_varlen_sdpa
+from pipeline.models.loading import load_causal_lm
 
 def status(key):
     return int(re.search(rf"{key}:\s+(\d+) kB", open("/proc/self/status").read()).group(1)) * 1024

@@ -11,9 +11,9 @@ import torch
 from pipeline.config import ModelConfig
 from pipeline.core.packing import pack
 from pipeline.errors import ConfigError
-from pipeline.forward import collate_pairs, sequence_forward
-from pipeline.kernels import VARLEN_SDPA, choose_kernels
-from pipeline.models import load_causal_lm
+from pipeline.models.forward import collate_pairs, sequence_forward
+from pipeline.models.kernels import VARLEN_SDPA, choose_kernels
+from pipeline.models.loading import load_causal_lm
 
 
 def _columns(chosen: list[list[int]], rejected: list[list[int]], starts: list[tuple[int, int]]) -> dict:
@@ -117,7 +117,7 @@ def test_varlen_attention_refuses_a_padded_batch(tiny_model_dir):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_flash_and_liger_match_padded_sdpa_on_gpu(tiny_model_dir):
     """bf16 flash-attention-2 varlen + Liger kernels against padded SDPA, both on the GPU."""
-    from pipeline.kernels import apply_liger, flash_attn_available, liger_available
+    from pipeline.models.kernels import apply_liger, flash_attn_available, liger_available
 
     if not (flash_attn_available() and liger_available()):
         pytest.skip("needs the gpu extra (flash-attn, liger-kernel)")

@@ -25,9 +25,9 @@ import torch
 import yaml
 
 from pipeline.console import LOG_FILE
-from pipeline.engine import gradient_norm
-from pipeline.plots import CURVES, ema
-from pipeline.report import TABLE_METRICS, write_report
+from pipeline.report.plots import CURVES, ema
+from pipeline.report.run_report import TABLE_METRICS, write_report
+from pipeline.train.engine import gradient_norm
 from stages.cli import build_parser, main
 
 STEPS = 6

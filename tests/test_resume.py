@@ -1,4 +1,4 @@
-"""The resume check (pipeline.resume) on hand-made checkpoint directories: what is refused, what is allowed and
+"""The resume check (pipeline.train.resume) on hand-made checkpoint directories: what is refused, what is allowed and
 said, the changed data behind an unchanged path, --restart, and runs with nothing to compare."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import pytest
 
 from pipeline.config import config_from_dict
 from pipeline.errors import ConfigError
-from pipeline.resume import check_resume, run_settings
-from pipeline.train_state import STATE_FILE
+from pipeline.train.resume import check_resume, run_settings
+from pipeline.train.train_state import STATE_FILE
 
 BASE = {"dataset": "pairs.jsonl", "beta": 0.1, "max_steps": 4}
 

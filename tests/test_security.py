@@ -111,7 +111,7 @@ def test_pickle_weights_load_only_when_allowed(tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from pipeline.errors import PipelineError
-    from pipeline.models import load_causal_lm
+    from pipeline.models.loading import load_causal_lm
 
     pickled = tmp_path / "pickled"  # the same weights as a pickled state dict (the pre-safetensors format)
     pickled.mkdir()
@@ -129,7 +129,7 @@ def test_remote_code_never_runs_unless_trusted(tiny_model_dir, tmp_path):
     """A model directory that ships its own Python (auto_map): the model is refused with a message naming the
     setting, and none of the shipped code ever runs (it would leave a marker file)."""
     from pipeline.errors import PipelineError
-    from pipeline.models import load_causal_lm, load_tokenizer
+    from pipeline.models.loading import load_causal_lm, load_tokenizer
 
     repo = tmp_path / "custom"
     shutil.copytree(tiny_model_dir, repo)

@@ -11,8 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.data.sources import expand_inputs, fingerprint_inputs, read_rows
 from pipeline.errors import DataError
-from pipeline.sources import expand_inputs, fingerprint_inputs, read_rows
 
 ROWS = [{"prompt": "q1", "chosen": "a", "rejected": "b"}, {"prompt": "q2", "chosen": "c", "rejected": "d"}]
 

@@ -10,9 +10,9 @@ import pytest
 
 from pipeline import schema
 from pipeline.config import config_from_dict
+from pipeline.data.tokenization import extract_prompt
 from pipeline.errors import CacheError, DataError
 from pipeline.rundir import write_data_report
-from pipeline.tokenization import extract_prompt
 from stages.stage1_tokenize import run_tokenize
 
 

@@ -30,10 +30,10 @@ from tiny_models import make_tiny_model
 import stages.stage2_score_ref as stage2
 from pipeline import schema
 from pipeline.config import config_from_dict
-from pipeline.entries import PLAN, TokenizedData, find_reference, reference_key, tokenized_key
+from pipeline.data.entries import PLAN, TokenizedData, find_reference, reference_key, tokenized_key
 from pipeline.errors import CacheError
-from pipeline.forward import collate_pairs, sequence_forward
-from pipeline.models import load_causal_lm
+from pipeline.models.forward import collate_pairs, sequence_forward
+from pipeline.models.loading import load_causal_lm
 from stages.stage1_tokenize import run_tokenize
 from stages.stage2_score_ref import run_score_ref
 
@@ -207,7 +207,7 @@ def test_stage_scores_equal_independent_per_pair_forward(stage, expected):
 
 
 def test_chunked_padded_and_single_pair_forwards_agree(stage, expected, tokenized_rows):
-    """pipeline.forward.sequence_forward directly: one padded batch of all 12 pairs with LM-head chunks of 3
+    """pipeline.models.forward.sequence_forward directly: one padded batch of all 12 pairs with LM-head chunks of 3
     tokens and of 4096, and each pair alone, all against the independent numbers."""
     cfg, _, _, _ = stage
     model = load_causal_lm(cfg.model.model)
@@ -267,7 +267,7 @@ from pathlib import Path
 import ray
 import stages.stage2_score_ref as stage2
 from pipeline.config import config_from_dict
-from pipeline.entries import TokenizedData
+from pipeline.data.entries import TokenizedData
 
 args = json.loads(sys.argv[1])
 

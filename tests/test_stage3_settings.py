@@ -20,7 +20,7 @@ from test_stage3_train import train  # the same run-and-read-metrics helper
 
 from pipeline import schema
 from pipeline.config import config_from_dict
-from pipeline.entries import find_tokenized
+from pipeline.data.entries import find_tokenized
 from pipeline.errors import CacheError
 from stages.stage1_tokenize import run_tokenize
 from stages.stage2_score_ref import run_score_ref
@@ -107,7 +107,7 @@ def test_gradient_checkpointing_is_on_by_default_and_changes_no_number(prepared,
     """Recomputing activations in backward runs the same float32 ops on the same tensors again, so losses, gradient
     norms and final weights match the run that keeps them, to float32 rounding (1e-5 on losses, 1e-5 relative on
     norms, 1e-6 on weights after 6 steps at lr 1e-3)."""
-    from pipeline.engine import build_policy
+    from pipeline.train.engine import build_policy
 
     (gc_cfg, _, gc_lines), (off_cfg, _, off_lines) = cosine_runs
     assert gc_cfg.model.gradient_checkpointing and not off_cfg.model.gradient_checkpointing

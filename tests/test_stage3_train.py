@@ -22,7 +22,7 @@ import torch
 
 from pipeline.config import config_from_dict
 from pipeline.errors import CacheError, ConfigError
-from pipeline.faults import FAULT_ENV
+from pipeline.train.faults import FAULT_ENV
 from stages.stage1_tokenize import run_tokenize
 from stages.stage2_score_ref import run_score_ref
 from stages.stage3_train import run_train
@@ -306,8 +306,8 @@ def test_resume_checks_settings_and_restart_starts_over(prepared, capsys):
 def test_token_budget_batches_on_two_workers(prepared):
     """Micro-batches of <= 60 tokens, 2 workers x 2 accumulated: every step runs the schedule's pairs, counted
     exactly (all-reduced), and the loss starts at ln 2."""
-    from pipeline.entries import find_tokenized
-    from pipeline.pairs import PairTable
+    from pipeline.data.entries import find_tokenized
+    from pipeline.data.pairs import PairTable
 
     cfg, summary, lines = train(
         prepared,

@@ -12,9 +12,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import cache, storage
+from pipeline.cache import manifests, storage
 from pipeline.config import config_from_dict
-from pipeline.entries import find_reference
+from pipeline.data.entries import find_reference
 from pipeline.errors import CacheError, ConfigError
 from stages.stage1_tokenize import run_tokenize
 from stages.stage2_score_ref import run_score_ref
@@ -76,12 +76,12 @@ def test_remote_entry_is_valid_only_after_its_manifest(tmp_path):
     entry.mkdir()
     (entry / "shard-00000.parquet").write_bytes(b"data")
     with pytest.raises(CacheError, match="incomplete"):
-        cache.read_valid_manifest(entry, "k", "")
-    cache.write_manifest(entry, "k", "reference", ["shard-00000.parquet"], rows=1)
-    assert cache.read_valid_manifest(entry, "k", "")["rows"] == 1
+        manifests.read_valid_manifest(entry, "k", "")
+    manifests.write_manifest(entry, "k", "reference", ["shard-00000.parquet"], rows=1)
+    assert manifests.read_valid_manifest(entry, "k", "")["rows"] == 1
     (entry / "shard-00000.parquet").write_bytes(b"dat4")
     with pytest.raises(CacheError, match="fails its checksum"):
-        cache.read_valid_manifest(entry, "k", "", verify=True)  # same size: only --verify reads the bytes
+        manifests.read_valid_manifest(entry, "k", "", verify=True)  # same size: only --verify reads the bytes
 
 
 def test_pipeline_on_uris_matches_local_paths(ray_session, tiny_model_dir, tmp_path, capsys):

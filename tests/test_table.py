@@ -1,4 +1,4 @@
-"""The training table (pipeline.table): a streaming merge join of stage 1's and stage 2's sorted files.
+"""The training table (pipeline.data.table): a streaming merge join of stage 1's and stage 2's sorted files.
 
 Checked against an independent join (pyarrow's hash join, then a sort), on entries cut the way the stages cut
 them (several tokenized files covering pair_id ranges, listed out of order; reference shards of ranges,
@@ -20,12 +20,12 @@ import torch
 
 from pipeline import schema
 from pipeline.config import config_from_dict
-from pipeline.entries import ReferenceScores, TokenizedData
+from pipeline.data.entries import ReferenceScores, TokenizedData
+from pipeline.data.pairs import PairTable
+from pipeline.data.table import FILE, build_table, open_table, training_schedule
 from pipeline.errors import CacheError
-from pipeline.models import load_causal_lm
-from pipeline.pairs import PairTable
-from pipeline.step import micro_step
-from pipeline.table import FILE, build_table, open_table, training_schedule
+from pipeline.models.loading import load_causal_lm
+from pipeline.train.step import micro_step
 
 N = 50
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from pipeline.tokenization import (
+from pipeline.data.tokenization import (
     EMPTY_COMPLETION,
     IDENTICAL_COMPLETIONS,
     PROMPT_TOO_LONG,

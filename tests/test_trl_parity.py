@@ -1,5 +1,5 @@
 """Parity with trl==1.16.0 itself: TRL's DPOTrainer.compute_loss and the production training step
-(`pipeline.step.micro_step` reading a `PairTable` of the training-table schema, whose reference shared/tail
+(`pipeline.train.step.micro_step` reading a `PairTable` of the training-table schema, whose reference shared/tail
 columns were scored by stage 2's forward code) on the same tiny Llama, reference and pairs must give the same
 loss, gradients and logged metrics, for every loss type and a few combinations."""
 
@@ -24,10 +24,10 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference  # noqa: E402
 from pipeline import schema  # noqa: E402
 from pipeline.config import LOSS_TYPES, REFERENCE_FREE_LOSS_TYPES, LossConfig, config_from_dict  # noqa: E402
 from pipeline.core.metrics import finalize, slot_total  # noqa: E402
-from pipeline.forward import collate_pairs, sequence_forward  # noqa: E402
-from pipeline.kernels import choose_kernels  # noqa: E402
-from pipeline.pairs import PairTable  # noqa: E402
-from pipeline.step import micro_step  # noqa: E402
+from pipeline.data.pairs import PairTable  # noqa: E402
+from pipeline.models.forward import collate_pairs, sequence_forward  # noqa: E402
+from pipeline.models.kernels import choose_kernels  # noqa: E402
+from pipeline.train.step import micro_step  # noqa: E402
 
 VOCAB = 128
 PAD, EOS = 0, 1
@@ -126,7 +126,7 @@ def setup(tmp_path_factory):
     ]
     columns = stage1_columns(examples)
 
-    # Stages 2 and 3 run padding-free rows by default, on the CPU with our per-sequence SDPA (pipeline.kernels),
+    # Stages 2 and 3 run padding-free rows by default, on the CPU with our per-sequence SDPA (pipeline.models.kernels),
     # which TRL's padded forward cannot use: copies of the policy and reference with it (same weights) compute
     # our side of the main cases. The cached-reference cases run right-padded rows on TRL's own policy.
     kernels = choose_kernels(config_from_dict({}).model, cuda=False, dtype="float32")

@@ -1,5 +1,5 @@
 """Parity with trl==1.16.0's experimental CPO and ORPO trainers: their own `get_batch_loss_metrics` (TRL's
-concatenated forward, loss and logged metrics) and the production step (`pipeline.step.micro_step` reading a
+concatenated forward, loss and logged metrics) and the production step (`pipeline.train.step.micro_step` reading a
 `PairTable` of the reference-free training-table schema) on the same tiny Llama and pairs must give the same
 loss, gradients and metrics. Ours cpo is CPOTrainer's loss_type "sigmoid", simpo its "simpo" (and "alphapo"),
 orpo the ORPOTrainer.
@@ -32,10 +32,10 @@ from trl.experimental.utils import DPODataCollatorWithPadding  # noqa: E402
 from pipeline import schema  # noqa: E402
 from pipeline.config import config_from_dict  # noqa: E402
 from pipeline.core.metrics import finalize  # noqa: E402
-from pipeline.kernels import choose_kernels  # noqa: E402
-from pipeline.pairs import PairTable  # noqa: E402
-from pipeline.step import micro_step  # noqa: E402
-from pipeline.table import table_schema  # noqa: E402
+from pipeline.data.pairs import PairTable  # noqa: E402
+from pipeline.data.table import table_schema  # noqa: E402
+from pipeline.models.kernels import choose_kernels  # noqa: E402
+from pipeline.train.step import micro_step  # noqa: E402
 
 # Three pairs of different prompt and completion lengths: TRL's rows are right-padded.
 EXAMPLES = [

@@ -76,7 +76,7 @@ def sequence_stats(
         min_chunks: call `lm_head` at least this often (extra calls get zero tokens); see `lm_head_calls`.
 
     The tensors must be on the device where `lm_head` computes (for a model split over devices, the last one;
-    `pipeline.forward.sequence_forward` moves them there), and the results are on it too.
+    `pipeline.models.forward.sequence_forward` moves them there), and the results are on it too.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")

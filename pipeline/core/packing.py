@@ -2,7 +2,7 @@
 
 Rows [0, B) are the chosen sequences and rows [B, 2B) the rejected ones (TRL's DataCollatorForPreference
 layout). `pack` drops the padding: the real tokens of every sequence in one row, positions restarting per
-sequence and the boundaries as `cu_seq_lens`, which a varlen attention keeps apart (`pipeline.kernels`).
+sequence and the boundaries as `cu_seq_lens`, which a varlen attention keeps apart (`pipeline.models.kernels`).
 """
 
 from __future__ import annotations

@@ -23,8 +23,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
+from pipeline.cache.storage import atomic_target, local_cache_dir
 from pipeline.errors import PipelineError
-from pipeline.storage import atomic_target, local_cache_dir
 
 # "-text" variants hold the same pairs in standard (plain text) form: no chat template, ~2.4x fewer tokens.
 BUILTIN_DATASETS: tuple[str, ...] = ("demo-train", "demo-test", "demo-train-text", "demo-test-text")

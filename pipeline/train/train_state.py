@@ -9,8 +9,8 @@ from typing import Any
 import torch
 
 from pipeline.config import Config
-from pipeline.entries import TableEntry
-from pipeline.loggers import LoggerSpec
+from pipeline.data.entries import TableEntry
+from pipeline.report.loggers import LoggerSpec
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ class TrainState:
     pairs_seen: int = 0
     train_seconds: float = 0.0
     window: list[torch.Tensor] = field(default_factory=list)  # reduced metric rows since the last logged step
-    config: dict[str, Any] = field(default_factory=dict)  # the effective config (flat keys), for pipeline.resume
+    config: dict[str, Any] = field(default_factory=dict)  # the effective config (flat keys), for pipeline.train.resume
 
     def to_json(self) -> dict[str, Any]:
         return {

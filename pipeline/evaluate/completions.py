@@ -6,7 +6,7 @@
 
 A record holds the prompt, chosen and rejected texts, each model's completions (greedy first), the greedy
 completions' token counts, and for a builtin question its task family and whether each greedy answer is
-right by the task's checker (`pipeline.answers`). The summary gives answer accuracy before and after,
+right by the task's checker (`pipeline.evaluate.answers`). The summary gives answer accuracy before and after,
 overall and per task family (over the prompts a checker knows), the mean greedy length before and after
 (DPO's length drift), and the judge's win rate.
 """
@@ -18,11 +18,12 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from pipeline import schema, storage
-from pipeline.answers import is_correct, task_family
-from pipeline.entries import TokenizedData
-from pipeline.judge import Judge, judge_score
-from pipeline.models import load_tokenizer
+from pipeline import schema
+from pipeline.cache import storage
+from pipeline.data.entries import TokenizedData
+from pipeline.evaluate.answers import is_correct, task_family
+from pipeline.evaluate.judge import Judge, judge_score
+from pipeline.models.loading import load_tokenizer
 
 Completions = dict[str, list[list[int]]]  # pair_id -> [greedy, *samples] token ids
 

@@ -12,9 +12,9 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from pipeline.config import Config
-from pipeline.kernels import Kernels
-from pipeline.models import build_model
-from pipeline.optim import decay_groups, deepspeed_config, lr_lambda, warmup_steps
+from pipeline.models.kernels import Kernels
+from pipeline.models.loading import build_model
+from pipeline.train.optim import decay_groups, deepspeed_config, lr_lambda, warmup_steps
 
 
 def build_policy(cfg: Config, model_dir: str) -> tuple[torch.nn.Module, Kernels]:

@@ -29,14 +29,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline import cache, schema, storage
-from pipeline.claims import claimed
+from pipeline import schema
+from pipeline.cache import manifests, storage
+from pipeline.cache.claims import claimed
+from pipeline.cache.storage import Location
 from pipeline.config import Config
 from pipeline.core.batching import Schedule
-from pipeline.entries import TABLE, ReferenceScores, TableEntry, TokenizedData, reusable
+from pipeline.data.entries import TABLE, ReferenceScores, TableEntry, TokenizedData, reusable
+from pipeline.data.pairs import PairTable, make_schedule
 from pipeline.errors import CacheError
-from pipeline.pairs import PairTable, make_schedule
-from pipeline.storage import Location
 
 FILE = "pairs.arrow"
 LENGTHS = "lengths.npy"  # (n, 2) int32 sequence lengths: what the driver's token-budget schedule reads
@@ -47,7 +48,7 @@ BATCH_ROWS = 4096  # rows merged and written at a time: the merge's memory bound
 
 
 def table_key(tokenized: TokenizedData, reference: ReferenceScores | None) -> str:
-    return cache.cache_key(
+    return manifests.cache_key(
         tokenized=tokenized.key, reference=None if reference is None else reference.key, version=TABLE_VERSION
     )
 
@@ -65,7 +66,7 @@ def build_table(
     """The training table of these entries: reused when its entry is valid (`verify`: checksums too), else
     merged and written."""
     key = table_key(tokenized, reference)
-    path = cache.entry_dir(cfg.data.cache_dir, TABLE, key)
+    path = manifests.entry_dir(cfg.data.cache_dir, TABLE, key)
     label = f"[train] {split}"
     found = reusable(path, key, label, "training table", verify=verify)
     if found is not None:
@@ -93,7 +94,7 @@ def _write_table(
             raise CacheError(f"{tokenized.path} lists {tokenized.manifest['rows']} pairs but holds {rows}")
         with (tmp / LENGTHS).open("wb") as fh:
             np.save(fh, all_lengths)
-    manifest = cache.write_manifest(
+    manifest = manifests.write_manifest(
         path,
         key,
         TABLE,

@@ -6,7 +6,7 @@ An entry is valid only if its manifest parses, names the expected key and every 
 size; anything else is refused with a message saying what is wrong, never used and never silently rebuilt.
 Checksums are computed when the manifest is written and checked again only on request (`verify`, the
 `--verify` flag): a lookup then costs a few stat calls instead of reading the whole entry.
-`cache_dir` is a local path or a URI (pipeline.storage): the same rules hold on both.
+`cache_dir` is a local path or a URI (pipeline.cache.storage): the same rules hold on both.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline import storage
+from pipeline.cache import storage
+from pipeline.cache.fingerprints import content_digest
+from pipeline.cache.storage import Location
 from pipeline.errors import CacheError
-from pipeline.fingerprints import content_digest
-from pipeline.storage import Location
 
 MANIFEST = "manifest.json"
 

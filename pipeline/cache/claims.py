@@ -26,8 +26,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from pipeline.cache.storage import Location, write_json_atomic, writing
 from pipeline.errors import PipelineError
-from pipeline.storage import Location, write_json_atomic, writing
 
 HEARTBEAT_S = float(os.environ.get("DPO_CLAIM_HEARTBEAT_S", "10"))
 STALE_S = float(os.environ.get("DPO_CLAIM_STALE_S", "120"))

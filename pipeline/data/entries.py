@@ -19,13 +19,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import cache
+from pipeline.cache import manifests
+from pipeline.cache.storage import Location, write_json_atomic
 from pipeline.config import Config
+from pipeline.data.sources import InputFile, expand_inputs, fingerprint_inputs
+from pipeline.data.tokenization import TOKENIZATION_VERSION
 from pipeline.errors import CacheError
-from pipeline.models import load_tokenizer, resolve_model, tokenizer_fingerprint, weights_fingerprint
-from pipeline.sources import InputFile, expand_inputs, fingerprint_inputs
-from pipeline.storage import Location, write_json_atomic
-from pipeline.tokenization import TOKENIZATION_VERSION
+from pipeline.models.loading import load_tokenizer, resolve_model, tokenizer_fingerprint, weights_fingerprint
 
 TOKENIZED = "tokenized"
 REFERENCE = "reference"
@@ -35,7 +35,7 @@ PLAN = "plan.json"  # an unfinished reference entry: its key and shard count, fo
 LOGPROB_VERSION = 1  # bump when the shift/mask/dtype rules of pipeline.core.logprobs change
 
 
-class TokenizedData(cache.CacheEntry):
+class TokenizedData(manifests.CacheEntry):
     """A valid stage-1 cache entry: tokenized pairs sorted by pair_id."""
 
     @property
@@ -43,12 +43,12 @@ class TokenizedData(cache.CacheEntry):
         return dict(self.manifest["report"])
 
 
-class ReferenceScores(cache.CacheEntry):
+class ReferenceScores(manifests.CacheEntry):
     """A valid stage-2 cache entry: reference log-probs per pair, in shards of pair_id ranges."""
 
 
-class TableEntry(cache.CacheEntry):
-    """A valid training table (pipeline.table): one Arrow IPC file of pairs and their reference scores."""
+class TableEntry(manifests.CacheEntry):
+    """A valid training table (pipeline.data.table): one Arrow IPC file of pairs and their reference scores."""
 
 
 # --- the reference entry's layout ---
@@ -80,7 +80,7 @@ def tokenized_key(cfg: Config, specs: tuple[str, ...]) -> tuple[str, list[InputF
         "truncation_mode": cfg.data.truncation_mode,
         "version": TOKENIZATION_VERSION,
     }
-    return cache.cache_key(**parts), files, model_dir, parts
+    return manifests.cache_key(**parts), files, model_dir, parts
 
 
 def reference_key(cfg: Config, tokenized: TokenizedData) -> tuple[str, str, dict[str, Any]]:
@@ -93,7 +93,7 @@ def reference_key(cfg: Config, tokenized: TokenizedData) -> tuple[str, str, dict
         "dtype": cfg.compute_dtype,
         "logprob_version": LOGPROB_VERSION,
     }
-    return cache.cache_key(**parts), model_dir, parts
+    return manifests.cache_key(**parts), model_dir, parts
 
 
 # --- lookups ---
@@ -101,22 +101,22 @@ def reference_key(cfg: Config, tokenized: TokenizedData) -> tuple[str, str, dict
 
 def find_tokenized(cfg: Config, specs: tuple[str, ...], verify: bool = False) -> TokenizedData:
     """The valid entry for these inputs and settings, or CacheError saying how to produce it. `verify`: also
-    recompute its checksums (`cache.read_valid_manifest`)."""
+    recompute its checksums (`manifests.read_valid_manifest`)."""
     key, _, _, _ = tokenized_key(cfg, specs)
-    path = cache.entry_dir(cfg.data.cache_dir, TOKENIZED, key)
+    path = manifests.entry_dir(cfg.data.cache_dir, TOKENIZED, key)
     hint = f"Produce it with `dpo-pipeline tokenize` (or `dpo-pipeline run`) for dataset {list(specs)}."
-    return TokenizedData(path, key, cache.read_valid_manifest(path, key, hint, verify))
+    return TokenizedData(path, key, manifests.read_valid_manifest(path, key, hint, verify))
 
 
 def find_reference(cfg: Config, tokenized: TokenizedData, verify: bool = False) -> ReferenceScores:
     """The valid reference scores of `tokenized`, or CacheError saying how to produce them."""
     key, _, _ = reference_key(cfg, tokenized)
-    path = cache.entry_dir(cfg.data.cache_dir, REFERENCE, key)
+    path = manifests.entry_dir(cfg.data.cache_dir, REFERENCE, key)
     hint = (
         f"Produce it with `dpo-pipeline score-ref` (or `dpo-pipeline run`) for reference model "
         f"{cfg.ref_model_name} and dtype {cfg.compute_dtype}."
     )
-    return ReferenceScores(path, key, cache.read_valid_manifest(path, key, hint, verify))
+    return ReferenceScores(path, key, manifests.read_valid_manifest(path, key, hint, verify))
 
 
 def reusable(
@@ -124,9 +124,9 @@ def reusable(
 ) -> dict[str, Any] | None:
     """The manifest of a finished entry at `path`, announced as reused; None when there is nothing to reuse.
     A directory without a manifest is refused (CacheError), unless the stage can resume it (`resumable`)."""
-    if not path.exists() or (resumable and not (path / cache.MANIFEST).exists()):
+    if not path.exists() or (resumable and not (path / manifests.MANIFEST).exists()):
         return None
-    manifest = cache.read_valid_manifest(path, key, "Rerun with --force to rebuild it.", verify)
+    manifest = manifests.read_valid_manifest(path, key, "Rerun with --force to rebuild it.", verify)
     print(f"{label}: reusing cached {what} {path} ({manifest['rows']} pairs); nothing rewritten", flush=True)
     return manifest
 

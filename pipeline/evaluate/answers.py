@@ -16,7 +16,7 @@ right when the two readings are equal; an empty or unreadable generation is wron
     sort_words: the whole line, a final period dropped, split at commas, each item stripped, any case
         ("Apple, banana, cherry." is right; "apple banana cherry" and "apple, banana and cherry" are not)
 
-Every systematic mistake the generators in `pipeline.demo_data` make stays wrong under these readings.
+Every systematic mistake the generators in `pipeline.data.demo_data` make stays wrong under these readings.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ _NUMBER = r"-?\d+(?:,\d{3})*(?:\.\d+)?"  # optional sign, thousands commas, deci
 
 
 def task_family(prompt: str) -> str | None:
-    """The `pipeline.demo_data.FAMILIES` name of the builtin question in `prompt`, or None if it holds none."""
+    """The `pipeline.data.demo_data.FAMILIES` name of the builtin question in `prompt`, or None if it holds none."""
     return next((name for name, question in _QUESTIONS.items() if question.search(prompt)), None)
 
 
@@ -97,7 +97,7 @@ _READERS: dict[str, Callable[[str], object]] = {
 def is_correct(family: str, expected: str, generation: str) -> bool:
     """Whether `generation` gives the `expected` answer (the chosen completion) by `family`'s rule (see above).
 
-    KeyError for a family not in `pipeline.demo_data.FAMILIES`; ValueError when `expected` does not read."""
+    KeyError for a family not in `pipeline.data.demo_data.FAMILIES`; ValueError when `expected` does not read."""
     read = _READERS[family]
     want = read(_first_line(expected))
     if want is None:

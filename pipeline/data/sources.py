@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.cache.fingerprints import file_fingerprints
 from pipeline.errors import DataError
-from pipeline.fingerprints import file_fingerprints
 
 FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
 BUILTIN_PREFIX = "builtin:"
@@ -54,7 +54,7 @@ def expand_inputs(specs: tuple[str, ...] | list[str], cache_dir: str) -> list[In
 
 def _expand_one(spec: str, cache_dir: str) -> list[InputFile]:
     if spec.startswith(BUILTIN_PREFIX):  # builtin:NAME or builtin:NAME:PAIRS
-        from pipeline.demo_data import builtin_dataset_path
+        from pipeline.data.demo_data import builtin_dataset_path
 
         name, _, size = spec[len(BUILTIN_PREFIX) :].partition(":")
         if size and not size.isdigit():
@@ -106,7 +106,7 @@ def _file(path: Path) -> InputFile:
 
 def fingerprint_inputs(files: list[InputFile], cache_dir: str | os.PathLike) -> str:
     """Content hash of every input file, in order (paths do not matter, bytes do); file digests are remembered
-    under `cache_dir` (pipeline.fingerprints), so unchanged inputs are not read again."""
+    under `cache_dir` (pipeline.cache.fingerprints), so unchanged inputs are not read again."""
     labelled: list[tuple[str, Path]] = []
     for f in files:
         paths = (

@@ -9,14 +9,14 @@ import numpy as np
 import torch
 
 from pipeline import schema
-from pipeline.collectives import agree_max, all_reduce_rows
 from pipeline.config import Config
 from pipeline.core.logprobs import SequenceStats, ld_logps, lm_head_calls
 from pipeline.core.losses import PreferenceInputs, dpo_loss
 from pipeline.core.metrics import batch_metric_sums, finalize
 from pipeline.core.packing import PairBatch
-from pipeline.forward import collate_pairs, sequence_forward
-from pipeline.pairs import PairTable
+from pipeline.data.pairs import PairTable
+from pipeline.models.forward import collate_pairs, sequence_forward
+from pipeline.train.collectives import agree_max, all_reduce_rows
 
 REF_COLUMNS = (
     schema.REF_CHOSEN_SHARED_LOGPS,

@@ -115,7 +115,7 @@ def varlen_sdpa_forward(
     `cu_seq_lens_q` (S+1,) the sequence boundaries. Returns (1, T, heads, d) like transformers' SDPA."""
     if cu_seq_lens_q is None:
         raise RuntimeError(
-            f"{VARLEN_SDPA} runs packed rows only: call pipeline.forward.sequence_forward with a "
+            f"{VARLEN_SDPA} runs packed rows only: call pipeline.models.forward.sequence_forward with a "
             "padding-free batch (cu_seq_lens_q missing)"
         )
     if attention_mask is not None:

