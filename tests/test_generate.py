@@ -1,13 +1,15 @@
 """Stage 4 (generation) on a real local Ray with the tiny random Llama: the batched, left-padded generation
 gives each prompt the tokens `model.generate` gives it alone; `run` on builtin questions writes every eval
 prompt's completions (reference and exported policy, each equal to `model.generate` here), scores them with the
-task checkers and a test judge, caches the reference's completions once, and reports them side by side."""
+task checkers and a test judge, caches the reference's completions once, and reports them side by side. Without
+Ray: records and summary built from hand-written completions whose correctness is worked out by hand."""
 
 from __future__ import annotations
 
 import json
 import textwrap
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -185,3 +187,97 @@ def test_an_object_store_output_dir_is_said_not_silently_skipped():
     assert unsupported(config_from_dict({"output_dir": "runs/x"})) is None
     why = unsupported(config_from_dict({"output_dir": "s3://bucket/runs/x"}))
     assert why is not None and "needs a local or shared output_dir" in why  # `run` prints it as "stage 4 skipped"
+
+
+# Stage 4's records from the outside: hand-written eval pairs and completions whose correctness is known, each
+# record's expected task and correctness written by hand (not by the checker the code uses).
+# pair_id: (prompt, chosen, rejected, reference [greedy, sample], policy [greedy, sample])
+PAIRS = {
+    "a1": ("What is 12 + 44?\nAnswer:", " 56", " 57", [" 57", " 56"], [" 56", " 57"]),  # wrong -> right
+    "b2": ("What is 30 + 25?\nAnswer:", " 55", " 65", [" 55", " 65"], [" 55 or 56", " 55"]),  # right -> hedged
+    "c3": ("Reverse the letters of 'river'.\nAnswer:", " revir", " river", ["", " revir"], [" Revir.", ""]),
+    "d4": ("Which is larger, 123 or 456?\nAnswer:", " 456", " 123", [" 456", " 123"], [" 456 is larger.", " 1"]),
+    "e5": ("Say hello.\nAnswer:", " Hello", " Go away", [" Hi", " Hello"], [" Hello", " Hi"]),  # no checker
+}
+# pair_id: (task, reference_correct, policy_correct), None for a prompt no checker knows
+KNOWN = {
+    "a1": ("addition", False, True),
+    "b2": ("addition", True, False),
+    "c3": ("reverse", False, True),  # the reference's greedy answer is empty
+    "d4": ("compare", True, True),
+    "e5": None,
+}
+
+
+def test_records_and_summary_of_hand_written_completions(tokenizer, tokenizer_dir, tmp_path):
+    from pipeline.data.entries import TokenizedData
+    from pipeline.evaluate.completions import completion_records, summarize
+
+    def ids(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    rows = []
+    for pid, (prompt, chosen, rejected, _, _) in reversed(PAIRS.items()):  # written out of pair_id order
+        rows.append(
+            {
+                "pair_id": pid,
+                "chosen_input_ids": ids(prompt) + ids(chosen),
+                "rejected_input_ids": ids(prompt) + ids(rejected),
+                "chosen_completion_start": len(ids(prompt)),
+                "rejected_completion_start": len(ids(prompt)),
+            }
+        )
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "pairs.parquet")
+    tokenized = TokenizedData(tmp_path, "hand", {"files": {"pairs.parquet": {}}})
+    reference = {pid: [ids(c) for c in p[3]] for pid, p in PAIRS.items()}
+    policy = {pid: [ids(c) for c in p[4]] for pid, p in PAIRS.items()}
+
+    records = completion_records(tokenized, reference, policy, str(tokenizer_dir))
+    assert [r["pair_id"] for r in records] == list(PAIRS)
+    for r in records:
+        texts = PAIRS[r["pair_id"]]
+        assert [r[k] for k in ("prompt", "chosen", "rejected", "reference", "policy")] == list(texts)
+        assert (r["reference_tokens"], r["policy_tokens"]) == (len(ids(texts[3][0])), len(ids(texts[4][0])))
+        known = KNOWN[r["pair_id"]]
+        got = (r["task"], r["reference_correct"], r["policy_correct"]) if "task" in r else None
+        assert got == known, r["pair_id"]
+        assert known is not None or not {"reference_correct", "policy_correct"} & set(r)
+
+    summary = summarize(records)
+    # before: a1 ✗ b2 ✓ c3 ✗ d4 ✓ = 2/4; after: a1 ✓ b2 ✗ c3 ✓ d4 ✓ = 3/4 (e5 has no checker)
+    assert summary["prompts"] == 5
+    assert summary["answer_accuracy"] == {"prompts": 4, "reference": 0.5, "policy": 0.75}
+    assert summary["by_task"] == {
+        "addition": {"prompts": 2, "reference": 0.5, "policy": 0.5},
+        "compare": {"prompts": 1, "reference": 1.0, "policy": 1.0},
+        "reverse": {"prompts": 1, "reference": 0.0, "policy": 1.0},
+    }
+    assert summary["judge_win_rate"] is None
+
+
+def test_summary_of_hand_written_records():
+    from pipeline.evaluate.completions import summarize
+
+    def record(tokens: tuple[int, int], task: str | None = None, correct: tuple[bool, bool] = (False, False)):
+        r = {"reference_tokens": tokens[0], "policy_tokens": tokens[1]}
+        return r if task is None else {**r, "task": task, "reference_correct": correct[0], "policy_correct": correct[1]}
+
+    records = [
+        record((4, 2), "sequence", (True, False)),
+        record((6, 9), "sequence", (True, True)),
+        record((3, 3), "rounding", (False, True)),
+        record((7, 2)),
+    ]
+    records[0]["judge"], records[3]["judge"] = 1.0, 0.25
+    assert summarize(records) == {
+        "prompts": 4,
+        "mean_tokens": {"reference": 20 / 4, "policy": 16 / 4},
+        "answer_accuracy": {"prompts": 3, "reference": 2 / 3, "policy": 2 / 3},
+        "by_task": {
+            "rounding": {"prompts": 1, "reference": 0.0, "policy": 1.0},
+            "sequence": {"prompts": 2, "reference": 1.0, "policy": 0.5},
+        },
+        "judge_win_rate": 1.25 / 2,
+    }
+    assert summarize([record((1, 2))])["answer_accuracy"] is None
+    assert summarize([record((1, 2))])["by_task"] == {}
