@@ -8,10 +8,12 @@ While it is open, on the driver (whether this process starts Ray or joins a clus
   worker's lines), what goes to `sys.stderr` (warnings, tqdm bars, the stderr of Ray's workers, which Ray
   forwards there) and what the logging handlers that write to the process's output emit (Ray's, Ray Data's,
   transformers'): they are pointed at the file meanwhile;
-- `sys.stdout` stays the console for the project's prints. Of the workers' stdout that Ray forwards there
-  (`(RayTrainWorker pid=17479) [train] step 2/4 ...`), a project line (a lowercase `[tag] ` first) passes
-  without Ray's prefix, and so does an autoscaler warning (a resource request that cannot be scheduled);
-  the rest (DeepSpeed's lines, ...) goes to the log;
+- `sys.stdout` stays the console for the project's lines (a lowercase `[tag] ` first, or the run's `held-out ...`
+  summary); any other line goes to the log: what a library prints, or a logging handler made inside the block
+  writes, to the stdout of that moment (DeepSpeed's, imported on the driver when save_pretrained converts a
+  builtin model, says `[WARNING] [real_accelerator.py:...] Setting accelerator to CPU`). Of the workers' stdout
+  that Ray forwards there (`(RayTrainWorker pid=17479) [train] step 2/4 ...`), a project line passes without
+  Ray's prefix, and so does an autoscaler warning (a resource request that cannot be scheduled);
 - `sys.stdout` says it is not a terminal, so Ray Data logs its progress (into the file, every 10 s) instead of
   drawing bars.
 Everything written passes through pipeline.redact. `verbose` keeps today's console: everything on it, no file.
@@ -45,7 +47,8 @@ FORWARDED = re.compile(
     r"(?P<message>.*)",
     re.S,
 )
-PROJECT_LINE = re.compile(r"\[[a-z][a-z0-9-]*\] ")  # "[train] ...", "[score-ref] ..."; not "[2026-..." nor "[INFO]"
+# "[train] ...", "[score-ref] ...", "held-out reward accuracy: ..."; not "[2026-..." nor "[INFO]"
+PROJECT_LINE = re.compile(r"\[[a-z][a-z0-9-]*\] |held-out ")
 
 
 def log_path(output_dir: str) -> Path:
@@ -56,19 +59,19 @@ def log_path(output_dir: str) -> Path:
 
 
 def for_console(line: str) -> str | None:
-    """What the console shows of one line written to stdout: the line, a forwarded worker line's message when
-    it is the project's (or an autoscaler warning), or None (the line belongs in the log)."""
+    """What the console shows of one line written to stdout: the line when it is the project's, a forwarded worker
+    line's message when it is the project's (or an autoscaler warning), or None (the line belongs in the log)."""
     forwarded = FORWARDED.fullmatch(line)
     if forwarded is None:
-        return line
+        return line if PROJECT_LINE.match(line) else None
     message = forwarded["message"]
     autoscaler = forwarded["source"].startswith("autoscaler") and ("Warning:" in message or "Error:" in message)
     return message if PROJECT_LINE.match(message) or autoscaler else None
 
 
 class _ConsoleOut:
-    """stdout: the project's lines to the console, the workers' other forwarded lines to the log. Ray's thread
-    forwarding them and the main thread write here at once: a line is judged when its newline has come."""
+    """stdout: the project's lines to the console, every other line to the log. Ray's thread forwarding the
+    workers' lines and the main thread write here at once: a line is judged when its newline has come."""
 
     def __init__(self, console: TextIO, log: RedactingStream):
         self.console, self.log = console, log

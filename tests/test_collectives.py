@@ -1,17 +1,26 @@
-"""Every collective of a training step runs on the engine's device (NCCL rejects CPU tensors; gloo hid that).
+"""Every collective of a training step and of an eval runs on the engine's device, and its result comes back to
+the caller's (NCCL rejects CPU tensors; gloo hid that). DESIGN.md invariant 7.
 
-A fake device stands in for CUDA: `meta`. torch.distributed.all_reduce is replaced by a recorder that notes
-the device of the tensor it gets and stops there (a meta tensor holds no values to reduce or copy back).
+The engine says it computes on `meta`, standing in for CUDA, while its model sits on the CPU. `FakeAccelerator`
+makes `meta` a device that holds values: a copy to it gives a tensor whose device reads meta and whose values stay
+on the CPU, a copy from it gives those values back, and any other op on it fails. A pretend 2-rank
+torch.distributed.all_reduce records the device of every tensor it gets and reduces the values as two ranks that
+hold the same ones would: a sum doubles them, a max keeps them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from pipeline import schema
 from pipeline.config import Config
@@ -20,26 +29,55 @@ from pipeline.train import collectives
 from pipeline.train.step import Evaluator, micro_step
 
 FAKE = torch.device("meta")
+CPU = torch.device("cpu")
 
 
-class Reduced(Exception):
-    def __init__(self, tensor: torch.Tensor):
-        super().__init__(str(tensor.device))
-        self.device = tensor.device
+class OnFake(torch.Tensor):
+    """A tensor on the fake accelerator: its device reads FAKE, its values sit on the CPU."""
+
+    values: torch.Tensor
+
+    @staticmethod
+    def __new__(cls, values: torch.Tensor) -> OnFake:
+        t = torch.Tensor._make_wrapper_subclass(cls, values.shape, dtype=values.dtype, device=FAKE)
+        t.values = values
+        return t
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        raise AssertionError(f"{func} on the fake accelerator outside FakeAccelerator")
+
+
+class FakeAccelerator(TorchDispatchMode):
+    """Copies to FAKE wrap the values, copies from it unwrap them; no other op may touch a tensor on FAKE."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._to_copy.default:
+            if kwargs.get("device") == FAKE:
+                return OnFake(args[0].clone())
+            if isinstance(args[0], OnFake):
+                return func(args[0].values, **kwargs)
+        if any(isinstance(a, OnFake) for a in tree_leaves((args, kwargs))):
+            raise AssertionError(f"{func} on the fake accelerator: a result was not copied back")
+        return func(*args, **kwargs)
 
 
 @pytest.fixture
-def two_ranks(monkeypatch):
-    """A pretend 2-rank group whose all_reduce reports the device it was handed."""
-    calls = []
+def two_ranks(monkeypatch) -> Iterator[list[torch.device]]:
+    """The device of every tensor the pretend 2-rank all_reduce gets, in call order; FakeAccelerator is on."""
+    devices: list[torch.device] = []
 
-    def record(tensor, op=None):
-        calls.append(tensor.device)
-        raise Reduced(tensor)
+    def all_reduce(tensor: torch.Tensor, op: Any = dist.ReduceOp.SUM) -> None:
+        devices.append(tensor.device)
+        values = tensor.values if isinstance(tensor, OnFake) else tensor
+        if op == dist.ReduceOp.SUM:
+            values.mul_(2)
 
     monkeypatch.setattr(collectives, "world_size", lambda: 2)
-    monkeypatch.setattr(torch.distributed, "all_reduce", record)
-    return calls
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    with FakeAccelerator():
+        yield devices
 
 
 def pairs(n: int = 3) -> PairTable:
@@ -69,37 +107,50 @@ def pairs(n: int = 3) -> PairTable:
     )
 
 
-def test_micro_step_agrees_on_lm_head_calls_on_the_engine_device(two_ranks):
-    engine = SimpleNamespace(device=FAKE)  # the collective comes before any use of the model
-    with pytest.raises(Reduced) as got:
-        micro_step(Config(), engine, pairs(), np.array([0, 1]), pad_id=0)
-    assert got.value.device == FAKE and two_ranks == [FAKE]
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=16,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
+    return LlamaForCausalLM(config)
 
 
-def test_step_metrics_are_reduced_on_the_engine_device(two_ranks):
-    with pytest.raises(Reduced) as got:
-        collectives.all_reduce_rows([torch.ones(4, dtype=torch.float64)] * 2, FAKE)
-    assert got.value.device == FAKE
+def engine_on(device: torch.device, model: torch.nn.Module) -> SimpleNamespace:
+    """What the step reads of a DeepSpeed engine: the module, the device it names, eval/train."""
+    return SimpleNamespace(module=model, device=device, eval=model.eval, train=model.train)
 
 
-def test_eval_reduces_on_the_engine_device(two_ranks, monkeypatch):
-    row = torch.ones(4, dtype=torch.float64)
-    monkeypatch.setattr("pipeline.train.step.micro_step", lambda *a, **k: SimpleNamespace(metric_row=row))
-    engine = SimpleNamespace(device=FAKE, eval=lambda: None, train=lambda: None)
-    evaluate = Evaluator(Config(), pairs(3), rank=0, world=2, pad_id=0)
-    with pytest.raises(Reduced) as got:
-        evaluate(engine)
-    assert got.value.device == FAKE and two_ranks == [FAKE]
+def test_a_training_micro_step_makes_its_collectives_on_the_engine_device(two_ranks, model):
+    """The step's numbers are those of an engine on the CPU: the round trip to the device changes none."""
+    got = micro_step(Config(), engine_on(FAKE, model), pairs(), np.array([0, 1]), pad_id=0)
+    assert two_ranks == [FAKE]
+    on_cpu = micro_step(Config(), engine_on(CPU, model), pairs(), np.array([0, 1]), pad_id=0)
+    assert two_ranks == [FAKE, CPU]
+    assert got.loss.item() == on_cpu.loss.item() and torch.equal(got.metric_row, on_cpu.metric_row)
 
 
-def test_values_come_back_on_the_callers_device(monkeypatch):
-    """With a device that holds values (the CPU here), the reduced tensor returns where it came from."""
-    monkeypatch.setattr(collectives, "world_size", lambda: 2)
-    monkeypatch.setattr(torch.distributed, "all_reduce", lambda t, op=None: t.mul_(2))
+def test_an_eval_makes_every_collective_on_the_engine_device(two_ranks, model):
+    """One LM-head agreement per eval batch (filler batches too), then the one reduction of the metric rows."""
+    evaluate = Evaluator(Config(), pairs(5), rank=0, world=2, pad_id=0)
+    got = evaluate(engine_on(FAKE, model))
+    assert two_ranks == [FAKE] * (len(evaluate.batches) + 1) and len(evaluate.batches) >= 1
+    two_ranks.clear()
+    assert got == evaluate(engine_on(CPU, model)) and set(two_ranks) == {CPU}
+
+
+def test_the_reduced_values_come_back_on_the_callers_device(two_ranks):
     rows = [torch.tensor([1.0, 2.0], dtype=torch.float64), torch.tensor([3.0, 4.0], dtype=torch.float64)]
-    out = collectives.all_reduce_rows(rows, torch.device("cpu"))
-    assert out.device.type == "cpu" and out.tolist() == [[2.0, 4.0], [6.0, 8.0]]
-    assert collectives.agree_max(5, torch.device("cpu")) == 10
+    out = collectives.all_reduce_rows(rows, FAKE)
+    assert two_ranks == [FAKE] and out.device == CPU and out.tolist() == [[2.0, 4.0], [6.0, 8.0]]
+    assert collectives.agree_max(5, FAKE) == 5 and two_ranks == [FAKE, FAKE]
 
 
 def test_one_rank_makes_no_collective(monkeypatch):

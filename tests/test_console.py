@@ -50,6 +50,26 @@ def test_forwarded_worker_lines_reach_the_console_only_when_they_are_the_pipelin
     assert for_console(f"(autoscaler +1m2s) {unschedulable}") == unschedulable
     assert for_console("(autoscaler +1m2s) Tip: use `ray status` to view detailed cluster status.") is None
     assert for_console("held-out reward accuracy: 0.000 -> 0.438") == "held-out reward accuracy: 0.000 -> 0.438"
+    assert for_console("[tokenize] train: 16 rows read") == "[tokenize] train: 16 rows read"
+    assert for_console(ds) is None  # written on the driver itself: only the project's lines are the console's
+    assert for_console("Loading checkpoint shards: 100%") is None
+
+
+def test_a_library_imported_inside_the_console_logs_to_the_file(tmp_path):
+    """DeepSpeed, imported on the driver inside the block (save_pretrained imports it when a builtin model is
+    converted), gives its logger a handler to the stdout of that moment, the console's: its accelerator line
+    goes to the log file, not to the console."""
+    out = tmp_path / "out"
+    code = (
+        "from pipeline.console import open_console\n"
+        f"with open_console({str(out)!r}, 'run'):\n"
+        "    import deepspeed\n"
+        "    print('[run] imported', flush=True)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines() == [where("run", out / LOG_FILE), "[run] imported"] and done.stderr == ""
+    assert "real_accelerator" in (out / LOG_FILE).read_text()
 
 
 @pytest.mark.slow

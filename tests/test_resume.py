@@ -58,3 +58,11 @@ def test_a_key_newer_than_the_checkpoint_counts_as_its_default(tmp_path):
     check_resume(run_settings(config_from_dict(BASE), "t"), tmp_path, restart=False)
     with pytest.raises(ConfigError, match=r"  cpo_alpha: 1\.0 -> 0\.0\n"):
         check_resume(run_settings(config_from_dict({**BASE, "cpo_alpha": 0.0}), "t"), tmp_path, restart=False)
+
+
+def test_a_key_the_config_no_longer_has_is_refused_with_its_name(tmp_path):
+    """A checkpoint that records a setting the config has since lost (here a made-up `sft_weight`) cannot say
+    whether the code still does what its value did: refused like a changed key."""
+    checkpoint(tmp_path, "checkpoint_a", {**run_settings(config_from_dict(BASE), "t"), "sft_weight": 0.5})
+    with pytest.raises(ConfigError, match=r"\n  sft_weight: 0\.5 -> \(no longer a setting\)\n"):
+        check_resume(run_settings(config_from_dict(BASE), "t"), tmp_path, restart=False)

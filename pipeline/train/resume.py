@@ -6,7 +6,10 @@ the driver compares it with the new config: a change to anything that decides wh
 model, loss, optimizer, schedule, batch shape, workers, seed, ...) is refused with the changed keys and the
 two ways out; a change to a key in ALLOWED_CHANGES (how often to log, evaluate and save, loggers, eval data,
 where the cache lives, resources of other stages, what stage 4 generates after training) is allowed and
-printed. A key the checkpoint does not record (one added by a later version) counts as its default.
+printed. A key the checkpoint does not record (one added by a later version) counts as its default: a key is
+added with the default that does what the code did before it. A key the checkpoint records that the config no
+longer has (one removed since) counts as changed: nothing says whether what the code does now is what the recorded
+value did, so it is refused with its name unless it is in ALLOWED_CHANGES.
 """
 
 from __future__ import annotations
@@ -21,6 +24,16 @@ from pipeline.rundir import read_json
 from pipeline.train.train_state import STATE_FILE
 
 TABLE_KEY = "train_table"
+
+
+class _Removed:
+    """The new side of a key the checkpoint records and the config no longer has."""
+
+    def __repr__(self) -> str:
+        return "(no longer a setting)"
+
+
+REMOVED = _Removed()
 
 # Keys that do not change the training trajectory: what is logged or evaluated, and when; where things are.
 ALLOWED_CHANGES = frozenset(
@@ -52,7 +65,8 @@ def check_resume(new: dict[str, Any], run_dir: Location, restart: bool) -> None:
     if old is None:
         return
     defaults = json.loads(json.dumps(Config().flat(), default=str))  # a key newer than the checkpoint had its default
-    changed = {k: (old.get(k, defaults.get(k)), v) for k, v in new.items() if old.get(k, defaults.get(k)) != v}
+    compared = {k: (old.get(k, defaults.get(k)), new.get(k, REMOVED)) for k in old.keys() | new.keys()}
+    changed = {k: (o, n) for k, (o, n) in compared.items() if o != n}
     refused = {k: ov for k, ov in changed.items() if k not in ALLOWED_CHANGES}
     if refused:
         lines = "\n".join(f"  {k}: {o!r} -> {n!r}" for k, (o, n) in sorted(refused.items()))
