@@ -14,6 +14,7 @@ import itertools
 import os
 import time
 from collections.abc import Iterator
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -22,7 +23,7 @@ import ray
 
 from pipeline import schema
 from pipeline.cache import manifests, storage
-from pipeline.cache.claims import claimed
+from pipeline.cache.claims import found_or_claimed
 from pipeline.cluster import SetupErrorsOnFirstCall, cluster_cpus, data_context
 from pipeline.config import Config
 from pipeline.data.entries import TOKENIZED, TokenizedData, reusable, tokenized_key
@@ -107,11 +108,8 @@ def run_tokenize(
     key, files, model_dir, parts = tokenized_key(cfg, specs)
     path = manifests.entry_dir(cfg.data.cache_dir, TOKENIZED, key)
     label = f"[tokenize] {split}"
-    found = None if force else reusable(path, key, label, "tokenized data", verify=verify)
-    if found is not None:
-        return TokenizedData(path, key, found)
-    with claimed(path, label) as waited:  # another job building this entry: wait for it, then reuse
-        found = reusable(path, key, label, "tokenized data", verify=verify) if waited and not force else None
+    find = partial(reusable, path, key, label, "tokenized data", verify=verify)
+    with found_or_claimed(path, label, find, force) as found:  # None: this job builds it, holding the claim
         if found is not None:
             return TokenizedData(path, key, found)
         return _tokenize(cfg, files, model_dir, parts, path, key, split)
@@ -150,7 +148,7 @@ def _tokenize(
     report = _report(summary, len(duplicate_rows), split)
 
     kept = tokenized.map_batches(_keep_unique, fn_kwargs={"duplicates": duplicate_rows}, batch_format="pyarrow")
-    with storage.atomic_target(path, directory=True) as tmp:  # --force replaces the old entry only now
+    with storage.atomic_target(path, directory=True) as tmp:
         kept.sort(schema.PAIR_ID).write_parquet(str(tmp))
         names = sorted(p.name for p in tmp.iterdir() if p.name.endswith(".parquet"))
     manifest = manifests.write_manifest(

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -26,7 +27,7 @@ import ray
 
 from pipeline import schema
 from pipeline.cache import manifests, storage
-from pipeline.cache.claims import claimed
+from pipeline.cache.claims import found_or_claimed
 from pipeline.cluster import SetupErrorsOnFirstCall, cpus_each, data_context
 from pipeline.config import Config, ModelConfig
 from pipeline.data import entries
@@ -135,13 +136,8 @@ def run_score_ref(
     key, model_dir, parts = reference_key(cfg, tokenized)
     path = manifests.entry_dir(cfg.data.cache_dir, REFERENCE, key)
     label = f"[score-ref] {split}"
-    found = None if force else reusable(path, key, label, "reference scores", resumable=True, verify=verify)
-    if found is not None:
-        return ReferenceScores(path, key, found)
-    with claimed(path, label) as waited:  # another job scoring this entry: wait, then reuse or finish it
-        if force and not waited and path.exists():
-            storage.rmtree(path)
-        found = reusable(path, key, label, "reference scores", resumable=True, verify=verify)
+    find = partial(reusable, path, key, label, "reference scores", resumable=True, verify=verify)
+    with found_or_claimed(path, label, find, force) as found:  # None: score it, or the shards still missing
         if found is not None:
             return ReferenceScores(path, key, found)
         return _score(cfg, tokenized, model_dir, parts, path, key, split, shard_pairs)

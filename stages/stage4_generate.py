@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import time
+from functools import partial
 from typing import Any
 
 import pyarrow as pa
@@ -23,7 +24,7 @@ import ray
 
 from pipeline import schema
 from pipeline.cache import manifests, storage
-from pipeline.cache.claims import claimed
+from pipeline.cache.claims import found_or_claimed
 from pipeline.cache.storage import location, write_json_atomic
 from pipeline.cluster import SetupErrorsOnFirstCall, cpus_each, data_context
 from pipeline.config import Config, ModelConfig
@@ -135,12 +136,10 @@ def reference_generations(cfg: Config, tokenized: TokenizedData, verify: bool = 
     key = manifests.cache_key(**parts)
     path = manifests.entry_dir(cfg.data.cache_dir, GENERATIONS, key)
     label = "[generate] eval"
-    found = reusable(path, key, label, "reference completions", verify=verify)
-    if found is None:
-        with claimed(path, label) as waited:  # another job generating them: wait, then reuse
-            found = reusable(path, key, label, "reference completions", verify=verify) if waited else None
-            if found is None:
-                _write_reference(cfg, tokenized, model_dir, path, key, parts)
+    find = partial(reusable, path, key, label, "reference completions", verify=verify)
+    with found_or_claimed(path, label, find) as found:  # None: this job generates them, holding the claim
+        if found is None:
+            _write_reference(cfg, tokenized, model_dir, path, key, parts)
     fs, files = storage.parquet_source([str(path / FILE)])
     table = pq.read_table(files[0], filesystem=fs)
     return dict(zip(table.column(schema.PAIR_ID).to_pylist(), table.column(COMPLETIONS).to_pylist(), strict=True))

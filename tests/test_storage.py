@@ -42,6 +42,24 @@ def test_remote_path_operations(tmp_path):
     assert isinstance(storage.location("~/x"), Path) and str(storage.location("~/x")) == str(Path("~/x").expanduser())
 
 
+@pytest.mark.parametrize("remote", [False, True], ids=["local", "object-store"])
+def test_a_finished_directory_is_never_replaced(tmp_path, remote):
+    """Other jobs may be reading an entry: a directory written over it is refused (StorageError) or, with
+    keep_existing, dropped; the entry keeps its files and its manifest, and no temporary is left."""
+    root = storage.location(uri(tmp_path / "c")) if remote else tmp_path / "c"
+    entry = root / "entry"
+    with storage.atomic_target(entry, directory=True) as tmp:
+        (tmp / "data.bin").write_bytes(b"old")
+    manifests.write_manifest(entry, "k", "test", ["data.bin"], rows=1)
+    refused = pytest.raises(storage.StorageError, match="never replaced")
+    with refused, storage.atomic_target(entry, directory=True) as tmp:
+        (tmp / "data.bin").write_bytes(b"new")
+    with storage.atomic_target(entry, directory=True, keep_existing=True) as tmp:
+        (tmp / "data.bin").write_bytes(b"new")
+    assert (entry / "data.bin").read_bytes() == b"old" and manifests.read_valid_manifest(entry, "k", "")["rows"] == 1
+    assert [p.name for p in root.iterdir()] == ["entry"]
+
+
 def test_output_mirror_uploads_and_fetches_back(tmp_path):
     target = uri(tmp_path / "out")
     first = storage.LocalMirror(target, fetch=("metrics.jsonl", "tensorboard"))

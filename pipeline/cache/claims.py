@@ -1,16 +1,26 @@
 """One builder per cache entry at a time: a claim file beside the entry, naming its owner, refreshed while it works.
 
+    with found_or_claimed(path, label, lambda: reusable(path, key, ...)) as found:
+        if found is None:
+            build(path)  # this job holds the claim
+
 Two jobs on one cache_dir (a sweep launched at once) need the same entries. The first to create
-`<entry>.claim` builds the entry; the others wait, then find it complete and reuse it (stage 2: or score the
-shards still missing). The owner rewrites the claim's heartbeat every HEARTBEAT_S seconds; a claim is stale,
-and taken over, when its heartbeat is older than STALE_S or its owner was a process of this host that no longer
-exists (a killed job).
+`<entry>.claim` builds the entry; the others wait. Whoever takes the claim, after waiting or not, looks for the
+finished entry again and reuses it (stage 2: or scores the shards still missing): a job that takes the claim
+just after another released it never rebuilds, and so never replaces, an entry others may be reading. The owner
+rewrites the claim's heartbeat every HEARTBEAT_S seconds; a claim is stale, and taken over, when its heartbeat is
+older than STALE_S or its owner was a process of this host that no longer exists (a killed job).
+
+A finished entry is never deleted or replaced in place: `storage.atomic_target` refuses to move a new directory
+over one, and `--force` moves a finished local entry aside (one rename: files a job holds open stay whole, and
+the pipeline never deletes it) and refuses one on an object store, where no directory moves in one step.
 
 Limits: on a local or shared file system the claim is created with O_EXCL (atomic on local disks and NFSv3+).
 Object stores have no exclusive create: the claim is written, read back after SETTLE_S, and held by whoever's
-token is read; two jobs whose check and write are more than SETTLE_S apart could both proceed. Entries are still
-written atomically (`storage.atomic_target`), so the worst case is work done twice, never a mixed entry.
-Heartbeat ages compare wall clocks of different hosts: keep them in sync (NTP) within a fraction of STALE_S.
+token is read; two jobs whose check and write are more than SETTLE_S apart could both build. The second to
+finish a directory entry then stops with a StorageError and leaves the first one's in place (a rerun reuses
+it); stage 2 rewrites the same shards, each whole: work done twice, never a mixed or replaced entry. Heartbeat
+ages compare wall clocks of different hosts: keep them in sync (NTP) within a fraction of STALE_S.
 """
 
 from __future__ import annotations
@@ -22,17 +32,20 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from pipeline.cache.storage import Location, write_json_atomic, writing
-from pipeline.errors import PipelineError
+from pipeline.cache.manifests import MANIFEST
+from pipeline.cache.storage import Location, RemotePath, rmtree, write_json_atomic, writing
+from pipeline.errors import CacheError, PipelineError
 
 HEARTBEAT_S = float(os.environ.get("DPO_CLAIM_HEARTBEAT_S", "10"))
 STALE_S = float(os.environ.get("DPO_CLAIM_STALE_S", "120"))
 SETTLE_S = 2.0
 POLL_S = 1.0
+
+T = TypeVar("T")
 
 
 def claim_file(entry: Location) -> Location:
@@ -41,8 +54,8 @@ def claim_file(entry: Location) -> Location:
 
 @contextlib.contextmanager
 def claimed(entry: Location, label: str) -> Iterator[bool]:
-    """Hold the claim on `entry` for the block. Yields True when another job held it first: the caller then
-    looks for that job's result before building."""
+    """Hold the claim on `entry` for the block. Yields True when another job held it first. Stages take it
+    through `found_or_claimed`, which looks for the finished entry once the claim is held."""
     path = claim_file(entry)
     me = {"token": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid()}
     waited = False
@@ -52,6 +65,8 @@ def claimed(entry: Location, label: str) -> Iterator[bool]:
             other = _read(path)
             if other is None:  # released between our attempt and the read
                 continue
+            if other.get("token") == me["token"]:  # object store: a torn read-back, but our write landed last
+                break
             if _is_stale(other):
                 print(f"{label}: taking over the stale claim {path} of {_describe(other)}", flush=True)
                 _take_over(path, other)
@@ -70,6 +85,50 @@ def claimed(entry: Location, label: str) -> Iterator[bool]:
         beat.join()
         if (_read(path) or {}).get("token") == me["token"]:
             path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def found_or_claimed(
+    entry: Location, label: str, find: Callable[[], T | None], force: bool = False
+) -> Iterator[T | None]:
+    """What `find` returns for the finished entry, to reuse; else None, and the block builds the entry while this
+    job holds its claim. `find` returns None where there is nothing to reuse and raises on an entry it refuses.
+
+    The first look takes no claim (reusing costs a few stats), and only an entry with its manifest is looked at:
+    a directory without one is being committed by its builder or was left unfinished, and the claim tells which.
+    Once the claim is held, `find` looks again, whether or not this job waited: a job that released the claim in
+    between has left a finished entry, which is reused rather than rebuilt. `force` (a --force rebuild) skips
+    both looks and clears the entry (`_make_way`), unless this job had to wait: the other job has just built
+    the entry, and it is reused.
+    """
+    if not force and (entry / MANIFEST).exists():
+        found = find()
+        if found is not None:
+            yield found
+            return
+    with claimed(entry, label) as waited:
+        if force and not waited:
+            _make_way(entry, label)
+            yield None
+        else:
+            yield find()
+
+
+def _make_way(entry: Location, label: str) -> None:
+    """Clear `entry` for a --force rebuild without deleting a finished entry under the jobs reading it."""
+    if not entry.exists():
+        return
+    if not (entry / MANIFEST).exists():
+        rmtree(entry)  # unfinished: every reader refuses it, so nobody is reading it
+        return
+    if isinstance(entry, RemotePath):
+        raise CacheError(
+            f"{label}: --force does not replace the finished entry {entry}: on an object store it cannot be moved "
+            "aside in one step, and other jobs may be reading it. Delete it once no job uses it, then rerun."
+        )
+    aside = entry.with_name(f".{entry.name}.replaced-{uuid.uuid4().hex[:8]}")
+    os.replace(entry, aside)  # one rename: files a job holds open stay whole
+    print(f"{label}: --force: moved the old entry to {aside}; delete it once no job uses it", flush=True)
 
 
 def _create(path: Location, owner: dict[str, Any]) -> bool:
@@ -148,12 +207,12 @@ def _heartbeat(path: Location, me: dict[str, Any], stop: threading.Event) -> Non
     while not stop.wait(HEARTBEAT_S):
         current = _read(path)
         if current is None or current.get("token") != me["token"]:
-            print(f"warning: lost the claim {path} (taken over as stale); keep clocks in sync", flush=True)
+            print(f"[cache] warning: lost the claim {path} (taken over as stale); keep clocks in sync", flush=True)
             return
         try:
             write_json_atomic(path, {**me, "heartbeat": time.time()})
         except PipelineError as e:  # e.g. a full disk: the work itself will meet it and say so
-            print(f"warning: could not refresh the claim {path}: {e}", flush=True)
+            print(f"[cache] warning: could not refresh the claim {path}: {e}", flush=True)
 
 
 def _describe(owner: dict[str, Any]) -> str:

@@ -171,9 +171,9 @@ def atomic_target(
 def atomic_target(target: Location, directory: bool = False, keep_existing: bool = False) -> Iterator[Location]:
     """A temporary sibling of `target` (a file, or a directory with `directory`) for the block to fill. When
     the block succeeds it takes `target`'s place in one move, so readers see the old content or the new, never
-    half of it; when the block fails it is removed. A directory already at `target` is replaced, or with
-    `keep_existing` kept (another process finished first) and the new one dropped. Failed writes become
-    StorageError (see `writing`).
+    half of it; when the block fails it is removed. A directory already at `target` is never replaced, as other
+    jobs may be reading it: with `keep_existing` (another process finished first) the new one is dropped, else
+    it is a StorageError. Failed writes become StorageError (see `writing`).
 
         with atomic_target(path / "manifest.json") as tmp:
             tmp.write_text(text)
@@ -187,10 +187,13 @@ def atomic_target(target: Location, directory: bool = False, keep_existing: bool
             if isinstance(tmp, Path) and not directory:
                 _fsync(tmp)
             if directory and target.exists():
-                if keep_existing:
-                    rmtree(tmp)
-                    return
-                rmtree(target)
+                if not keep_existing:
+                    raise StorageError(
+                        f"cannot write {target}: another job wrote it meanwhile, and an entry is never replaced "
+                        "under its readers. Rerun to reuse it."
+                    )
+                rmtree(tmp)
+                return
             replace(tmp, target)
         except BaseException:
             rmtree(tmp) if directory else tmp.unlink(missing_ok=True)

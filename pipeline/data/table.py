@@ -22,6 +22,7 @@ import heapq
 import io
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,7 @@ import pyarrow.parquet as pq
 
 from pipeline import schema
 from pipeline.cache import manifests, storage
-from pipeline.cache.claims import claimed
+from pipeline.cache.claims import found_or_claimed
 from pipeline.cache.storage import Location
 from pipeline.config import Config
 from pipeline.core.batching import Schedule
@@ -68,11 +69,8 @@ def build_table(
     key = table_key(tokenized, reference)
     path = manifests.entry_dir(cfg.data.cache_dir, TABLE, key)
     label = f"[train] {split}"
-    found = reusable(path, key, label, "training table", verify=verify)
-    if found is not None:
-        return TableEntry(path, key, found)
-    with claimed(path, label) as waited:  # another run building this table: wait for it, then reuse
-        found = reusable(path, key, label, "training table", verify=verify) if waited else None
+    find = partial(reusable, path, key, label, "training table", verify=verify)
+    with found_or_claimed(path, label, find) as found:  # None: this job builds it, holding the claim
         if found is not None:
             return TableEntry(path, key, found)
         return _write_table(tokenized, reference, path, key, split)
