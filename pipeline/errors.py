@@ -34,6 +34,11 @@ class CacheError(PipelineError):
     """A cache entry is missing, incomplete, corrupt or does not match its key."""
 
 
+class ClusterError(PipelineError):
+    """The Ray cluster to join cannot be joined: nothing answers at its address, it refuses our token, or it runs
+    another Ray or Python."""
+
+
 def causes(e: BaseException) -> list[BaseException]:
     """`e` and what it wraps: Ray's `cause` attribute, then `__cause__` / `__context__`, each exception once."""
     chain: list[BaseException] = []

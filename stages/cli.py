@@ -83,7 +83,7 @@ def train(cfg: Config, command: str, opts: Options) -> dict[str, Any]:
 
 
 def cmd_tokenize(cfg: Config, opts: Options) -> None:
-    init_ray()
+    init_ray("tokenize")
     tokenize_splits(cfg, opts)
 
 
@@ -98,19 +98,19 @@ def cmd_score_ref(cfg: Config, opts: Options) -> None:
     if not cfg.loss.needs_reference:
         print(f"[score-ref] nothing to score: {reference_free_note(cfg)}.", flush=True)
         return
-    init_ray()
+    init_ray("score-ref")
     for split, specs in splits(cfg):
         run_score_ref(cfg, find_tokenized(cfg, specs, opts.verify), split, force=opts.force, verify=opts.verify)
 
 
 def cmd_train(cfg: Config, opts: Options) -> None:
-    init_ray()
+    init_ray("train")
     train(cfg, "train", opts)
     write_run_report(cfg.data.output_dir)
 
 
 def cmd_run(cfg: Config, opts: Options) -> None:
-    init_ray()
+    init_ray("run")
     tokenized = tokenize_splits(cfg, opts)
     if cfg.loss.needs_reference:
         for split, data in tokenized.items():
@@ -136,7 +136,7 @@ def cmd_run(cfg: Config, opts: Options) -> None:
 
 
 def cmd_generate(cfg: Config, opts: Options) -> None:
-    init_ray()
+    init_ray("generate")
     print_answer_accuracy(run_generate(cfg, opts.verify))
     write_run_report(cfg.data.output_dir)
 

@@ -5,6 +5,7 @@ runs as two `ray job submit` jobs on a real Ray head on 127.0.0.1 with token aut
 from __future__ import annotations
 
 import contextlib
+import http.server
 import json
 import os
 import re
@@ -16,7 +17,10 @@ import socket
 import subprocess
 import sys
 import tempfile
+import textwrap
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -186,76 +190,51 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
-@pytest.fixture
-def ray_head(tmp_path):
-    """A Ray head on 127.0.0.1 with token auth, every port chosen free, its own temp dir; `ray start --block`
-    runs in its own session, and teardown stops that session only (never a global `ray stop`)."""
-    home = tmp_path / "home"
+@contextlib.contextmanager
+def token_auth_head(root: Path, *args: str, env: dict[str, str] | None = None) -> Iterator[dict]:
+    """`ray start --head --block` on 127.0.0.1 with token auth and `args`: a token generated in a temp HOME, Ray's
+    temp dir a short `/tmp/rayj*/ray` (Ray's socket paths must fit 107 bytes; RAY_TMPDIR set to its parent finds
+    this head as a `ray start` on this machine), its own session; `env` adds to the head's environment. Yields
+    once the head has written its address; on exit stops that session only (never a global `ray stop`)."""
     token = subprocess.run(
         [str(RAY_BIN), "get-auth-token", "--generate"],
-        env={**os.environ, "HOME": str(home)},
+        env={**os.environ, "HOME": str(root / "home")},
         capture_output=True,
         text=True,
         check=True,
     ).stdout.strip()
     assert len(token) >= 32
-    token_file = tmp_path / "auth_token"
+    token_file = root / "auth_token"
     token_file.write_text(token)
-    fake = {"HF_TOKEN": "hf_" + secrets.token_hex(17), "AWS_SECRET_ACCESS_KEY": secrets.token_urlsafe(30)}
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RAY_ADDRESS")}
-    env |= {
+    head_env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RAY_ADDRESS")}
+    head_env |= {
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN_PATH": str(token_file),
-        **fake,
-        "PATH": f"{RAY_BIN.parent}:{env.get('PATH', '')}",
+        **(env or {}),
+        "PATH": f"{RAY_BIN.parent}:{head_env.get('PATH', '')}",
         "RAY_USAGE_STATS_ENABLED": "0",
     }
-    *named, lo = free_ports(10)
-    while any(lo <= p <= lo + 200 for p in named):  # the workers' port range must not hold a named port
-        *named, lo = free_ports(10)
-    gcs, dash, client, nm, om, agent, agent_grpc, rt_agent, metrics = named
-    temp_dir = tempfile.mkdtemp(prefix="rayj", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    log = (tmp_path / "head.log").open("w")
+    tmpdir = Path(tempfile.mkdtemp(prefix="rayj", dir="/tmp"))
+    address_file = tmpdir / "ray" / "ray_current_cluster"
+    log = (root / "head.log").open("w")
     head = subprocess.Popen(
         [
-            str(RAY_BIN),
-            "start",
-            "--head",
-            "--block",
-            "--node-ip-address=127.0.0.1",
-            f"--port={gcs}",
-            "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={dash}",
-            "--include-dashboard=true",
-            f"--ray-client-server-port={client}",
-            f"--node-manager-port={nm}",
-            f"--object-manager-port={om}",
-            f"--dashboard-agent-listen-port={agent}",
-            f"--dashboard-agent-grpc-port={agent_grpc}",
-            f"--runtime-env-agent-port={rt_agent}",
-            f"--metrics-export-port={metrics}",
-            f"--min-worker-port={lo}",
-            f"--max-worker-port={lo + 200}",
-            "--num-cpus=2",
-            f"--temp-dir={temp_dir}",
-            "--disable-usage-stats",
+            *(str(RAY_BIN), "start", "--head", "--block", "--node-ip-address=127.0.0.1"),
+            *(f"--temp-dir={tmpdir / 'ray'}", "--disable-usage-stats", *args),
         ],
-        env=env,
+        env=head_env,
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    address = f"http://127.0.0.1:{dash}"
     try:
         deadline = time.time() + 180
-        while (
-            subprocess.run([str(RAY_BIN), "job", "list", "--address", address], env=env, capture_output=True).returncode
-            != 0
-        ):
-            assert head.poll() is None, (tmp_path / "head.log").read_text()[-3000:]
+        while not address_file.is_file():
+            assert head.poll() is None, (root / "head.log").read_text()[-3000:]
             assert time.time() < deadline, "the head did not come up in 180 s"
-            time.sleep(2)
-        yield {"address": address, "env": env, "token": token, "fake": fake}
+            time.sleep(1)
+        gcs = address_file.read_text().strip()
+        yield {"gcs": gcs, "env": head_env, "token": token, "token_file": token_file, "tmpdir": tmpdir}
     finally:
         head.send_signal(signal.SIGTERM)  # --block: stops what this `ray start` started
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -263,7 +242,43 @@ def ray_head(tmp_path):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(head.pid, signal.SIGKILL)  # anything of that session still alive
         log.close()
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """A token-auth head with the dashboard (for `ray job submit`), every port chosen free, 2 CPUs."""
+    fake = {"HF_TOKEN": "hf_" + secrets.token_hex(17), "AWS_SECRET_ACCESS_KEY": secrets.token_urlsafe(30)}
+    *named, lo = free_ports(10)
+    while any(lo <= p <= lo + 200 for p in named):  # the workers' port range must not hold a named port
+        *named, lo = free_ports(10)
+    gcs, dash, client, nm, om, agent, agent_grpc, rt_agent, metrics = named
+    args = [
+        f"--port={gcs}",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dash}",
+        "--include-dashboard=true",
+        f"--ray-client-server-port={client}",
+        f"--node-manager-port={nm}",
+        f"--object-manager-port={om}",
+        f"--dashboard-agent-listen-port={agent}",
+        f"--dashboard-agent-grpc-port={agent_grpc}",
+        f"--runtime-env-agent-port={rt_agent}",
+        f"--metrics-export-port={metrics}",
+        f"--min-worker-port={lo}",
+        f"--max-worker-port={lo + 200}",
+        "--num-cpus=2",
+    ]
+    with token_auth_head(tmp_path, *args, env=fake) as head:
+        env, address = head["env"], f"http://127.0.0.1:{dash}"
+        deadline = time.time() + 180
+        while (
+            subprocess.run([str(RAY_BIN), "job", "list", "--address", address], env=env, capture_output=True).returncode
+            != 0
+        ):
+            assert time.time() < deadline, "the dashboard did not come up in 180 s"
+            time.sleep(2)
+        yield {"address": address, "env": env, "token": head["token"], "fake": fake}
 
 
 def submit(head: dict, submission_id: str, entrypoint: str) -> str:
@@ -375,3 +390,185 @@ def test_two_jobs_share_the_cache_on_a_token_auth_head(ray_head, tiny_model_dir,
         if f.is_file():
             blob = f.read_bytes()
             assert not any(s.encode() in blob for s in leaks), f
+
+
+# --- joining a cluster that refuses us ---
+
+LOCAL_START = "a `ray start` on this machine"
+PRIVATE = "or set RAY_ADDRESS=local to start a private Ray instead"
+TOKEN_FIX = (
+    "give it the cluster's token (`ray get-auth-token` on the head) in RAY_AUTH_TOKEN or in the file "
+    f"RAY_AUTH_TOKEN_PATH names (default ~/.ray/auth_token), with RAY_AUTH_MODE=token; {PRIVATE}"
+)
+FAST_S = 10  # a refusal takes well under a second; Ray's own connect retries for 20 s to many minutes
+DRIVER = textwrap.dedent(
+    """
+    import sys, time
+    from pipeline.cluster import init_ray
+    from pipeline.errors import ClusterError
+
+    start = time.monotonic()
+    try:
+        init_ray("run")
+    except ClusterError as e:
+        print(f"error: {e}")
+        print(f"seconds: {time.monotonic() - start:.1f}")
+        sys.exit(2)
+    import ray
+    print("joined:", ray.get_runtime_context().gcs_address)
+    """
+)
+# what a head writes at start and ray.init checks this process's versions against; argv: address, JSON to merge
+SET_METADATA = textwrap.dedent(
+    """
+    import json, sys
+    from ray._raylet import InnerGcsClient
+
+    gcs = InnerGcsClient.standalone(sys.argv[1], None, 10_000)
+    meta = json.loads(gcs.internal_kv_get(b"CLUSTER_METADATA", namespace=b"cluster", timeout=10))
+    gcs.internal_kv_put(b"CLUSTER_METADATA", json.dumps(meta | json.loads(sys.argv[2])).encode(), True, b"cluster",
+                        timeout=10)
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def auth_head(tmp_path_factory):
+    """A cheap token-auth head (no CPUs, no dashboard) for the tests of joining it."""
+    with token_auth_head(tmp_path_factory.mktemp("auth-head"), f"--port={free_ports(1)[0]}", "--num-cpus=0",
+                         "--include-dashboard=false") as head:  # fmt: skip
+        yield head
+
+
+def driver_env(ray_tmpdir: Path, home: Path, **env: str) -> dict[str, str]:
+    """This environment without a Ray address or token; Ray's temp root `ray_tmpdir` (where a `ray start` on this
+    machine leaves its address), HOME `home` (where Ray looks for .ray/auth_token), then `env`."""
+    ours = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and not k.startswith("RAY_AUTH")}
+    return ours | {"RAY_TMPDIR": str(ray_tmpdir), "HOME": str(home)} | env
+
+
+def drive(env: dict[str, str]) -> tuple[int, list[str]]:
+    """init_ray("run") in a fresh driver: its exit status (2: ClusterError) and stdout lines. A driver that waits
+    on Ray's connect retries fails here by the timeout; any other exception, by its traceback."""
+    done = subprocess.run([sys.executable, "-c", DRIVER], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    return done.returncode, done.stdout.splitlines()
+
+
+def refused(env: dict[str, str], within: float = FAST_S) -> list[str]:
+    """The lines of a driver that the cluster refuses, which must take under `within` seconds."""
+    rc, lines = drive(env)
+    assert rc == 2 and lines[-1].startswith("seconds: "), lines
+    assert float(lines[-1].split()[1]) < within, lines
+    return lines[:-1]
+
+
+def test_which_cluster_a_command_joins(monkeypatch, tmp_path):
+    from pipeline.cluster import cluster_to_join
+    from pipeline.errors import ClusterError
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    assert cluster_to_join() is None  # no `ray start` here: a private local Ray, and no line on the console
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "ray" / "ray_current_cluster").write_text("10.1.2.3:6379")
+    assert cluster_to_join() == ("10.1.2.3:6379", LOCAL_START)
+    for named, joined in [("local", None), ("10.0.0.1:6379", ("10.0.0.1:6379", "RAY_ADDRESS")),
+                          ("ray://10.0.0.1:10001", ("ray://10.0.0.1:10001", "RAY_ADDRESS"))]:  # fmt: skip
+        monkeypatch.setenv("RAY_ADDRESS", named)
+        assert cluster_to_join() == joined, named
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")  # `ray job submit`'s address, as cluster/README exports
+    with pytest.raises(ClusterError, match=r"^RAY_ADDRESS=http://127.0.0.1:8265 is a dashboard address"):
+        cluster_to_join()
+    monkeypatch.setenv("RAY_ADDRESS", "head-node")
+    with pytest.raises(ClusterError, match=r"^RAY_ADDRESS=head-node: Invalid address format: head-node; set it to"):
+        cluster_to_join()
+
+
+@pytest.mark.parametrize("how", ["found here, no token", "RAY_ADDRESS, a wrong token"])
+def test_a_head_that_refuses_our_token_fails_in_seconds_naming_the_fix(auth_head, tmp_path, how):
+    gcs = auth_head["gcs"]
+    if how == "found here, no token":  # the user's case: a `ray start --head` here, nothing in the environment
+        env = driver_env(auth_head["tmpdir"], tmp_path)
+        why, cause = LOCAL_START, "this process, which sends no token"
+    else:
+        env = driver_env(
+            tmp_path, tmp_path, RAY_ADDRESS=gcs, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16)
+        )
+        why, cause = "RAY_ADDRESS", "the token this process sends (RAY_AUTH_TOKEN)"
+    assert refused(env) == [
+        f"[run] joining the Ray cluster at {gcs} ({why})",
+        f"error: the Ray cluster at {gcs} ({why}) refuses {cause}: {TOKEN_FIX}",
+    ]
+
+
+@pytest.mark.parametrize("how", ["RAY_ADDRESS and RAY_AUTH_TOKEN_PATH", "found here, ~/.ray/auth_token"])
+def test_with_its_token_a_driver_joins_and_says_where(auth_head, tmp_path, how):
+    gcs = auth_head["gcs"]
+    if how == "RAY_ADDRESS and RAY_AUTH_TOKEN_PATH":
+        env = driver_env(tmp_path, tmp_path, RAY_ADDRESS=gcs, RAY_AUTH_MODE="token",
+                         RAY_AUTH_TOKEN_PATH=str(auth_head["token_file"]))  # fmt: skip
+        why = "RAY_ADDRESS"
+    else:  # no RAY_AUTH_MODE: for a cluster it finds, Ray sends the token it finds in ~/.ray
+        (tmp_path / ".ray").mkdir()
+        (tmp_path / ".ray" / "auth_token").write_text(auth_head["token"])
+        env = driver_env(auth_head["tmpdir"], tmp_path)
+        why = LOCAL_START
+    assert drive(env) == (0, [f"[run] joining the Ray cluster at {gcs} ({why})", f"joined: {gcs}"])
+
+
+def test_a_head_of_another_ray_version_fails_in_seconds(auth_head, tmp_path):
+    """A head of Ray 2.59.0, as its cluster metadata says (what ray.init compares this process's versions with)."""
+    gcs, head_env = auth_head["gcs"], auth_head["env"]
+    py = ".".join(map(str, sys.version_info[:3]))
+    env = driver_env(tmp_path, tmp_path, RAY_ADDRESS=gcs, RAY_AUTH_MODE="token",
+                     RAY_AUTH_TOKEN_PATH=str(auth_head["token_file"]))  # fmt: skip
+    set_metadata = [sys.executable, "-c", SET_METADATA, gcs]
+    subprocess.run([*set_metadata, '{"ray_version": "2.59.0"}'], env=head_env, check=True, timeout=60)
+    try:
+        assert refused(env) == [
+            f"[run] joining the Ray cluster at {gcs} (RAY_ADDRESS)",
+            f"error: the Ray cluster at {gcs} (RAY_ADDRESS) runs Ray 2.59.0 on Python {py} and this process Ray "
+            f"{ray.__version__} on Python {py}; Ray needs the same on both: run this command with the cluster's "
+            f"versions, or the cluster with ours (cluster/README.md, Image), {PRIVATE}",
+        ]
+    finally:
+        subprocess.run([*set_metadata, json.dumps({"ray_version": ray.__version__})], env=head_env, check=True,
+                       timeout=60)  # fmt: skip
+
+
+@pytest.mark.parametrize("how", ["RAY_ADDRESS", "a `ray start` here that is gone"])
+def test_an_address_where_nothing_listens_fails_in_seconds(tmp_path, how):
+    port = free_ports(1)[0]
+    if how == "RAY_ADDRESS":
+        env = driver_env(tmp_path, tmp_path, RAY_ADDRESS=f"127.0.0.1:{port}")
+        why, fix = "RAY_ADDRESS", "check the address (the head's GCS port)"
+    else:  # its address file outlived it (a crash; `ray stop` removes it)
+        (tmp_path / "ray").mkdir()
+        (tmp_path / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{port}")
+        env = driver_env(tmp_path, tmp_path)
+        why, fix = LOCAL_START, "run `ray stop` to forget it"
+    joining, error = refused(env)
+    address = re.fullmatch(rf"\[run\] joining the Ray cluster at (\S+:{port}) \({re.escape(why)}\)", joining)
+    assert address, joining  # the host is Ray's: 127.0.0.1 becomes this machine's address
+    assert error == f"error: nothing answers at {address[1]} ({why}): Connection refused; {fix}, {PRIVATE}"
+
+
+def test_an_address_where_something_else_listens_fails_in_seconds(tmp_path):
+    """An HTTP server (as the dashboard's port given without http://): Ray's first connect gives up after about
+    10 s plus our 5 s; its own retries would take minutes."""
+    # all interfaces: Ray dials this machine's address for 127.0.0.1
+    server = http.server.ThreadingHTTPServer(("0.0.0.0", 0), http.server.BaseHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    try:
+        joining, error = refused(driver_env(tmp_path, tmp_path, RAY_ADDRESS=f"127.0.0.1:{port}"), within=60)
+    finally:
+        server.shutdown()
+    address = joining.removeprefix("[run] joining the Ray cluster at ").removesuffix(" (RAY_ADDRESS)")
+    assert address.endswith(f":{port}"), joining
+    assert error == (
+        f"error: the Ray cluster at {address} (RAY_ADDRESS) does not answer as a Ray head (Timed out while waiting for "
+        f"GCS to become available.); check the address, {PRIVATE}"
+    )
