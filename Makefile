@@ -31,9 +31,11 @@ $(STAMP): pyproject.toml constraints.txt
 
 # Lint, format, the layering contracts (import-linter, pyproject.toml), types, then the tests; -rs lists every
 # skip with its reason, so a skipped check is visible in CI's log; --durations shows the 15 slowest tests.
+# Two pytest-xdist workers, a test file per worker at a time (module fixtures are built once), the longest files
+# first (tests/conftest.py): the end-to-end tests spend much of their time waiting on process start-ups.
 test: setup lint
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -q -rs --durations=15
+	$(BIN)/python -m pytest -q -rs -n 2 --dist loadfile --no-loadscope-reorder --durations=15
 
 demo: setup
 	$(BIN)/dpo-pipeline run --config configs/demo.yaml

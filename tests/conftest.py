@@ -12,6 +12,10 @@ HH_RLHF = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-har
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Every Ray a test starts is its own: without this, ray.init() joins whatever cluster last wrote its address to
+# /tmp/ray (another xdist worker's `ray.cluster_utils.Cluster`, a developer's `ray start`). Tests that join a
+# cluster name its address themselves.
+os.environ["RAY_ADDRESS"] = "local"
 
 
 @pytest.fixture(scope="session")
@@ -59,3 +63,34 @@ def hh_rlhf() -> Path:
     if not HH_RLHF.is_file():
         pytest.skip(f"HH-RLHF data not found at {HH_RLHF}")
     return HH_RLHF
+
+
+# The files with end-to-end runs, longest first (measured: `make test` prints the slowest tests). With
+# pytest-xdist's --dist loadfile --no-loadscope-reorder, files are handed to the two workers in collection
+# order, so the long ones start first and the short ones fill the gaps: both workers finish about together.
+LONGEST_FIRST = [
+    "test_stage3_train.py",
+    "test_cluster.py",
+    "test_two_nodes.py",
+    "test_generate.py",
+    "test_reference_free_run.py",
+    "test_report.py",
+    "test_stage2_score_ref.py",
+    "test_claims.py",
+    "test_console.py",
+    "test_stage3_settings.py",
+    "test_faults.py",
+    "test_storage.py",
+    "test_ray_errors.py",
+    "test_stage1_tokenize.py",
+    "test_trl_parity.py",
+    "test_trl_parity_reference_free.py",
+]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: tests keep their order within a file

@@ -81,7 +81,7 @@ def test_run_console_shows_the_pipelines_lines_and_logs_the_rest(tiny_model_dir,
             "--per_device_train_batch_size", "4", "--logging_steps", "1", "--zero_stage", "0",
             "--gradient_checkpointing", "false", "--max_new_tokens", "4",
             "--output_dir", str(out), "--cache_dir", str(tmp_path / "cache")]  # fmt: skip
-    env = {**os.environ, "RAY_ADDRESS": ""}
+    env = {**os.environ, "RAY_ADDRESS": "local"}
     done = subprocess.run(
         [sys.executable, "-m", "stages.cli", "run", *args], cwd=REPO, env=env, capture_output=True, text=True
     )

@@ -301,7 +301,7 @@ def test_ctrl_c_stops_every_process_and_a_rerun_resumes(setup, tmp_path):
     }
     cfg.write_text(json.dumps(config))
     marker = uuid.uuid4().hex
-    env = {**os.environ, "RAY_ADDRESS": "", "DPO_TEST_MARKER": marker}
+    env = {**os.environ, "RAY_ADDRESS": "local", "DPO_TEST_MARKER": marker}
     cmd = [sys.executable, "-m", "pipeline", "run", "--config", str(cfg)]
     log = tmp_path / "first.log"
     with log.open("w") as fh:

@@ -77,7 +77,7 @@ def run(tiny_model_dir, tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # MLflow's default: under output_dir
     proc = subprocess.run(
         [sys.executable, "-m", "pipeline", "run", "--config", str(root / "config.yaml")],
-        env={**env, "RAY_ADDRESS": ""},
+        env={**env, "RAY_ADDRESS": "local"},
         capture_output=True,
         text=True,
         timeout=900,
