@@ -235,7 +235,7 @@ def test_killed_worker_is_survived_and_resume_matches(prepared, baseline, tmp_pa
     out = root / "killed"
     cfg = {**base, "output_dir": str(out), "run_name": "killed", "max_failures": 1}
     (tmp_path / "c.yaml").write_text(json.dumps(cfg))
-    env = {**os.environ, FAULT_ENV: f"kill:3:{tmp_path / 'marker'}", "RAY_ADDRESS": ""}
+    env = {**os.environ, FAULT_ENV: f"kill:3:{tmp_path / 'marker'}", "RAY_ADDRESS": "local"}
     proc = subprocess.run(
         [sys.executable, "-m", "pipeline", "train", "--config", str(tmp_path / "c.yaml")],
         env=env,
@@ -269,7 +269,7 @@ def test_rerun_with_same_name_resumes(prepared, baseline, tmp_path):
     cfg = {**base, "output_dir": str(out), "run_name": "rerun", "max_failures": 0}
     (tmp_path / "c.yaml").write_text(json.dumps(cfg))
     cmd = [sys.executable, "-m", "pipeline", "train", "--config", str(tmp_path / "c.yaml")]
-    env = {**os.environ, "RAY_ADDRESS": ""}
+    env = {**os.environ, "RAY_ADDRESS": "local"}
     failed = subprocess.run(
         cmd, env={**env, FAULT_ENV: f"raise:3:{tmp_path / 'marker'}"}, capture_output=True, text=True, timeout=600
     )
