@@ -175,16 +175,19 @@ def test_gradient_accumulation_matches_larger_batch(prepared, baseline):
 
 def assert_same_trajectory(lines, baseline, prepared, name: str) -> None:
     """Same losses, same gradient norms (AdamW ignores a constant factor on the gradient, so a sum over ranks
-    instead of a mean would leave losses and weights alike, but not the norm) and the same final weights."""
+    instead of a mean would leave losses and weights alike, but not the norm) and the same final weights (with
+    LoRA: the adapter and the merged model)."""
     from safetensors.torch import load_file
 
     assert losses(lines) == pytest.approx(losses(baseline[2]), abs=2e-4)
     norms = [x["grad_norm"] for x in lines if "loss" in x]
     assert norms == pytest.approx([x["grad_norm"] for x in baseline[2] if "loss" in x], rel=1e-3)
     root, _ = prepared
-    ours, theirs = (load_file(root / n / "final" / "model.safetensors") for n in (name, "baseline"))
-    assert ours.keys() == theirs.keys()
-    assert max((ours[k] - theirs[k]).abs().max().item() for k in ours) < 2e-4
+    files = ["adapter_model.safetensors", "merged/model.safetensors"] if baseline[0].model.use_peft else []
+    for file in files or ["model.safetensors"]:
+        ours, theirs = (load_file(d / "final" / file) for d in (root / name, Path(baseline[0].data.output_dir)))
+        assert ours.keys() == theirs.keys()
+        assert max((ours[k] - theirs[k]).abs().max().item() for k in ours) < 2e-4
 
 
 def sequence_logp(model, tok, prompt: str, completion: str) -> float:
@@ -335,8 +338,16 @@ def test_token_budget_batches_on_two_workers(prepared):
     assert [x["epoch"] for x in lines if "loss" in x][-1] == 1.0
 
 
-def test_lora_run_exports_adapter_and_merged(prepared):
-    cfg, _, lines = train(prepared, "lora", use_peft=True, lora_r=4, lora_alpha=8, lora_dropout=0.0, learning_rate=1e-2)
+LORA = {"use_peft": True, "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "learning_rate": 1e-2}
+
+
+@pytest.fixture(scope="module")
+def lora_baseline(prepared):
+    return train(prepared, "lora", **LORA)
+
+
+def test_lora_run_exports_adapter_and_merged(lora_baseline):
+    cfg, _, lines = lora_baseline
     assert_reference_start(lines)  # with a fresh adapter the policy is the base model, i.e. the reference
     assert abs(losses(lines)[2] - LN2) > 1e-3  # the adapter moved the policy
     final = Path(cfg.data.output_dir) / "final"
@@ -347,6 +358,74 @@ def test_lora_run_exports_adapter_and_merged(prepared):
     base = AutoModelForCausalLM.from_pretrained(cfg.model.model)
     changed = [n for (n, p), (_, q) in zip(merged.named_parameters(), base.named_parameters()) if not torch.equal(p, q)]
     assert changed and all(("q_proj" in n or "v_proj" in n) for n in changed)  # peft's default Llama targets
+
+
+def test_lora_zero3_on_two_workers_matches_one_worker(prepared, lora_baseline):
+    """LoRA freezes the LM head, which ZeRO-3 partitions too: the chunked log-prob's checkpoint recomputes the
+    head in backward, and must find its weight gathered (`pipeline.models.forward.gathered_frozen_head`). Two
+    workers x 4 pairs follow the 1 x 8 trajectory: losses, gradient norms, adapter and merged model."""
+    _, _, lines = train(prepared, "lora-w2z3", num_workers=2, per_device_train_batch_size=4, zero_stage=3, **LORA)
+    assert_reference_start(lines)
+    assert_same_trajectory(lines, lora_baseline, prepared, "lora-w2z3")
+
+
+def test_zero3_refuses_a_lora_wrapped_lm_head(tiny_model_dir):
+    """LoRA on lm_head (lora_target_modules) leaves a frozen base weight in a PEFT layer: under ZeRO-3 (simulated by
+    the ds_id that partitioning gives each weight) it is refused, as running its linear map would drop the adapter."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.errors import PipelineError
+    from pipeline.models.forward import head_call, split_lm
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(target_modules=["lm_head"]))
+    _, head = split_lm(model)
+    assert head_call(head) is head  # not partitioned: the module itself
+    head.weight.ds_id = 0
+    with pytest.raises(PipelineError, match=r"plain linear map, which peft\.tuners\.lora\.layer\.Linear is not"):
+        head_call(head)
+
+
+@pytest.fixture(scope="module")
+def tied_model(prepared, tokenizer):
+    """A tiny Llama whose LM head is its input embedding (one weight), and the train and eval data scored by it."""
+    from tiny_models import make_tiny_model
+
+    root, base = prepared
+    model = make_tiny_model(root / "tied-llama", tokenizer, seed=0, tie_word_embeddings=True)
+    cfg = config_from_dict({**base, "model": str(model), "output_dir": str(root / "prep-tied")})
+    for split, specs in (("train", cfg.data.dataset), ("eval", cfg.data.eval_dataset)):
+        run_score_ref(cfg, run_tokenize(cfg, specs, split), split)
+    return model
+
+
+def test_lora_zero3_with_tied_embeddings_matches_zero2(prepared, tied_model):
+    """The bug report's setup: a tied head (its weight is the input embedding's, which gradient checkpointing, on
+    here as by default, gives a backward). Two workers at ZeRO-3 follow their ZeRO-2 trajectory (ZeRO-2 partitions
+    no weight): losses, gradient norms, adapter and merged model, which is the trained one, far from the base model
+    next to the 2e-4 tolerance."""
+    from safetensors.torch import load_file
+
+    runs = {
+        stage: train(
+            prepared,
+            f"lora-tied-w2z{stage}",
+            model=str(tied_model),
+            num_workers=2,
+            per_device_train_batch_size=4,
+            zero_stage=stage,
+            gradient_checkpointing=True,
+            **LORA,
+        )
+        for stage in (2, 3)
+    }
+    for _, _, lines in runs.values():
+        assert_reference_start(lines)
+    assert_same_trajectory(runs[3][2], runs[2], prepared, "lora-tied-w2z3")
+    merged = load_file(Path(runs[3][0].data.output_dir) / "final" / "merged" / "model.safetensors")
+    base = load_file(tied_model / "model.safetensors")
+    assert merged.keys() == base.keys() and "lm_head.weight" not in base  # saved once, as the embedding
+    assert max((merged[k] - base[k]).abs().max().item() for k in base) > 1e-3
 
 
 def test_bad_setups_are_clear_errors(prepared, tmp_path):

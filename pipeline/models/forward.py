@@ -43,7 +43,7 @@ def collate_pairs(columns: Mapping[str, Sequence[Any]], pad_token_id: int) -> Pa
     return PairBatch(input_ids, attention_mask, completion_mask, torch.tensor(shared + shared, dtype=torch.long))
 
 
-def split_lm(model: Any) -> tuple[Any, Callable[[Tensor], Tensor]]:
+def split_lm(model: Any) -> tuple[Any, torch.nn.Module]:
     """(body, lm_head) of a causal LM, a PEFT wrapper or a DeepSpeed engine around one; the body is the base
     transformer module (called for its last hidden state, asked for its input embeddings)."""
     inner = getattr(model, "module", model)  # DeepSpeed engine
@@ -51,6 +51,41 @@ def split_lm(model: Any) -> tuple[Any, Callable[[Tensor], Tensor]]:
         inner = inner.get_base_model()
     body = getattr(inner, inner.base_model_prefix)
     return body, inner.get_output_embeddings()
+
+
+def head_call(head: torch.nn.Module) -> Callable[[Tensor], Tensor]:
+    """How the chunked log-prob function calls the LM head: the module itself, but a ZeRO-3 partitioned frozen
+    head (LoRA) through `gathered_frozen_head`."""
+    weight = head.weight
+    return gathered_frozen_head(head) if hasattr(weight, "ds_id") and not weight.requires_grad else head
+
+
+def gathered_frozen_head(head: torch.nn.Module) -> Callable[[Tensor], Tensor]:
+    """A frozen ZeRO-3 LM head as a callable that keeps its weight gathered for as long as autograd uses it.
+
+    The log-prob function calls the head inside a checkpoint, which recomputes it in backward before ZeRO's own
+    pre-backward gather of the head. Through the module, ZeRO's hooks gather the weight for the recompute and
+    release it at its end, and autograd saves a frozen weight as the parameter itself, by then empty again: the
+    checkpoint stops with "recomputed metadata: shape [0]". So the head runs here as its linear map on the
+    weight gathered for the call and passed detached, which autograd saves as it is: the gathered values live
+    until this chunk's backward has used them. A trainable weight needs none of this: the checkpoint saves it
+    detached already, and ZeRO's hooks gather it again for its gradient.
+    """
+    import deepspeed
+
+    if not isinstance(head, torch.nn.Linear):
+        from pipeline.errors import PipelineError
+
+        kind = f"{type(head).__module__}.{type(head).__qualname__}"
+        raise PipelineError(f"ZeRO-3 runs a frozen LM head as a plain linear map, which {kind} is not (LoRA on it?)")
+    params = [p for p in (head.weight, head.bias) if p is not None]
+
+    def call(h: Tensor) -> Tensor:
+        with deepspeed.zero.GatheredParameters(params):
+            bias = None if head.bias is None else head.bias.detach()
+            return torch.nn.functional.linear(h, head.weight.detach(), bias)
+
+    return call
 
 
 def module_device(module: Any) -> torch.device:
@@ -117,7 +152,7 @@ def sequence_forward(
     head = module_device(lm_head)
     return sequence_stats(
         hidden.to(head),
-        lm_head,
+        head_call(lm_head),
         batch.input_ids.to(head),
         batch.completion_mask.to(head),
         batch.shared_len.to(head),
