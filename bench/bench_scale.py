@@ -72,8 +72,9 @@ def parse_args() -> argparse.Namespace:
 # --- setup: tokenizer, model, generated pairs ---
 
 
-def build_model(work: Path, seed: int) -> Path:
-    """A word-level tokenizer (w0 .. w499, <pad>, <eos>, <unk>) and a random Llama over it, saved together."""
+def build_model(work: Path, seed: int, name: str = "model", **arch: int) -> Path:
+    """A word-level tokenizer (w0 .. w499, <pad>, <eos>, <unk>) and a random Llama over it, saved together; `arch`
+    overrides the tiny default shape (`make_tiny_model`'s keywords)."""
     sys.path.insert(0, str(ROOT / "tests"))
     from tiny_models import make_tiny_model
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -85,10 +86,8 @@ def build_model(work: Path, seed: int) -> Path:
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
     )
-    return make_tiny_model(
-        work / "model", tokenizer, seed=seed, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2,
-        intermediate_size=64,
-    )  # fmt: skip
+    shape = {"hidden_size": 32, "num_layers": 1, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 64} | arch
+    return make_tiny_model(work / name, tokenizer, seed=seed, **shape)
 
 
 def write_pairs(path: Path, n: int, seed: int) -> dict[str, int]:
@@ -240,6 +239,10 @@ class Sampler(threading.Thread):
             "workers_private_peak_sum_all": sum(w["anon_peak"] for w in self.workers.values()),
             "workers_private_sum_peak_at_once": self.active_sum_peak,
             "workers_private_peak_by_title": titles,
+            "workers_private_peaks": [
+                {"title": sorted(t for t in w["titles"] if t != "ray::IDLE")[0], "private_peak": w["anon_peak"]}
+                for w in active
+            ],
             "workers_cpu_s": sum(w["cpu_s"] for w in self.workers.values()),
             "object_store_peak": self.store_peak,
             **self.store_last,

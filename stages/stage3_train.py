@@ -148,11 +148,12 @@ def train_loop(config: dict[str, WorkerArgs]) -> None:
     from pipeline.train.engine import (
         build_engine,
         build_policy,
-        export_model,
         gradient_norm,
         peak_memory_bytes,
         private_memory_bytes,
+        sharded_building,
     )
+    from pipeline.train.export import export_model
     from pipeline.train.step import Evaluator, micro_step
 
     args = config["args"]
@@ -168,10 +169,11 @@ def train_loop(config: dict[str, WorkerArgs]) -> None:
     # --- setup: data, policy, engine, resume ---
     train_pairs = open_table(args.tables["train"])  # memory-mapped: one copy per node, in the page cache
     tokenizer = load_tokenizer(args.model_dir, cfg.model.trust_remote_code)
-    policy, kernels = build_policy(cfg, args.model_dir)
+    with sharded_building(cfg, world):  # ZeRO-3: no rank ever holds the whole model
+        policy, kernels = build_policy(cfg, args.model_dir)
+        engine = build_engine(cfg, policy, world, total)
     if rank == 0:
         print(f"[train] kernels: {kernels.describe()}", flush=True)
-    engine = build_engine(cfg, policy, world, total)
     schedule = train_pairs.schedule(cfg, world)
     evaluate = None
     if cfg.data.eval_dataset:
@@ -256,7 +258,7 @@ def train_loop(config: dict[str, WorkerArgs]) -> None:
     private = torch.zeros(world, dtype=torch.float64)  # each rank's peak, gathered by a sum of one-hot rows
     private[rank] = max(private_peak, private_memory_bytes())
     private = all_reduce(private, engine.device)
-    export_model(cfg, engine, tokenizer, out_dir / rundir.FINAL, rank)
+    export_model(engine.module, tokenizer, out_dir / rundir.FINAL, rank, cfg.model.use_peft)
     if rank == 0 and log is not None:
         log.close()
         seconds = state.train_seconds

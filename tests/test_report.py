@@ -72,6 +72,7 @@ def run(tiny_model_dir, tmp_path_factory):
         "zero_stage": 0,
         "gradient_checkpointing": False,
         "report_to": ["mlflow"],  # mlflow-skinny is a pinned dev dependency
+        "max_new_tokens": 0,  # no stage 4: its run and report section are tests/test_generate.py's
     }
     (root / "config.yaml").write_text(yaml.safe_dump(cfg))
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # MLflow's default: under output_dir

@@ -152,20 +152,38 @@ def test_one_worker_zero0_outputs(baseline, prepared, tiny_model_dir):
     assert total / 6 == pytest.approx(final_eval["logps/chosen"], abs=1e-4)
 
 
-@pytest.mark.parametrize("zero_stage,padding_free", [(2, False), (3, True)])
-def test_two_workers_match_one_worker(prepared, baseline, zero_stage, padding_free):
+# Runs that several tests read, trained once on first use (`shared_run`): 2 workers x 4 pairs at ZeRO-2 on
+# right-padded rows, evaluated in batches of 2 (3 batches: rank 1 runs a filler in round 2); and token-budget
+# micro-batches of <= 60 tokens on 2 workers x 2 accumulated for one epoch, evaluated in budget batches of uneven size.
+SHARED_RUNS = {
+    "w2z2": {"num_workers": 2, "per_device_train_batch_size": 4, "zero_stage": 2, "padding_free": False,
+             "per_device_eval_batch_size": 2},
+    "w2z3": {"num_workers": 2, "per_device_train_batch_size": 4, "zero_stage": 3, "padding_free": True},
+    "budget": {"max_tokens_per_batch": 60, "num_workers": 2, "zero_stage": 2, "gradient_accumulation_steps": 2,
+               "max_steps": -1, "num_train_epochs": 1.0, "per_device_eval_batch_size": 4},
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def shared_run(prepared):
+    runs: dict[str, tuple] = {}
+
+    def get(name: str) -> tuple:
+        if name not in runs:
+            runs[name] = train(prepared, name, **SHARED_RUNS[name])
+        return runs[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", ["w2z2", "w2z3"])
+def test_two_workers_match_one_worker(prepared, baseline, shared_run, name):
     """The baseline runs padding-free (the default); the ZeRO-2 run uses right-padded rows with SDPA masks,
-    so it also shows the two layouts follow the same trajectory."""
-    _, _, lines = train(
-        prepared,
-        f"w2z{zero_stage}",
-        num_workers=2,
-        per_device_train_batch_size=4,
-        zero_stage=zero_stage,
-        padding_free=padding_free,
-    )
+    so it also shows the two layouts follow the same trajectory. ZeRO-3 builds the policy partitioned and
+    exports it one gathered tensor at a time: the same final weights."""
+    _, _, lines = shared_run(name)
     assert_reference_start(lines)
-    assert_same_trajectory(lines, baseline, prepared, f"w2z{zero_stage}")
+    assert_same_trajectory(lines, baseline, prepared, name)
 
 
 def test_gradient_accumulation_matches_larger_batch(prepared, baseline):
@@ -199,18 +217,14 @@ def sequence_logp(model, tok, prompt: str, completion: str) -> float:
     return sum(logp[t - 1, ids[t]].item() for t in range(start, len(ids)))
 
 
-@pytest.mark.parametrize("eval_batch,budget", [(2, None), (4, 60)])
-def test_two_worker_eval_matches_an_independent_computation(prepared, tiny_model_dir, eval_batch, budget):
+@pytest.mark.parametrize("name", ["w2z2", "budget"])
+def test_two_worker_eval_matches_an_independent_computation(shared_run, tiny_model_dir, name):
     """6 eval pairs on 2 workers: batches of 2 (3 batches: rank 1 runs a filler in round 2) or token-budget
     batches of uneven sizes. The final eval metrics equal the mean over the 6 pairs computed here, one pair
     at a time, from the exported policy and the reference model: no rank or batch weighs more than its pairs."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    name = f"eval2w-{eval_batch}-{budget}"
-    sizes = {"per_device_eval_batch_size": eval_batch, "max_tokens_per_batch": budget}
-    cfg, summary, _ = train(
-        prepared, name, num_workers=2, per_device_train_batch_size=4, zero_stage=2, max_steps=2, **sizes
-    )
+    cfg, summary, _ = shared_run(name)
     final = Path(cfg.data.output_dir) / "final"
     policy = AutoModelForCausalLM.from_pretrained(final).eval()
     reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
@@ -248,6 +262,7 @@ def test_killed_worker_is_survived_and_resume_matches(prepared, baseline, tmp_pa
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "marker").exists()  # the fault really happened
+    assert "rank 0: resumed from step 2" in proc.stdout  # from the checkpoint, not from scratch
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     train_steps = [x["step"] for x in lines if "loss" in x]
     assert train_steps == [1, 2, 3, 4]  # every step exactly once
@@ -306,22 +321,13 @@ def test_resume_checks_settings_and_restart_starts_over(prepared, capsys):
     assert [x["step"] for x in lines if "loss" in x] == [1, 2, 3]
 
 
-def test_token_budget_batches_on_two_workers(prepared):
+def test_token_budget_batches_on_two_workers(shared_run):
     """Micro-batches of <= 60 tokens, 2 workers x 2 accumulated: every step runs the schedule's pairs, counted
     exactly (all-reduced), and the loss starts at ln 2."""
     from pipeline.data.entries import find_tokenized
     from pipeline.data.pairs import PairTable
 
-    cfg, summary, lines = train(
-        prepared,
-        "budget",
-        max_tokens_per_batch=60,
-        num_workers=2,
-        zero_stage=2,
-        gradient_accumulation_steps=2,
-        max_steps=-1,
-        num_train_epochs=1.0,
-    )
+    cfg, summary, lines = shared_run("budget")
     assert_reference_start(lines)
     files = find_tokenized(cfg.with_absolute_paths(), cfg.data.dataset).files
     import pyarrow.parquet as pq

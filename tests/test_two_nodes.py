@@ -49,12 +49,13 @@ def run_on(nodes: int, root: Path, tiny_model_dir: Path) -> tuple[dict, list[dic
     words = ["red", "blue", "green", "gold", "black", "white"]
     rows = [{"prompt": f"Colour {i}?", "chosen": f" {words[i % 6]} {i}", "rejected": f" no {i + 1}"} for i in range(24)]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # no stage 4 (--max_new_tokens 0): what is compared is scoring and training
     args = [
         "run", "--model", str(tiny_model_dir), "--dataset", str(data), "--eval_dataset", str(data),
         "--cache_dir", str(root / f"cache-{nodes}"), "--output_dir", str(out), "--max_steps", "3",
         "--per_device_train_batch_size", "4", "--logging_steps", "1", "--learning_rate", "1e-3",
         "--num_workers", "2", "--cpus_per_worker", "1", "--ref_actors", "2", "--cpus_per_ref_actor", "1",
-        "--zero_stage", "2", "--gradient_checkpointing", "false",
+        "--zero_stage", "2", "--gradient_checkpointing", "false", "--max_new_tokens", "0",
     ]  # fmt: skip
     done = subprocess.run([sys.executable, "-c", SCRIPT, str(nodes), *args], capture_output=True, text=True,
                           timeout=900, cwd=Path(__file__).resolve().parents[1])  # fmt: skip

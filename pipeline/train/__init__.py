@@ -1,6 +1,7 @@
 """Training (stage 3's workers): the policy under DeepSpeed, one micro-batch, the optimizer, resuming.
 
-- `engine`: build the policy (full or LoRA) and its DeepSpeed engine; export the final model.
+- `engine`: build the policy (full or LoRA, partitioned from the start under ZeRO-3) and its DeepSpeed engine.
+- `export`: the final model as HF safetensors shards, gathered and written one tensor at a time.
 - `step`: one micro-batch (forward, combined loss, metrics row) and the evaluator.
 - `optim`: optimizer and learning-rate schedule from the config.
 - `collectives`: all-reduce of metric rows on the engine's device.

@@ -1,15 +1,14 @@
-"""The policy and its DeepSpeed engine: building them, measuring them, exporting the trained model."""
+"""The policy and its DeepSpeed engine: building them (partitioned from the start under ZeRO-3), measuring them."""
 
 from __future__ import annotations
 
 import contextlib
-import os
 import resource
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import PreTrainedTokenizerBase
 
 from pipeline.config import Config
 from pipeline.models.kernels import Kernels
@@ -17,9 +16,32 @@ from pipeline.models.loading import build_model
 from pipeline.train.optim import decay_groups, deepspeed_config, lr_lambda, warmup_steps
 
 
+@contextlib.contextmanager
+def sharded_building(cfg: Config, world_size: int) -> Iterator[None]:
+    """Under ZeRO-3, models built inside this block are partitioned from the start: while a `HfDeepSpeedConfig`
+    lives, transformers' `from_pretrained` creates the model under `deepspeed.zero.Init` (each rank allocates only
+    its partition of every weight) and copies the checkpoint in one module at a time (rank 0 reads the
+    memory-mapped files, the module's weights are gathered for that copy and partitioned again). Build the
+    engine inside the block too. Other stages: nothing changes."""
+    if cfg.scale.zero_stage != 3:
+        yield
+        return
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    # zero.Init reads the world size from DeepSpeed's communicator: wrap the process group Ray Train made, as
+    # deepspeed.initialize(dist_init_required=False) would
+    deepspeed.init_distributed(dist_init_required=False)
+    live = HfDeepSpeedConfig(deepspeed_config(cfg, world_size))  # transformers holds only a weak reference
+    try:
+        yield
+    finally:
+        del live
+
+
 def build_policy(cfg: Config, model_dir: str) -> tuple[torch.nn.Module, Kernels]:
-    """The trainable policy (`build_model`, then gradient checkpointing and LoRA as configured), in train mode."""
-    torch.manual_seed(cfg.train.seed)  # LoRA initialisation
+    """The trainable policy (`build_model`, then gradient checkpointing and LoRA as configured), in train mode.
+    Call it inside `sharded_building`."""
     model, kernels = build_model(cfg.model, model_dir, cfg.compute_dtype, cfg.scale.use_gpu)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -35,6 +57,7 @@ def build_policy(cfg: Config, model_dir: str) -> tuple[torch.nn.Module, Kernels]
         )
         if cfg.model.gradient_checkpointing:
             model.enable_input_require_grads()
+        torch.manual_seed(cfg.train.seed)  # the adapter's initialisation, whatever loading drew before
         policy: torch.nn.Module = get_peft_model(model, lora)
     else:
         policy = model
@@ -94,24 +117,3 @@ def private_memory_bytes() -> int:
     except OSError:
         pass
     return 0
-
-
-def export_model(cfg: Config, engine: Any, tokenizer: PreTrainedTokenizerBase, out_dir: Path, rank: int) -> None:
-    """final/: a standard HF directory (ZeRO-3 parameters gathered); with LoRA the adapter, plus merged/."""
-    import deepspeed
-
-    module = engine.module
-    params = list(module.parameters())
-    gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if cfg.scale.zero_stage == 3 else None
-    with gather if gather is not None else contextlib.nullcontext():
-        if rank != 0:
-            return
-        out_dir.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-        module.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
-        tokenizer.save_pretrained(out_dir)
-        if cfg.model.use_peft:
-            merged = module.merge_and_unload()
-            merged.save_pretrained(out_dir / "merged", safe_serialization=True)
-            tokenizer.save_pretrained(out_dir / "merged")
-    os.sync()

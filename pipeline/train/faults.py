@@ -12,10 +12,16 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 FAULT_ENV = "DPO_PIPELINE_FAULT"
+# Ray Train's controller collects a worker's reports when it polls the group, every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S
+# (2 s by default): a worker killed before that poll loses the checkpoint it had just reported, and the group
+# restarts from the one before (or from scratch). A kill waits out two polls first, so that the restart resumes
+# from the latest checkpoint, which is what the tests check.
+KILL_AFTER_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -39,5 +45,6 @@ class Fault:
             return
         Path(self.marker).touch()
         if self.kind == "kill":
+            time.sleep(KILL_AFTER_S)
             os.kill(os.getpid(), signal.SIGKILL)
         raise RuntimeError(f"{FAULT_ENV}: injected failure after step {step}")
