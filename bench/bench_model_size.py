@@ -10,9 +10,11 @@ of 2 pairs per worker, gradient checkpointing, a checkpoint at step 2, the final
 
 Measured: each train worker's peak private memory (RssAnon: its heap, not the page cache of the memory-mapped
 weights and table), sampled every 0.2 s from outside over the whole command — start-up, load, steps, checkpoint,
-export. The acceptance number is the slope of the larger worker peak against the model's bytes, small to large:
-(peak_large - peak_small) / (bytes_large - bytes_small), at most 0.6. Each worker holding a whole copy at any
-moment gives 1 or more; sharded, it is about 1/2 (its partition) plus whatever one gathered tensor costs.
+export — with glibc's mmap threshold fixed (MALLOC_ENV) and DeepSpeed's gathered-parameter window scaled down
+to the models (`zero3_max_live_parameters`, LIVE_PARAMETERS). The acceptance number is the slope of the larger
+worker peak against the model's bytes, small to large: (peak_large - peak_small) / (bytes_large - bytes_small),
+at most 0.6. Each worker holding a whole copy at any moment gives 1 or more; sharded, it is about 1/2 (its
+partition) plus what the gathered-parameter window holds.
 """
 
 from __future__ import annotations
@@ -36,6 +38,13 @@ SIZES = {
     "large": {"hidden_size": 1024, "num_layers": 24, "num_heads": 16, "num_kv_heads": 8, "intermediate_size": 4096},
 }
 SLOPE_LIMIT = 0.6
+# DeepSpeed keeps up to 1e9 parameters gathered by default: more than either model here, which it would then hold
+# whole during a step (as it may hold 1e9 of a 70B model's). The window is scaled down with the models.
+LIVE_PARAMETERS = 10_000_000
+# glibc's malloc keeps freed blocks below its (self-raising) mmap threshold in the heap, so RssAnon would count
+# every gathered tensor ever freed: a fixed threshold returns freed tensors to the system and RssAnon measures
+# what is held.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 TRAIN_TITLE = "RayTrainWorker"
 
 
@@ -79,6 +88,7 @@ def config(run: Path, model_dir: Path, data: Path) -> Path:
         "logging_steps": 1,
         "save_steps": 2,
         "gradient_checkpointing": True,
+        "zero3_max_live_parameters": LIVE_PARAMETERS,
         "seed": 0,
     }
     path = run / "config.yaml"
@@ -96,7 +106,7 @@ def run_size(work: Path, name: str, data: Path) -> dict[str, Any]:
     shutil.rmtree(run, ignore_errors=True)
     run.mkdir(parents=True)
     cfg = config(run, model_dir, data)
-    stages = {stage: run_stage(stage, cfg, run) for stage in ("tokenize", "score-ref", "train")}
+    stages = {stage: run_stage(stage, cfg, run, MALLOC_ENV) for stage in ("tokenize", "score-ref", "train")}
     train = stages["train"]
     workers = [w["private_peak"] for w in train["workers_private_peaks"] if TRAIN_TITLE in w["title"]]
     if len(workers) != 2:

@@ -284,10 +284,11 @@ def child(spec: dict[str, Any]) -> None:
     Path(spec["result"]).write_text(json.dumps(result, indent=2) + "\n")
 
 
-def run_stage(stage: str, config: Path, run: Path) -> dict[str, Any]:
+def run_stage(stage: str, config: Path, run: Path, extra_env: dict[str, str] | None = None) -> dict[str, Any]:
     spec = {"argv": [stage, "--config", str(config)], "result": str(run / f"{stage}.json")}
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # always a fresh local Ray
     env |= {"PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    env |= extra_env or {}
     log = run / f"{stage}.log"
     with log.open("w") as fh:
         proc = subprocess.run(

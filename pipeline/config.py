@@ -370,6 +370,12 @@ class ScaleConfig:
     zero_stage: Literal[0, 1, 2, 3] = _f(2, "DeepSpeed ZeRO stage: 0 (plain DDP), 1, 2 or 3.")
     offload_optimizer: bool = _f(False, "ZeRO-Offload the optimizer state to CPU memory (stage >= 1).")
     offload_param: bool = _f(False, "ZeRO-Offload parameters to CPU memory (stage 3 only).")
+    zero3_max_live_parameters: int = _f(
+        1_000_000_000,
+        "ZeRO-3: parameters a rank keeps gathered at once, prefetched or awaiting reuse (DeepSpeed's "
+        "stage3_max_live_parameters and stage3_max_reuse_distance, at DeepSpeed's default). Lower it where that "
+        "window is a large share of the model.",
+    )
     ref_actors: int = _f(1, "Actors in the reference-scoring pool (one model copy each).")
     cpus_per_ref_actor: int | None = _f(
         None, "CPUs per scoring actor (sets its torch threads); null = the machine's CPUs / ref_actors."
@@ -398,6 +404,8 @@ class ScaleConfig:
             _check(value is None or value >= 1, key, value, "an integer >= 1, or null")
         if self.offload_param:
             _check(self.zero_stage == 3, "offload_param", True, "false unless zero_stage is 3")
+        _check(self.zero3_max_live_parameters >= 1, "zero3_max_live_parameters", self.zero3_max_live_parameters,
+               "an integer >= 1")  # fmt: skip
         if self.offload_optimizer:
             _check(self.zero_stage >= 1, "offload_optimizer", True, "false unless zero_stage >= 1")
 

@@ -81,6 +81,7 @@ LONGEST_FIRST = [
     "test_stage3_settings.py",
     "test_faults.py",
     "test_storage.py",
+    "test_zero3_sharding.py",
     "test_ray_errors.py",
     "test_stage1_tokenize.py",
     "test_trl_parity.py",

@@ -12,7 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.train.export import INDEX, MERGED, WEIGHTS, export_model, plan_shards, shard_name
+from pipeline.models.safetensors_files import INDEX, WEIGHTS
+from pipeline.train.export import MERGED, export_model, plan_shards, shard_name
 
 
 def load_dir(path: Path) -> dict[str, torch.Tensor]:
@@ -98,3 +99,23 @@ def test_lora_export_equals_peft_adapter_and_merge(tmp_path, tokenizer):
     assert_bitwise_equal(dict(policy.state_dict()), before)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ours" / MERGED)
     assert_bitwise_equal(dict(reloaded.state_dict()), dict(merged.state_dict()))
+
+
+def test_mapped_state_dict_reads_the_files_tensors(tmp_path, tokenizer):
+    """Views of the memory-mapped files (one file, and the 1 MB shards the export writes) equal what safetensors
+    loads, bit for bit, dtypes and shapes included; bfloat16 too."""
+    from tiny_models import make_tiny_model
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.models.safetensors_files import checkpoint_files, mapped_state_dict
+
+    source = make_tiny_model(tmp_path / "source", tokenizer, seed=6)
+    assert_bitwise_equal(mapped_state_dict(checkpoint_files(source)), load_file(source / WEIGHTS))
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16)
+    export_model(model, tokenizer, tmp_path / "sharded", rank=0, use_peft=False, shard_bytes=2**20)
+    files = checkpoint_files(tmp_path / "sharded")
+    assert len(files) == 3
+    mapped = mapped_state_dict(files)
+    assert_bitwise_equal(mapped, load_dir(tmp_path / "sharded"))
+    assert all(t.dtype == torch.bfloat16 for t in mapped.values())
+    assert checkpoint_files(tmp_path) is None  # no weights there

@@ -17,7 +17,8 @@ import torch
 from safetensors.torch import load_file
 from test_export import assert_bitwise_equal, load_dir
 
-from pipeline.train.export import INDEX, MERGED, WEIGHTS
+from pipeline.models.safetensors_files import INDEX, WEIGHTS
+from pipeline.train.export import MERGED
 
 PROBE = Path(__file__).with_name("zero3_probe.py")
 

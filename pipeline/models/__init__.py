@@ -3,6 +3,7 @@
 - `loading`: resolve a model name, load tokenizer and causal LM, weight and tokenizer fingerprints.
 - `placement`: lay a model too big for one device over several.
 - `kernels`: the attention and LM-head kernels a device supports (flash-attn, Liger) and their CPU fallbacks.
+- `safetensors_files`: checkpoint files read as mapped views and written a tensor at a time.
 - `forward`: one forward of chosen ‖ rejected sequences into per-sequence log-prob statistics.
 
 May use: `pipeline.cache`, `pipeline.core`, `pipeline.config`, `pipeline.schema`, `pipeline.errors`.

@@ -13,7 +13,7 @@ import importlib.util
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pipeline.cache.fingerprints import file_fingerprints
 from pipeline.cache.storage import atomic_target, local_cache_dir
@@ -111,26 +111,45 @@ def load_causal_lm(
     """A causal LM in eval mode with dropout off; only safetensors weights unless pickle is allowed.
     `attn_implementation` comes from `pipeline.models.kernels.choose_kernels`.
 
-    placement: None loads every weight into host memory. Otherwise bytes of weights per device
+    placement: None loads every weight into host memory (under ZeRO-3, `pipeline.train.engine.sharded_building`:
+    each rank's partition of it, from the memory-mapped files). Otherwise bytes of weights per device
     (`pipeline.models.placement`): the modules are laid out over those devices first, refused with a PipelineError if
     they fit nowhere, and each tensor is read from the files straight onto its device (accelerate's hooks move
     activations between devices, and bring CPU- or disk-offloaded weights in for each forward)."""
     import torch
     from safetensors import SafetensorError
-    from transformers import AutoModelForCausalLM
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers.integrations import is_deepspeed_zero3_enabled
+    from transformers.utils import GENERATION_CONFIG_NAME
 
     from pipeline.models.placement import device_map
+    from pipeline.models.safetensors_files import checkpoint_files, mapped_state_dict
 
-    where = {} if placement is None else {"device_map": device_map(model, dtype, placement, trust_remote_code)}
+    loader: Any = AutoModelForCausalLM
+    source: str | None = model
+    where: dict[str, Any] = {}
+    files = checkpoint_files(model) if is_deepspeed_zero3_enabled() and placement is None else None
+    if placement is not None:
+        where["device_map"] = device_map(model, dtype, placement, trust_remote_code)
+    elif files is not None:
+        config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+        if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING:  # a remote-code model loads the usual way
+            # transformers' ZeRO-3 load copies every tensor of every file into rank 0's memory before it loads the
+            # partitioned model module by module; given views of the mapped files instead (a state dict, which its
+            # model class takes with a config and no name), it reads one module at a time into the page cache
+            loader, source = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)], None
+            where |= {"config": config, "state_dict": mapped_state_dict(files)}
     try:
-        lm = AutoModelForCausalLM.from_pretrained(
-            model,
+        lm = loader.from_pretrained(
+            source,
             dtype=getattr(torch, dtype),
             trust_remote_code=trust_remote_code,
             use_safetensors=None if allow_pickle_weights else True,
             attn_implementation=attn_implementation,
             **where,
         )
+        if source is None and (Path(model) / GENERATION_CONFIG_NAME).is_file():
+            lm.generation_config = GenerationConfig.from_pretrained(model)  # what a load by name reads
     except (OSError, ValueError, SafetensorError) as e:  # missing, unreadable or corrupt weights
         hint = "" if allow_pickle_weights else " (only safetensors weights load unless allow_pickle_weights: true)"
         raise PipelineError(f"cannot load model {model}: {e}{hint}") from None

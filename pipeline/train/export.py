@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from pipeline.models.safetensors_files import INDEX, WEIGHTS, write_header, write_tensor
+
 SHARD_BYTES = 5 * 2**30  # the hub's usual shard size: small enough to stream, few enough files for a 70B model
-WEIGHTS = "model.safetensors"
-INDEX = "model.safetensors.index.json"
 MERGED = "merged"
 
 
@@ -152,41 +152,13 @@ def shard_name(k: int, n: int) -> str:
 
 # --- one tensor at a time ---
 
-# safetensors' dtype names (https://github.com/huggingface/safetensors, the file format)
-SAFETENSORS_DTYPES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.bfloat16: "BF16",
-    torch.float16: "F16",
-    torch.float8_e4m3fn: "F8_E4M3",
-    torch.float8_e5m2: "F8_E5M2",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-
 
 def stream_shard(path: Path, tensors: list[Saved], rank: int) -> None:
-    """One safetensors file written as its tensors are gathered: an 8-byte little-endian header length, the JSON
-    header (dtype, shape and byte range of each tensor, padded to 8 bytes), then the tensors' bytes in order.
-    Rank 0 writes; the other ranks only take part in the gathers."""
-    offsets = 0
-    header: dict[str, dict[str, Any]] = {"__metadata__": {"format": "pt"}}
-    for t in tensors:
-        header[t.key] = {
-            "dtype": SAFETENSORS_DTYPES[t.dtype],
-            "shape": t.shape,
-            "data_offsets": [offsets, offsets + t.nbytes],
-        }
-        offsets += t.nbytes
+    """One safetensors file written as its tensors are gathered: the header first (planned from the shapes), then
+    each tensor's bytes as it comes. Rank 0 writes; the other ranks only take part in the gathers."""
     with open(path, "wb") if rank == 0 else contextlib.nullcontext() as fh:
         if fh is not None:
-            encoded = json.dumps(header, separators=(",", ":")).encode()
-            encoded += b" " * (-len(encoded) % 8)
-            fh.write(len(encoded).to_bytes(8, "little") + encoded)
+            write_header(fh, [(t.key, t.dtype, t.shape) for t in tensors])
         for t in tensors:
             with _gathering(t.reads):
                 if fh is None:
@@ -196,7 +168,7 @@ def stream_shard(path: Path, tensors: list[Saved], rank: int) -> None:
                     raise RuntimeError(
                         f"{t.key}: planned {t.dtype} {t.shape}, computed {value.dtype} {list(value.shape)}"
                     )
-                fh.write(value.reshape(-1).view(torch.uint8).numpy().data)  # a view: no second copy
+                write_tensor(fh, value)
 
 
 def _host_copies(tensors: list[Saved], rank: int) -> dict[str, torch.Tensor]:

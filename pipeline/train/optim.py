@@ -59,7 +59,13 @@ def deepspeed_config(cfg: Config, num_workers: int) -> dict[str, Any]:
     if s.offload_param:
         zero["offload_param"] = {"device": "cpu"}
     if s.zero_stage == 3:
-        zero["stage3_gather_16bit_weights_on_model_save"] = False
+        zero["stage3_gather_16bit_weights_on_model_save"] = False  # the export gathers one tensor at a time
+        live = s.zero3_max_live_parameters
+        zero |= {
+            "stage3_max_live_parameters": live,
+            "stage3_max_reuse_distance": live,
+            "stage3_prefetch_bucket_size": min(live, 50_000_000),  # DeepSpeed's default, within the window
+        }
     out: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": t.per_device_train_batch_size,
         "gradient_accumulation_steps": t.gradient_accumulation_steps,

@@ -42,6 +42,7 @@ ALLOWED_CHANGES = frozenset(
         "max_failures", "cpus_per_worker", "ref_actors", "cpus_per_ref_actor", "gpus_per_ref_actor",
         "precompute_ref_batch_size", "cache_dir", "output_dir", "storage_path", "run_name",
         "max_new_tokens", "num_generations", "temperature", "top_p", "report_samples", "judge",
+        "zero3_max_live_parameters",
     }
 )  # fmt: skip
 
