@@ -128,18 +128,18 @@ def load_causal_lm(
     loader: Any = AutoModelForCausalLM
     source: str | None = model
     where: dict[str, Any] = {}
-    files = checkpoint_files(model) if is_deepspeed_zero3_enabled() and placement is None else None
     if placement is not None:
         where["device_map"] = device_map(model, dtype, placement, trust_remote_code)
-    elif files is not None:
-        config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
-        if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING:  # a remote-code model loads the usual way
-            # transformers' ZeRO-3 load copies every tensor of every file into rank 0's memory before it loads the
-            # partitioned model module by module; given views of the mapped files instead (a state dict, which its
-            # model class takes with a config and no name), it reads one module at a time into the page cache
-            loader, source = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)], None
-            where |= {"config": config, "state_dict": mapped_state_dict(files)}
     try:
+        files = checkpoint_files(model) if is_deepspeed_zero3_enabled() and placement is None else None
+        if files is not None:
+            config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+            if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING:  # a remote-code model loads the usual way
+                # transformers' ZeRO-3 load copies every tensor of every file into rank 0's memory before it loads
+                # the partitioned model module by module; given views of the mapped files instead (a state dict,
+                # which its model class takes with a config and no name), it reads one module at a time
+                loader, source = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)], None
+                where |= {"config": config, "state_dict": mapped_state_dict(files)}
         lm = loader.from_pretrained(
             source,
             dtype=getattr(torch, dtype),

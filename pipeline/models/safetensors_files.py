@@ -57,6 +57,8 @@ def mapped_state_dict(files: list[Path]) -> dict[str, torch.Tensor]:
         header = json.loads(mapped[8 : 8 + size])
         header.pop("__metadata__", None)
         for key, info in header.items():
+            if info["dtype"] not in FROM_NAME:
+                raise ValueError(f"{path}: tensor {key} has dtype {info['dtype']}, which this loader does not read")
             dtype, (start, end) = FROM_NAME[info["dtype"]], info["data_offsets"]
             if end == start:
                 out[key] = torch.empty(info["shape"], dtype=dtype)
