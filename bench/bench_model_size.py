@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import sys
@@ -97,11 +96,12 @@ def config(run: Path, model_dir: Path, data: Path) -> Path:
 
 
 def run_size(work: Path, name: str, data: Path) -> dict[str, Any]:
-    from safetensors import safe_open
+    from pipeline.models.safetensors_files import checkpoint_files, mapped_state_dict
 
     model_dir = build_model(work, seed=0, name=f"model-{name}", **SIZES[name])
-    with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
-        numel = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118 (not a dict)
+    weights = mapped_state_dict(checkpoint_files(model_dir) or [])  # views: shapes and dtypes, nothing read
+    numel = sum(t.numel() for t in weights.values())
+    model_bytes = sum(t.numel() * t.element_size() for t in weights.values())
     run = work / name
     shutil.rmtree(run, ignore_errors=True)
     run.mkdir(parents=True)
@@ -114,7 +114,7 @@ def run_size(work: Path, name: str, data: Path) -> dict[str, Any]:
     summary = json.loads((run / "out" / "train_summary.json").read_text())
     merged = run / "out" / "final" / "merged"
     print(
-        f"[bench] {name}: {numel / 1e6:.1f}M parameters ({numel * 4 / MB:.0f} MB), train {train['wall_s']:.0f}s, "
+        f"[bench] {name}: {numel / 1e6:.1f}M parameters ({model_bytes / MB:.0f} MB), train {train['wall_s']:.0f}s, "
         f"workers' private peaks {', '.join(f'{b / MB:.0f}' for b in workers)} MB, load {os.getloadavg()[0]:.1f}",
         flush=True,
     )
@@ -122,7 +122,7 @@ def run_size(work: Path, name: str, data: Path) -> dict[str, Any]:
         "size": name,
         "shape": SIZES[name],
         "parameters": numel,
-        "model_bytes": numel * 4,
+        "model_bytes": model_bytes,
         "train_wall_s": train["wall_s"],
         "worker_private_peaks": workers,
         "worker_private_peaks_in_loop": summary["worker_private_memory_bytes"],

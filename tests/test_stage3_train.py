@@ -153,8 +153,9 @@ def test_one_worker_zero0_outputs(baseline, prepared, tiny_model_dir):
 
 
 # Runs that several tests read, trained once on first use (`shared_run`): 2 workers x 4 pairs at ZeRO-2 on
-# right-padded rows, evaluated in batches of 2 (3 batches: rank 1 runs a filler in round 2); and token-budget
-# micro-batches of <= 60 tokens on 2 workers x 2 accumulated for one epoch, evaluated in budget batches of uneven size.
+# right-padded rows, evaluated in batches of 2 (3 batches: rank 1 runs a filler in round 2); the same at ZeRO-3,
+# padding-free; and token-budget micro-batches of <= 60 tokens on 2 workers x 2 accumulated for one epoch,
+# evaluated in budget batches of uneven size.
 SHARED_RUNS = {
     "w2z2": {"num_workers": 2, "per_device_train_batch_size": 4, "zero_stage": 2, "padding_free": False,
              "per_device_eval_batch_size": 2},

@@ -118,6 +118,8 @@ def write_pretrained(model: Any, tensors: list[Saved], out_dir: Path, rank: int,
     names = [shard_name(k, len(shards)) for k in range(len(shards))]
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
+        for stale in [*out_dir.glob("model-*-of-*.safetensors"), out_dir / WEIGHTS, out_dir / INDEX]:
+            stale.unlink(missing_ok=True)  # an earlier export's files, which from_pretrained might read instead
     for name, shard in zip(names, shards):
         stream_shard(out_dir / name, [tensors[i] for i in shard], rank)
     if rank != 0:
@@ -163,7 +165,7 @@ def stream_shard(path: Path, tensors: list[Saved], rank: int) -> None:
             with _gathering(t.reads):
                 if fh is None:
                     continue
-                value = t.value().detach().to("cpu").contiguous()
+                value = _host_value(t)
                 if list(value.shape) != t.shape or value.dtype != t.dtype:
                     raise RuntimeError(
                         f"{t.key}: planned {t.dtype} {t.shape}, computed {value.dtype} {list(value.shape)}"
@@ -178,8 +180,13 @@ def _host_copies(tensors: list[Saved], rank: int) -> dict[str, torch.Tensor]:
     for t in tensors:
         with _gathering(t.reads):
             if rank == 0:
-                out[t.key] = t.value().detach().to("cpu", copy=True).contiguous()
+                out[t.key] = _host_value(t)
     return out
+
+
+def _host_value(t: Saved) -> torch.Tensor:
+    """The tensor's value copied into host memory (its parameters gathered by the caller)."""
+    return t.value().detach().to("cpu", copy=True).contiguous()
 
 
 def _gathering(params: tuple[torch.Tensor, ...]) -> contextlib.AbstractContextManager[Any]:
