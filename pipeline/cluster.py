@@ -32,6 +32,10 @@ TOKEN_FIX = (
     "give it the cluster's token (`ray get-auth-token` on the head) in RAY_AUTH_TOKEN or in the file "
     "RAY_AUTH_TOKEN_PATH names (default ~/.ray/auth_token), with RAY_AUTH_MODE=token"
 )
+# A private Ray keeps idle worker processes for a minute (Ray's default: 1 s once there are more than its CPUs).
+# Each stage runs several short Ray Data executions (read, map, sort, write) whose tasks would otherwise land on
+# fresh processes, each paying 2-4 s to start and import the stack again.
+IDLE_WORKER_KEEP_MS = 60_000
 
 
 def init_ray(command: str = "ray") -> None:
@@ -52,6 +56,8 @@ def init_ray(command: str = "ray") -> None:
         include_dashboard=False,
         log_to_driver=True,
         configure_logging=False,
+        # a cluster we join keeps the settings it was started with
+        _system_config=None if joining else {"idle_worker_killing_time_threshold_ms": IDLE_WORKER_KEEP_MS},
     )
 
 

@@ -32,7 +32,7 @@ from pipeline.report.run_report import write_report
 from pipeline.rundir import FINAL, PLOTS, first_eval, write_data_report
 from stages.cli_args import Options, build_parser, parse_config
 from stages.stage1_tokenize import run_tokenize
-from stages.stage2_score_ref import run_score_ref
+from stages.stage2_score_ref import score_splits
 from stages.stage3_train import run_train
 from stages.stage4_generate import run_generate
 from stages.stage4_generate import unsupported as unsupported_generation
@@ -99,8 +99,8 @@ def cmd_score_ref(cfg: Config, opts: Options) -> None:
         print(f"[score-ref] nothing to score: {reference_free_note(cfg)}.", flush=True)
         return
     init_ray("score-ref")
-    for split, specs in splits(cfg):
-        run_score_ref(cfg, find_tokenized(cfg, specs, opts.verify), split, force=opts.force, verify=opts.verify)
+    tokenized = {split: find_tokenized(cfg, specs, opts.verify) for split, specs in splits(cfg)}
+    score_splits(cfg, tokenized, force=opts.force, verify=opts.verify)
 
 
 def cmd_train(cfg: Config, opts: Options) -> None:
@@ -113,8 +113,7 @@ def cmd_run(cfg: Config, opts: Options) -> None:
     init_ray("run")
     tokenized = tokenize_splits(cfg, opts)
     if cfg.loss.needs_reference:
-        for split, data in tokenized.items():
-            run_score_ref(cfg, data, split, force=opts.force, verify=opts.verify)
+        score_splits(cfg, tokenized, force=opts.force, verify=opts.verify)
     else:
         print(f"[run] stage 2 skipped: {reference_free_note(cfg)}.", flush=True)
     final = train(cfg, "run", opts).get("final_eval")

@@ -3,18 +3,19 @@
     dpo-pipeline tokenize --config configs/demo.yaml
 
 Input files are read by Ray tasks (one per file, each row tagged with file and row number), parsed and
-tokenized by an actor pool (one tokenizer per actor), then checked on the driver: malformed rows stop
-the run with their locations, dropped rows are counted by reason, duplicates of a pair are dropped.
+tokenized by Ray tasks (a worker process keeps its tokenizer between calls), then checked on the driver:
+malformed rows stop the run with their locations, dropped rows are counted by reason, duplicates of a pair
+are dropped.
 The kept pairs are sorted by pair_id and written under `<cache_dir>/tokenized/<key>/`.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import time
 from collections.abc import Iterator
-from functools import partial
 from typing import Any
 
 import numpy as np
@@ -24,7 +25,7 @@ import ray
 from pipeline import schema
 from pipeline.cache import manifests, storage
 from pipeline.cache.claims import found_or_claimed
-from pipeline.cluster import SetupErrorsOnFirstCall, cluster_cpus, data_context
+from pipeline.cluster import data_context
 from pipeline.config import Config
 from pipeline.data.entries import TOKENIZED, TokenizedData, reusable, tokenized_key
 from pipeline.data.sources import InputFile, read_rows
@@ -63,40 +64,55 @@ def _read_files(batch: dict[str, np.ndarray]) -> Iterator[dict[str, list[Any]]]:
             }
 
 
-class _Tokenize(SetupErrorsOnFirstCall):
-    def setup(self, model_dir: str, trust_remote_code: bool, max_length: int | None, truncation_mode: str) -> None:
-        self.tokenizer = load_tokenizer(model_dir, trust_remote_code)
-        self.max_length = max_length
-        self.truncation_mode = truncation_mode
-        # each actor says how far it is (the stage materializes its output: the driver sees no rows until the end)
-        self.progress = Progress(f"[tokenize] actor {os.getpid()}", None, "rows")
+# Tokenizing runs as Ray tasks rather than an actor pool: a worker process keeps its tokenizer (and its progress
+# line) from call to call, so the eval split and the stage's later Ray Data executions run on warm workers
+# instead of each starting an actor process that imports the stack and loads the tokenizer again.
 
-    def process(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        out: dict[str, list[Any]] = {
-            k: [] for k in ("status", "detail", "fmt", "prompt_merged", *schema.TOKENIZED_SCHEMA.names)
-        }
-        for record, read_error in zip(batch["record"], batch["error"]):
-            status, detail, fmt, result = ERROR, None, "", None
-            try:
-                if read_error:
-                    raise RowError(str(read_error))
-                row = parse_record(record)
-                fmt = row_format(row)
-                result = tokenize_row(row, self.tokenizer, self.max_length, self.truncation_mode)
-                status, detail = (DROPPED, result.reason) if isinstance(result, Drop) else (KEPT, None)
-            except RowError as e:
-                detail = str(e)
-            kept = status == KEPT
-            out["status"].append(status)
-            out["detail"].append(detail)
-            out["fmt"].append(fmt)
-            out["prompt_merged"].append(isinstance(result, TokenizedPair) and result.prompt_merged)
-            for name in schema.TOKENIZED_SCHEMA.names:
-                default: Any = "" if name == schema.PAIR_ID else [] if name.endswith("_ids") else 0
-                out[name].append(getattr(result, name) if kept else default)
-        out["truncated"] = [bool(t) for t in out["truncated"]]
-        self.progress.add(len(batch["record"]))
-        return {**out, "file_index": batch["file_index"], "source": batch["source"], "row": batch["row"]}
+
+@functools.lru_cache(maxsize=1)
+def _worker_tokenizer(model_dir: str, trust_remote_code: bool) -> Any:
+    return load_tokenizer(model_dir, trust_remote_code)
+
+
+_worker_progress: dict[str, Progress] = {}  # one line per worker and split (the stage materializes its output:
+# the driver sees no rows until the end)
+
+
+def _tokenize_rows(
+    batch: dict[str, np.ndarray],
+    split: str,
+    model_dir: str,
+    trust_remote_code: bool,
+    max_length: int | None,
+    truncation_mode: str,
+) -> dict[str, Any]:
+    tokenizer = _worker_tokenizer(model_dir, trust_remote_code)
+    out: dict[str, list[Any]] = {
+        k: [] for k in ("status", "detail", "fmt", "prompt_merged", *schema.TOKENIZED_SCHEMA.names)
+    }
+    for record, read_error in zip(batch["record"], batch["error"]):
+        status, detail, fmt, result = ERROR, None, "", None
+        try:
+            if read_error:
+                raise RowError(str(read_error))
+            row = parse_record(record)
+            fmt = row_format(row)
+            result = tokenize_row(row, tokenizer, max_length, truncation_mode)
+            status, detail = (DROPPED, result.reason) if isinstance(result, Drop) else (KEPT, None)
+        except RowError as e:
+            detail = str(e)
+        kept = status == KEPT
+        out["status"].append(status)
+        out["detail"].append(detail)
+        out["fmt"].append(fmt)
+        out["prompt_merged"].append(isinstance(result, TokenizedPair) and result.prompt_merged)
+        for name in schema.TOKENIZED_SCHEMA.names:
+            default: Any = "" if name == schema.PAIR_ID else [] if name.endswith("_ids") else 0
+            out[name].append(getattr(result, name) if kept else default)
+    out["truncated"] = [bool(t) for t in out["truncated"]]
+    label = f"[tokenize] {split}: worker {os.getpid()}"
+    _worker_progress.setdefault(label, Progress(label, None, "rows")).add(len(batch["record"]))
+    return {**out, "file_index": batch["file_index"], "source": batch["source"], "row": batch["row"]}
 
 
 # --- the stage ---
@@ -108,7 +124,7 @@ def run_tokenize(
     key, files, model_dir, parts = tokenized_key(cfg, specs)
     path = manifests.entry_dir(cfg.data.cache_dir, TOKENIZED, key)
     label = f"[tokenize] {split}"
-    find = partial(reusable, path, key, label, "tokenized data", verify=verify)
+    find = functools.partial(reusable, path, key, label, "tokenized data", verify=verify)
     with found_or_claimed(path, label, find, force) as found:  # None: this job builds it, holding the claim
         if found is not None:
             return TokenizedData(path, key, found)
@@ -128,14 +144,18 @@ def _tokenize(
     print(f"[tokenize] {split}: {len(files)} file(s) -> {path}", flush=True)
     items = [{"path": f.path, "kind": f.kind, "file_index": i} for i, f in enumerate(files)]
     data_context()
-    cpus = cluster_cpus()
-    # light (never waits behind the actors); one file per call, its rows yielded in bounded batches
+    # light (never waits behind the tokenizers); one file per call, its rows yielded in bounded batches
     rows = ray.data.from_items(items).map_batches(_read_files, batch_size=1, num_cpus=0)
     tokenized = rows.map_batches(
-        _Tokenize,
-        fn_constructor_args=(model_dir, cfg.model.trust_remote_code, cfg.data.max_length, cfg.data.truncation_mode),
+        _tokenize_rows,  # type: ignore[arg-type]  # Ray's stubs do not know fn_kwargs
+        fn_kwargs={
+            "split": split,
+            "model_dir": model_dir,
+            "trust_remote_code": cfg.model.trust_remote_code,
+            "max_length": cfg.data.max_length,
+            "truncation_mode": cfg.data.truncation_mode,
+        },
         batch_size=256,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cpus),
     ).materialize()
 
     summary = tokenized.select_columns(

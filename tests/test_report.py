@@ -1,5 +1,5 @@
-"""The run report, built from one real small run: `dpo-pipeline run` in a subprocess, as a user starts it (tiny
-random Llama, 34 input rows of which 2 are dropped, 6 eval pairs, 6 steps, ZeRO-0, MLflow when installed).
+"""The run report, built from one real small run (conftest's `finished_run`: `dpo-pipeline run` in a subprocess, as
+a user starts it; tiny random Llama, 34 input rows of which 2 are dropped, 12 eval pairs, 6 steps, ZeRO-0, MLflow).
 
 Checked: the run ends by writing the report; stages 1-2 log Ray Data progress into the run's log file and
 training prints its progress line; every plot is a PNG that decodes, with the series expected from
@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import subprocess
-import sys
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
+from finished_run import RUN_EVAL_PROMPTS, RUN_EVAL_STEPS, RUN_STEPS
 
 from pipeline.console import LOG_FILE
 from pipeline.report.plots import CURVES, ema
@@ -30,62 +29,19 @@ from pipeline.report.run_report import TABLE_METRICS, write_report
 from pipeline.train.engine import gradient_norm
 from stages.cli import build_parser, main
 
-STEPS = 6
-EVAL_STEPS = 2
+STEPS, EVAL_STEPS, EVAL_PAIRS = RUN_STEPS, RUN_EVAL_STEPS, RUN_EVAL_PROMPTS
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
-def run(tiny_model_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("report")
-    words = ["red", "blue", "green", "gold", "black", "white", "pink", "grey"]
-    train = [
-        {
-            "prompt": f"Name colour number {i}:",
-            "chosen": f" {words[i % 8]} {i}",
-            "rejected": f" {words[(i + 3) % 8]} {words[i % 5]} {i + 1}",
-        }
-        for i in range(32)
-    ]
-    train += [train[0], {"prompt": "Say it:", "chosen": " same", "rejected": " same"}]  # dropped: duplicate, identical
-    evals = [
-        {"prompt": f"Which colour is {i}?", "chosen": f" {words[i % 8]}", "rejected": f" not {words[i % 8]}"}
-        for i in range(6)
-    ]
-    for name, rows in (("train.jsonl", train), ("eval.jsonl", evals)):
-        (root / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    out = root / "run"
-    cfg = {
-        "model": str(tiny_model_dir),
-        "cache_dir": str(root / "cache"),
-        "output_dir": str(out),
-        "run_name": "report",
-        "dataset": [str(root / "train.jsonl")],
-        "eval_dataset": [str(root / "eval.jsonl")],
-        "max_steps": STEPS,
-        "learning_rate": 1e-3,
-        "warmup_steps": 1,
-        "per_device_train_batch_size": 8,
-        "logging_steps": 1,
-        "eval_steps": EVAL_STEPS,
-        "save_steps": 100,
-        "zero_stage": 0,
-        "gradient_checkpointing": False,
-        "report_to": ["mlflow"],  # mlflow-skinny is a pinned dev dependency
-        "max_new_tokens": 0,  # no stage 4: its run and report section are tests/test_generate.py's
-    }
-    (root / "config.yaml").write_text(yaml.safe_dump(cfg))
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # MLflow's default: under output_dir
-    proc = subprocess.run(
-        [sys.executable, "-m", "pipeline", "run", "--config", str(root / "config.yaml")],
-        env={**env, "RAY_ADDRESS": "local"},
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def run(finished_run, tmp_path_factory):
+    """(a copy of the finished run's output_dir, which the tests below write reports into; the finished run;
+    its metrics.jsonl lines)."""
+    assert finished_run.returncode == 0, finished_run.stderr[-3000:]
+    out = tmp_path_factory.mktemp("report") / "run"
+    shutil.copytree(finished_run.out, out)
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    return out, proc, lines
+    return out, finished_run, lines
 
 
 def train_lines(lines):
@@ -101,12 +57,12 @@ def eval_lines(lines):
 
 def test_run_writes_report_and_shows_progress(run):
     out, proc, lines = run
-    assert f"[report] {out / 'report.md'}" in proc.stdout
+    assert f"[report] {proc.out / 'report.md'}" in proc.stdout
     assert (out / "report.md").is_file()
-    # Ray Data progress of stage 1 (the tokenizer pool) and stage 2 (the reference pool): Ray logs them as
+    # Ray Data progress of stage 1 (the tokenizing tasks) and stage 2 (the reference pool): Ray logs them as
     # "operator: done/total" lines, into the run's log file (pipeline.console)
     log = (out / LOG_FILE).read_text()
-    assert re.search(r"MapBatches\(_Tokenize\)\S*: \d+/\d+", log)
+    assert re.search(r"MapBatches\(_tokenize_rows\)\S*: \d+/\d+", log)
     assert re.search(r"MapBatches\(_ScoreRef\)\S*: \d+/\d+", log)
     last = re.search(
         r"\[train\] step 6/6 \(100%\) epoch [\d.]+ \| loss ([\d.]+) \| reward acc ([\d.]+) \| margin "
@@ -146,7 +102,7 @@ def test_every_plot_is_a_png_with_the_expected_series(run):
         "train grad_norm (raw)": n_train,
         "train grad_norm (EMA)": n_train,
     }
-    expected["ref_margins.png"] = {"train (32 pairs)": 32, "eval (6 pairs)": 6}
+    expected["ref_margins.png"] = {"train (32 pairs)": 32, f"eval ({EVAL_PAIRS} pairs)": EVAL_PAIRS}
 
     assert {p.file: {s.name: s.points for s in p.series} for p in report.plots} == expected
     assert sorted(f.name for f in (out / "plots").iterdir()) == sorted(expected)
@@ -223,7 +179,7 @@ def test_report_states_the_numbers_of_the_run(run):
     assert table_row(train_data, "read") == ["34"] and table_row(train_data, "kept (pairs)") == ["32"]
     assert table_row(train_data, "dropped: duplicate_pair") == ["1"]
     assert table_row(train_data, "dropped: identical_completions") == ["1"]
-    assert table_row(text[text.index("### eval\n") :], "kept (pairs)") == ["6"]
+    assert table_row(text[text.index("### eval\n") :], "kept (pairs)") == [str(EVAL_PAIRS)]
 
     # reference margins: recomputed here from the cache entry's Parquet files
     ref_dir = Path(summary["inputs"]["train"]["reference"])
@@ -283,12 +239,13 @@ def test_report_command(run, tmp_path, capsys):
 def test_mlflow_received_the_metrics(run, monkeypatch):
     from mlflow import MlflowClient
 
-    out, _, lines = run
+    _, finished, lines = run
+    out = finished.out
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     client = MlflowClient(tracking_uri=(out / "mlruns").as_uri())
     experiment = client.get_experiment_by_name("Default")
     (found,) = client.search_runs([experiment.experiment_id])
-    assert found.info.run_name == "report" and found.info.status == "FINISHED"
+    assert found.info.run_name == "finished" and found.info.status == "FINISHED"
     assert found.data.params["beta"] == "0.1" and found.data.params["loss_type"] == "['sigmoid']"
 
     def history(key):

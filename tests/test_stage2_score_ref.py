@@ -1,5 +1,6 @@
 """Stage 2 end to end on a real local Ray: scores against an independent per-pair forward, cache reuse and
---force, resuming after a real kill, refusals, what the key covers, LoRA, and several actors.
+--force, resuming after a real kill, refusals, what the key covers, LoRA, several actors, and every split on one
+pool.
 
 The independent reference, written out here and never calling pipeline.core.logprobs: for one unpadded
 sequence x of length L whose completion starts at s, the full model gives logits z (L, V) and
@@ -22,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -31,6 +33,7 @@ import stages.stage2_score_ref as stage2
 from pipeline import schema
 from pipeline.config import config_from_dict
 from pipeline.data.entries import PLAN, TokenizedData, find_reference, reference_key, tokenized_key
+from pipeline.data.reference_build import ReferenceBuild
 from pipeline.errors import CacheError
 from pipeline.models.forward import collate_pairs, sequence_forward
 from pipeline.models.loading import load_causal_lm
@@ -523,3 +526,48 @@ def test_two_actors_batches_of_four_and_one_pair_shards(ray_session, stage, expe
     pids = [p.name.split("-")[0] for p in calls.iterdir()]
     assert len(pids) == 3 and len(set(pids)) == 2, pids  # 3 blocks of 4 pairs, spread over both actors
     assert_matches(read_scores(scored), expected)
+
+
+# --- 8. every split on one pool ---
+
+
+def test_splits_share_one_pool_and_each_gets_its_own_entry(stage, expected, tmp_path, monkeypatch, capsys):
+    """Train, eval and a third split with the train split's data, scored by one call: the reference model loads
+    once (one actor, whose setup leaves its process id behind); the eval pairs, all of them train pairs too, land
+    in both entries; each entry equals the independent forward; the third split reuses the train entry."""
+    cfg, _, ref, src = stage
+    loads = tmp_path / "loads"
+    loads.mkdir()
+
+    class Recording(stage2._ScoreRef):
+        def setup(self, *args):
+            (loads / str(os.getpid())).touch()
+            super().setup(*args)
+
+    monkeypatch.setattr(stage2, "_ScoreRef", Recording)
+    fresh = cfg.replace(cache_dir=str(tmp_path / "cache"))
+    train = run_tokenize(fresh, (src,))
+    evals = run_tokenize(fresh, (write_jsonl(tmp_path / "eval.jsonl", ROWS[:5]),), "eval")
+    eval_ids = {r[schema.PAIR_ID] for r in pq.ParquetDataset(evals.files).read().to_pylist()}
+    assert len(eval_ids) == 5 and eval_ids < set(expected)
+    capsys.readouterr()
+    scored = stage2.score_splits(fresh, {"train": train, "eval": evals, "again": train}, shard_pairs=3)
+    out = capsys.readouterr().out
+    assert len(list(loads.iterdir())) == 1
+    assert scored["train"].key == ref.key and scored["eval"].key != ref.key
+    assert scored["train"].manifest["shards"] == 4 and scored["eval"].manifest["shards"] == 2
+    assert_matches(read_scores(scored["train"]), expected)
+    assert_matches(read_scores(scored["eval"]), {pid: expected[pid] for pid in eval_ids})
+    assert scored["again"].path == scored["train"].path
+    assert "[score-ref] again: reusing cached reference scores" in out
+    assert "[score-ref] train: 12 pairs scored" in out and "[score-ref] eval: 5 pairs scored" in out
+
+
+def test_an_entry_short_of_scored_pairs_gets_no_manifest(stage, tmp_path):
+    cfg, data, _, _ = stage
+    path = tmp_path / "entry"
+    entry = ReferenceBuild("eval", data, "k", {}, path, pairs=12, expected=np.array([6, 6]), missing=frozenset({0, 1}))
+    entry.totals["pairs"] = 11
+    with pytest.raises(CacheError, match="eval: 11 pairs came back from the scoring pool, 12 were sent"):
+        entry.commit(cfg)
+    assert not path.exists()

@@ -18,13 +18,13 @@ from typing import TYPE_CHECKING, Any
 from pipeline.cache.fingerprints import file_fingerprints
 from pipeline.cache.storage import atomic_target, local_cache_dir
 from pipeline.errors import PipelineError
-from pipeline.models.kernels import Kernels, apply_liger, choose_kernels
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch and transformers load where used: a tokenizing worker imports neither torch nor a model
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from pipeline.config import ModelConfig
+    from pipeline.models.kernels import Kernels
     from pipeline.models.placement import Placement
 
 BUILTIN_MODELS = {
@@ -174,6 +174,7 @@ def build_model(
     import torch
 
     from pipeline.models.forward import check_supported
+    from pipeline.models.kernels import apply_liger, choose_kernels
     from pipeline.models.placement import gpu_placement
 
     kernels = choose_kernels(model_cfg, cuda=use_gpu and torch.cuda.is_available(), dtype=dtype)
