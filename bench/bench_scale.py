@@ -50,7 +50,7 @@ VOCAB_WORDS = 500  # plus <pad>, <eos>, <unk>
 PROMPT_WORDS = (100, 200)  # uniform, inclusive: 150 on average
 COMPLETION_WORDS = (50, 150)  # 100 on average, so ~251 tokens per sequence with EOS
 RAY_AGENTS = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
-TABLE_LINE = re.compile(r"training table of (\d+) pairs -> (\S+) in ([\d.]+)s")
+TABLE_LINE = re.compile(r"training table of (\d+) pairs in \d+ file\(s\) -> (\S+) in ([\d.]+)s")
 MB = 1e6
 
 
@@ -329,15 +329,15 @@ def run_size(work: Path, model_dir: Path, n: int, args: argparse.Namespace) -> d
     stages["train"]["workers_private_peak_sum_sampled"] = stages["train"]["workers_private_peak_sum"]
     stages["train"]["workers_private_peak_sum"] = sum(private)
     stages["train"]["worker_private_memory_bytes"] = private
-    table_files = glob.glob(str(run / "cache" / "table" / "*" / "pairs.arrow"))
-    assert len(table_files) == 1, table_files
+    table_files = glob.glob(str(run / "cache" / "table" / "*" / "*.arrow"))
+    assert len({Path(f).parent for f in table_files}) == 1, table_files  # one table: the train split's
     match = TABLE_LINE.search(Path(stages["train"]["log"]).read_text())
     manifest = json.loads((Path(table_files[0]).parent / "manifest.json").read_text())
     return {
         "pairs": n,
         "data": generated,
         "pairs_kept": manifest["rows"],
-        "table_bytes": os.path.getsize(table_files[0]),
+        "table_bytes": sum(os.path.getsize(f) for f in table_files),
         "build_table_s": float(match.group(3)) if match else None,
         "build_table_merge_s": manifest.get("timings", {}).get("merge_s"),
         "tokenized_bytes": dir_bytes(run / "cache" / "tokenized"),

@@ -127,7 +127,8 @@ class DataConfig:
     dataset: tuple[str, ...] = _f(
         ("builtin:demo-train",),
         "Training preference data: .jsonl/.json/.parquet "
-        "files, globs, directories of them, `datasets` save_to_disk directories, or "
+        "files, globs, directories of them, one split of a directory or of a hub dataset in the local Hugging "
+        "Face cache (DIR:SPLIT, OWNER/NAME:SPLIT), `datasets` save_to_disk directories, or "
         "builtin names (builtin:demo-train, demo-test, demo-train-text, demo-test-text; "
         "builtin:NAME:N for N pairs).",
     )
@@ -516,8 +517,59 @@ def field_type(section: str, name: str) -> Any:
     return typing.get_type_hints(SECTIONS[section])[name]
 
 
+# TRL's names (its ModelConfig and ScriptArguments) for our keys, accepted in config files and as flags.
+TRL_ALIASES = {"model_name_or_path": "model", "torch_dtype": "dtype"}
+# TRL names a hub dataset and its splits apart; here a split is part of the dataset spec (OWNER/NAME:SPLIT).
+TRL_SPLIT_KEYS = {"dataset_train_split": ("dataset", "train"), "dataset_test_split": ("eval_dataset", None)}
+TRL_KEYS = (*TRL_ALIASES, "dataset_name", *TRL_SPLIT_KEYS)
+
+
+def from_trl_names(values: dict[str, Any], source: str) -> tuple[dict[str, Any], list[str]]:
+    """The values with TRL's key names put as ours, and what each became (`model_name_or_path -> model`).
+
+    `dataset_name` with `dataset_train_split` (default `train`) sets `dataset` to `NAME:SPLIT`; with
+    `dataset_test_split` it also sets `eval_dataset` (TRL evaluates only when asked to, so without it there is
+    no eval set). A TRL name next to ours with another value is a ConfigError: which one would win is not said."""
+    out = dict(values)
+    said: list[str] = []
+
+    def put(key: str, value: Any, came_from: str) -> None:
+        if key in out and out[key] != value and _as_list(out[key]) != _as_list(value):
+            raise ConfigError(
+                f"{source}: {came_from} (TRL's name) gives {key} = {value!r}, but {key} = {out[key]!r} is set too: "
+                "set one of them"
+            )
+        out[key] = value
+        said.append(f"{came_from} -> {key}" + (f" = {value[0]}" if key in ("dataset", "eval_dataset") else ""))
+
+    for alias, key in TRL_ALIASES.items():
+        if alias in out:
+            put(key, out.pop(alias), alias)
+    name = out.pop("dataset_name", None)
+    splits = {k: out.pop(k) for k in TRL_SPLIT_KEYS if k in out}
+    if splits and name is None:
+        raise ConfigError(
+            f"{source}: {', '.join(splits)} name(s) a split of dataset_name (TRL's keys): set dataset_name too, "
+            "or name the split in dataset / eval_dataset as OWNER/NAME:SPLIT"
+        )
+    if name is not None:
+        for split_key, (key, default) in TRL_SPLIT_KEYS.items():
+            split = splits.get(split_key, default)
+            if split is not None:
+                put(key, [f"{name}:{split}"], "dataset_name" + (f" + {split_key}" if split_key in splits else ""))
+    return out, said
+
+
+def _as_list(value: Any) -> Any:
+    return [value] if isinstance(value, str) else list(value) if isinstance(value, tuple | list) else value
+
+
 def config_from_dict(values: dict[str, Any], source: str = "config") -> Config:
-    """Build and validate a Config from flat keys; unknown keys and bad values raise ConfigError."""
+    """Build and validate a Config from flat keys (TRL's names too, said once on the console as the key each
+    sets); unknown keys and bad values raise ConfigError."""
+    values, said = from_trl_names(values, source)
+    if said:
+        print(f"[config] TRL's key names read as ours: {'; '.join(said)}", flush=True)
     known = config_fields()
     unknown = sorted(set(values) - set(known))
     if unknown:

@@ -9,7 +9,16 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from pipeline.config import SECTIONS, Config, config_fields, describe_type, field_type, load_config
+from pipeline.config import (
+    SECTIONS,
+    TRL_ALIASES,
+    TRL_KEYS,
+    Config,
+    config_fields,
+    describe_type,
+    field_type,
+    load_config,
+)
 
 COMMANDS = {
     "tokenize": "Stage 1: tokenize the preference data (dataset and eval_dataset) into the cache.",
@@ -65,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
             "shows the pipeline's own lines, and those logs go to OUTPUT_DIR/logs/pipeline.log.",
         )
         _add_config_flags(p)
+        _add_trl_flags(p)
     return parser
 
 
@@ -83,6 +93,19 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
                 default=argparse.SUPPRESS,
                 help=f"{f.metadata['help']} [{describe_type(field_type(sec, key))}; default: {default}]",
             )
+
+
+def _add_trl_flags(p: argparse.ArgumentParser) -> None:
+    group = p.add_argument_group("TRL's names (each read as the key it names)")
+    helps = {
+        **{alias: f"TRL's name for --{key}." for alias, key in TRL_ALIASES.items()},
+        "dataset_name": "A hub dataset id (in the local Hugging Face cache) or a directory: sets --dataset to "
+        "NAME:SPLIT with --dataset_train_split (default train), and --eval_dataset with --dataset_test_split.",
+        "dataset_train_split": "The split of --dataset_name to train on (default train).",
+        "dataset_test_split": "The split of --dataset_name to evaluate on (default: no eval set).",
+    }
+    for key in TRL_KEYS:
+        group.add_argument(f"--{key}", dest=f"cfg_{key}", metavar="V", default=argparse.SUPPRESS, help=helps[key])
 
 
 def parse_config(args: argparse.Namespace) -> Config:

@@ -110,3 +110,34 @@ def test_relative_paths_become_absolute(tmp_path, monkeypatch):
     out = cfg.with_absolute_paths()
     assert out.data.output_dir == str(tmp_path / "runs" / "x")
     assert out.data.cache_dir.startswith("/") and out.scale.storage_path == "s3://bucket/r"
+
+
+def test_trl_key_names_are_read_as_ours_and_said_once(tmp_path, capsys):
+    path = tmp_path / "trl.yaml"
+    path.write_text(
+        "model_name_or_path: m\ntorch_dtype: float32\ndataset_name: trl-lib/ultrafeedback_binarized\n"
+        "dataset_test_split: test\nbeta: 0.2\n"
+    )
+    cfg = load_config(path)
+    assert (cfg.model.model, cfg.model.dtype, cfg.loss.beta) == ("m", "float32", 0.2)
+    assert cfg.data.dataset == ("trl-lib/ultrafeedback_binarized:train",)  # TRL's default train split
+    assert cfg.data.eval_dataset == ("trl-lib/ultrafeedback_binarized:test",)
+    assert capsys.readouterr().out == (
+        "[config] TRL's key names read as ours: model_name_or_path -> model; torch_dtype -> dtype; dataset_name -> "
+        "dataset = trl-lib/ultrafeedback_binarized:train; dataset_name + dataset_test_split -> eval_dataset = "
+        "trl-lib/ultrafeedback_binarized:test\n"
+    )
+    assert cfg.replace(beta=0.3).loss.beta == 0.3 and capsys.readouterr().out == ""  # our names from here on
+
+    flags = ["train", "--model_name_or_path", "m", "--dataset_name", "org/x", "--dataset_train_split", "train_prefs"]
+    cfg = parse_config(build_parser().parse_args(flags))
+    assert (cfg.model.model, cfg.data.dataset, cfg.data.eval_dataset) == ("m", ("org/x:train_prefs",), ())
+    assert "dataset_name + dataset_train_split -> dataset = org/x:train_prefs" in capsys.readouterr().out
+
+    assert config_from_dict({"model_name_or_path": "m", "model": "m"}).model.model == "m"  # the same value: fine
+    with pytest.raises(ConfigError, match=r"model_name_or_path \(TRL's name\) gives model = 'a', but model = 'b'"):
+        config_from_dict({"model_name_or_path": "a", "model": "b"})
+    with pytest.raises(ConfigError, match=r"dataset_test_split name\(s\) a split of dataset_name .* OWNER/NAME:SPLIT"):
+        config_from_dict({"dataset_test_split": "test"})
+    with pytest.raises(ConfigError, match=r"dataset_name \(TRL's name\) gives dataset = \['org/x:train'\], but"):
+        config_from_dict({"dataset_name": "org/x", "dataset": ["local.jsonl"]})

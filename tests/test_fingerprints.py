@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -281,3 +282,20 @@ def test_hub_id_is_fingerprinted_by_its_local_snapshot(tmp_path):
     absent = fps["absent"]  # nothing is downloaded: a clear error instead
     assert f"model org/absent: no local snapshot of this hub id in the Hugging Face cache {hub}" in absent, absent
     assert "hf download org/absent" in absent
+
+
+def test_memo_lives_in_a_uri_cache_dir_for_every_driver(tmp_path, monkeypatch, hashed):
+    """A URI cache_dir holds the memo itself: a second driver (a fresh process memo, another machine's home)
+    finds the digest there and reads nothing."""
+    f = tmp_path / "weights.bin"
+    f.write_bytes(os.urandom(1 << 16))
+    os.utime(f, ns=(time.time_ns() - 10 * fingerprints.RACY_NS,) * 2)  # settled: rememberable
+    cache = f"file://{tmp_path / 'shared-cache'}"
+    monkeypatch.setenv("HOME", str(tmp_path / "first-home"))
+    first = file_fingerprints([f], cache)
+    assert len(hashed) == 1
+    monkeypatch.setattr(fingerprints, "_memo", {})  # another driver
+    monkeypatch.setenv("HOME", str(tmp_path / "second-home"))
+    assert file_fingerprints([f], cache) == first and len(hashed) == 1
+    assert json.loads((tmp_path / "shared-cache" / MEMO_FILE).read_text())["files"][str(f)][3] == first[0]
+    assert not (tmp_path / "first-home").exists()  # nothing kept on the driver's own disk

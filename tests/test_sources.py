@@ -121,3 +121,62 @@ def test_builtin_names_and_sizes(tmp_path):
     assert all(isinstance(r["prompt"], str) and r["chosen"] != r["rejected"] for r in rows)
     with pytest.raises(DataError, match="must be a number of pairs"):
         expand_inputs(["builtin:demo-test:many"], str(tmp_path))
+
+
+# --- one split of a folder, or of a hub dataset in the local Hugging Face cache ---
+
+
+def fake_hub_dataset(hub: Path, repo_id: str, files: dict[str, list[dict]]) -> Path:
+    """A dataset snapshot laid out as `hf download --repo-type dataset` leaves it in HF_HUB_CACHE: refs/main names
+    a commit whose folder holds the files (Parquet or JSON Lines by suffix)."""
+    commit = "3f2c" * 10
+    repo = hub / f"datasets--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / commit
+    for rel, rows in files.items():
+        (snapshot / rel).parent.mkdir(parents=True, exist_ok=True)
+        if rel.endswith(".parquet"):
+            pq.write_table(pa.Table.from_pylist(rows), snapshot / rel)
+        else:
+            write_jsonl(snapshot / rel, rows)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return snapshot
+
+
+def test_hub_dataset_id_reads_one_split_of_its_local_snapshot(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    snapshot = fake_hub_dataset(
+        tmp_path / "hub",
+        "org/prefs",
+        {
+            "data/train-00000-of-00002.parquet": ROWS[:1],
+            "data/train-00001-of-00002.parquet": ROWS[1:],
+            "data/test-00000-of-00001.parquet": ROWS[::-1],
+            "README.md": [],
+        },
+    )
+    train = expand_inputs(["org/prefs:train"], str(tmp_path))
+    assert [Path(f.path) for f in train] == [snapshot / f"data/train-0000{i}-of-00002.parquet" for i in (0, 1)]
+    assert read_all(train) == [(1, ROWS[0], None), (1, ROWS[1], None)]
+    assert read_all(expand_inputs(["org/prefs:test"], str(tmp_path))) == [(1, ROWS[1], None), (2, ROWS[0], None)]
+    with pytest.raises(DataError, match=r"^org/prefs has the splits test, train: name one, e.g. org/prefs:test$"):
+        expand_inputs(["org/prefs"], str(tmp_path))
+    with pytest.raises(DataError, match=r"^org/prefs:dev: no split 'dev' in .*; it has test, train$"):
+        expand_inputs(["org/prefs:dev"], str(tmp_path))
+    with pytest.raises(DataError, match=r"^org/absent:train: no such file or directory, and dataset org/absent: no "):
+        expand_inputs(["org/absent:train"], str(tmp_path))
+    with pytest.raises(DataError, match="hf download org/absent --repo-type dataset"):
+        expand_inputs(["org/absent"], str(tmp_path))
+    with pytest.raises(DataError, match=r"^data/missing.jsonl: no such file or directory$"):  # a path, not a hub id
+        expand_inputs(["data/missing.jsonl"], str(tmp_path))
+
+
+def test_a_folder_takes_a_split_too(tmp_path):
+    (tmp_path / "prefs").mkdir()
+    write_jsonl(tmp_path / "prefs" / "validation.jsonl", ROWS)
+    write_jsonl(tmp_path / "prefs" / "train.jsonl", ROWS[:1])
+    split = expand_inputs([f"{tmp_path / 'prefs'}:validation"], str(tmp_path))
+    assert read_all(split) == [(1, ROWS[0], None), (2, ROWS[1], None)]
+    assert len(expand_inputs([str(tmp_path / "prefs")], str(tmp_path))) == 2  # no split: every file, as before

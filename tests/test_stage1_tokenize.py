@@ -10,6 +10,7 @@ import pytest
 
 from pipeline import schema
 from pipeline.config import config_from_dict
+from pipeline.data.entries import find_tokenized
 from pipeline.data.tokenization import extract_prompt
 from pipeline.errors import CacheError, DataError
 from pipeline.rundir import write_data_report
@@ -73,7 +74,7 @@ def test_counts_cache_reuse_and_force(ray_session, tiny_model_dir, tmp_path, tok
     assert run_tokenize(cfg.replace(max_length=12), (src,), "train").key != data.key
 
 
-def test_corrupt_entry_is_refused(ray_session, tiny_model_dir, tmp_path):
+def test_corrupt_entry_is_refused_and_an_unfinished_one_rebuilt(ray_session, tiny_model_dir, tmp_path, capsys):
     src = write_jsonl(tmp_path / "t.jsonl", [{"prompt": "q", "chosen": " a", "rejected": " b"}])
     cfg = make_cfg(tiny_model_dir, tmp_path)
     data = run_tokenize(cfg, (src,))
@@ -86,9 +87,13 @@ def test_corrupt_entry_is_refused(ray_session, tiny_model_dir, tmp_path):
     victim.write_bytes(bytes(blob[:-10]))
     with pytest.raises(CacheError, match="truncated"):
         run_tokenize(cfg, (src,))
-    (data.path / "manifest.json").unlink()
+    (data.path / "manifest.json").unlink()  # as a builder killed before its commit leaves it: cleared and rebuilt
     with pytest.raises(CacheError, match="incomplete"):
-        run_tokenize(cfg, (src,))
+        find_tokenized(cfg, (src,))  # a reader refuses it
+    capsys.readouterr()
+    again = run_tokenize(cfg, (src,))
+    assert f"[tokenize] train: clearing {data.path}, left unfinished by a job that stopped" in capsys.readouterr().out
+    assert again.key == data.key and again.manifest["rows"] == 1 and find_tokenized(cfg, (src,)).key == data.key
 
 
 def test_malformed_rows_stop_the_run_with_locations(ray_session, tiny_model_dir, tmp_path):

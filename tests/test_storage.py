@@ -1,14 +1,18 @@
 """Shared storage: `cache_dir`, `output_dir` and `storage_path` as URIs through pyarrow filesystems.
 
 The tests use file:// URIs: they take the RemotePath code path (pyarrow's filesystem API, no rename of
-directories, object-by-object moves), the same one s3:// and gs:// take with another pyarrow filesystem.
+directories), the same one s3:// and gs:// take with another pyarrow filesystem. Nothing on an object store is
+committed by a move: the end-to-end test runs the driver on a filesystem that refuses every move.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
+import fsspec.implementations.local
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
@@ -32,12 +36,16 @@ def test_remote_path_operations(tmp_path):
     storage.write_json_atomic(f, {"x": 1})
     assert f.is_file() and json.loads(f.read_text()) == {"x": 1} and f.stat().st_size == len(f.read_bytes())
     assert [p.name for p in (root / "a").iterdir()] == ["b.json"]  # no temporary file left behind
-    tmp = storage.make_temp_dir(root, ".t-")
-    (tmp / "1.parquet").write_bytes(b"one")
-    (tmp / "2.parquet").write_bytes(b"two")
-    storage.replace(tmp, root / "entry")
-    assert not tmp.exists() and sorted(p.name for p in (root / "entry").iterdir()) == ["1.parquet", "2.parquet"]
+    with storage.atomic_target(root / "entry", directory=True) as tmp:  # on an object store: the entry itself
+        assert tmp == root / "entry"
+        (tmp / "1.parquet").write_bytes(b"one")
+        (tmp / "2.parquet").write_bytes(b"two")
+    assert sorted(p.name for p in (root / "entry").iterdir()) == ["1.parquet", "2.parquet"]
     storage.rmtree(root / "entry")
+    with pytest.raises(OSError, match="disk gone"), storage.atomic_target(root / "entry", directory=True) as tmp:
+        (tmp / "1.parquet").write_bytes(b"one")
+        raise OSError("disk gone")
+    assert not (root / "entry").exists()  # a failed block leaves nothing behind
     assert not (root / "entry").exists()
     assert isinstance(storage.location("~/x"), Path) and str(storage.location("~/x")) == str(Path("~/x").expanduser())
 
@@ -51,11 +59,15 @@ def test_a_finished_directory_is_never_replaced(tmp_path, remote):
     with storage.atomic_target(entry, directory=True) as tmp:
         (tmp / "data.bin").write_bytes(b"old")
     manifests.write_manifest(entry, "k", "test", ["data.bin"], rows=1)
-    refused = pytest.raises(storage.StorageError, match="never replaced")
+    refused = pytest.raises(storage.StorageError, match="never written over" if remote else "never replaced")
     with refused, storage.atomic_target(entry, directory=True) as tmp:
         (tmp / "data.bin").write_bytes(b"new")
-    with storage.atomic_target(entry, directory=True, keep_existing=True) as tmp:
-        (tmp / "data.bin").write_bytes(b"new")
+    if remote:  # refused before anything is written, keep_existing too
+        with pytest.raises(storage.StorageError), storage.atomic_target(entry, directory=True, keep_existing=True):
+            pass
+    else:
+        with storage.atomic_target(entry, directory=True, keep_existing=True) as tmp:
+            (tmp / "data.bin").write_bytes(b"new")
     assert (entry / "data.bin").read_bytes() == b"old" and manifests.read_valid_manifest(entry, "k", "")["rows"] == 1
     assert [p.name for p in root.iterdir()] == ["entry"]
 
@@ -102,9 +114,25 @@ def test_remote_entry_is_valid_only_after_its_manifest(tmp_path):
         manifests.read_valid_manifest(entry, "k", "", verify=True)  # same size: only --verify reads the bytes
 
 
-def test_pipeline_on_uris_matches_local_paths(ray_session, tiny_model_dir, tmp_path, capsys):
+class _NoMoves(fsspec.implementations.local.LocalFileSystem):
+    def mv(self, *args: object, **kwargs: object) -> None:
+        raise AssertionError(f"moved {args}: an object store has no moves (S3 copies, and refuses above 5 GiB)")
+
+
+def test_pipeline_on_uris_matches_local_paths(ray_session, tiny_model_dir, tmp_path, capsys, monkeypatch):
     """Tokenize, score and train with every location a URI: the same scores as with local paths, the outputs
-    in the URI locations, and a second scoring run that reuses the entry."""
+    in the URI locations, and a second scoring run that reuses the entry. While the driver commits the stage 1
+    and 2 entries its URIs open a filesystem that refuses to move anything: each is written in place, its
+    manifest last. (The training table's files are written in place by Ray tasks, which this filesystem, a
+    test-local class, cannot reach.)"""
+
+    class NoMoveUris:
+        @staticmethod
+        def from_uri(u: str):
+            _, path = pafs.FileSystem.from_uri(u)
+            return pafs.PyFileSystem(pafs.FSSpecHandler(_NoMoves())), path
+
+    no_moves = SimpleNamespace(**{**vars(pafs), "FileSystem": NoMoveUris})
     rows = [{"prompt": f"Count {i}:", "chosen": f" {i} {i + 1}", "rejected": f" {i + 2}"} for i in range(12)]
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     base = {
@@ -135,8 +163,10 @@ def test_pipeline_on_uris_matches_local_paths(ray_session, tiny_model_dir, tmp_p
         return pq.ParquetDataset(files, filesystem=fs).read().sort_by("pair_id").to_pylist()
 
     want = scores(run_score_ref(local, run_tokenize(local, local.data.dataset)))
-    tok = run_tokenize(remote, remote.data.dataset)
-    ref = run_score_ref(remote, tok)
+    with monkeypatch.context() as driver:
+        driver.setattr(storage, "pafs", no_moves)
+        tok = run_tokenize(remote, remote.data.dataset)
+        ref = run_score_ref(remote, tok)
     assert isinstance(ref.path, storage.RemotePath) and str(ref.path).startswith(uri(tmp_path / "remote"))
     assert scores(ref) == want  # micro-batches of one pair: bit-identical
     assert (tmp_path / "remote" / "reference" / ref.key / "manifest.json").is_file()

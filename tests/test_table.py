@@ -9,7 +9,6 @@ exactly; the table is mapped, not copied into private memory; gaps and disorder 
 from __future__ import annotations
 
 import hashlib
-import os
 import random
 
 import numpy as np
@@ -20,14 +19,20 @@ import torch
 
 from pipeline import schema
 from pipeline.config import config_from_dict
+from pipeline.data import table as table_module
 from pipeline.data.entries import ReferenceScores, TokenizedData
 from pipeline.data.pairs import PairTable
-from pipeline.data.table import FILE, build_table, open_table, training_schedule
+from pipeline.data.table import LENGTHS, build_table, open_table, training_schedule
 from pipeline.errors import CacheError
 from pipeline.models.loading import load_causal_lm
 from pipeline.train.step import micro_step
 
 N = 50
+pytestmark = pytest.mark.usefixtures("ray_session")  # the table's ranges are merged by Ray tasks
+
+
+def arrow_files(entry) -> list:
+    return sorted(entry.path.glob("*.arrow"))
 
 
 def pair_rows(n: int = N, seed: int = 0) -> list[dict]:
@@ -108,9 +113,10 @@ def test_second_build_reuses_the_entry(tmp_path, capsys):
     tok, ref = write_entries(tmp_path, pair_rows())
     cfg = cfg_for(tmp_path)
     first = build_table(cfg, tok, ref, "train")
-    mtime = os.stat(first.path / FILE).st_mtime_ns
+    (file,) = arrow_files(first)
+    mtime = file.stat().st_mtime_ns
     again = build_table(cfg, tok, ref, "train")
-    assert again.key == first.key and os.stat(first.path / FILE).st_mtime_ns == mtime
+    assert again.key == first.key and file.stat().st_mtime_ns == mtime
     assert "reusing cached training table" in capsys.readouterr().out
 
 
@@ -138,7 +144,8 @@ def test_table_is_mapped_not_copied(tmp_path):
     pairs = open_table(entry)
     rows = pairs.rows(np.array([5, 1999]))
     grown = pa.total_allocated_bytes() - before
-    assert os.path.getsize(entry.path / FILE) > 100_000 and grown < 0.01 * os.path.getsize(entry.path / FILE)
+    (file,) = arrow_files(entry)
+    assert file.stat().st_size > 100_000 and grown < 0.01 * file.stat().st_size
     assert len(rows[schema.PAIR_ID]) == 2
 
 
@@ -167,6 +174,24 @@ def test_files_overlapping_in_pair_id_are_refused(tmp_path):
     pq.write_table(pa.Table.from_pylist(bad, schema=schema.TOKENIZED_SCHEMA), tok.path / "2-part.parquet")
     with pytest.raises(CacheError, match="not in pair_id order"):
         build_table(cfg_for(tmp_path), tok, ref, "train")
+
+
+def test_a_table_past_the_file_limit_is_several_files_from_several_tasks(tmp_path, monkeypatch):
+    """With a 64 kB limit the table of 2,000 pairs is cut into ranges of the pair_id space, each merged by its
+    own task into files of at most the limit, Arrow's framing included; mapped together they are the one-file
+    table, row for row, and the lengths file follows the same order."""
+    tok, ref = write_entries(tmp_path, pair_rows(2000), cuts=(0, 700, 1500), shards=(0, 500, 1200, 1900))
+    whole = build_table(cfg_for(tmp_path / "one"), tok, ref, "train")
+    limit = 64_000
+    monkeypatch.setattr(table_module, "SHARD_BYTES", limit)
+    entry = build_table(cfg_for(tmp_path / "many"), tok, ref, "train")
+    files = arrow_files(entry)
+    assert len(arrow_files(whole)) == 1 and len(files) >= 6, files
+    assert len({f.name.split("-")[1] for f in files}) >= 4  # ranges: one task each
+    assert all(f.stat().st_size <= limit for f in files), [f.stat().st_size for f in files]
+    assert sorted(entry.manifest["files"]) == sorted([f.name for f in files] + [LENGTHS])
+    assert open_table(entry).table.equals(open_table(whole).table)
+    assert np.array_equal(np.load(entry.path / LENGTHS), np.load(whole.path / LENGTHS))
 
 
 def test_uri_cache_is_copied_once_per_node(tmp_path, monkeypatch):

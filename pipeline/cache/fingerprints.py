@@ -10,11 +10,13 @@ root hashes the version, the chunk size, the file size and the chunk digests in 
 changes every key instead of being confused with an old one.
 
 A local file's digest is remembered by (absolute path, size, mtime_ns, inode): in this process (`run` asks for
-the weights' fingerprint once per stage and split) and in `<local cache>/fingerprints.json`, so a repeat command
-reads no weights at all. A file modified less than RACY_NS before it was hashed is not remembered: another
-write within the same timestamp tick could leave size, mtime and inode unchanged (git's "racy" case). The memo
-file is replaced whole (`storage.write_json_atomic`): readers never see half of it, and when two commands write
-it at once the last one wins, which loses at most some remembered digests.
+the weights' fingerprint once per stage and split) and in `<cache_dir>/fingerprints.json` — on an object store
+too, so that every driver sharing the cache (a fresh driver pod of each job) finds the digests of the files it
+sees at the same path, size, mtime and inode (a shared file system's), and a repeat command reads no weights.
+A file modified less than RACY_NS before it was hashed is not remembered: another write within the same
+timestamp tick could leave size, mtime and inode unchanged (git's "racy" case). The memo file is replaced whole
+(`storage.write_json_atomic`): readers never see half of it, and when two commands write it at once the last
+one wins, which loses at most some remembered digests.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from pipeline.cache.storage import Location, StorageError, local_cache_dir, write_json_atomic
+from pipeline.cache.storage import Location, StorageError, location, write_json_atomic
 from pipeline.errors import PipelineError
 
 FINGERPRINT_VERSION = 2  # 1: blake2b of the whole file, on one thread
@@ -89,7 +91,7 @@ def _chunk_digest(read: Callable[[int, int], bytes], start: int, size: int, path
 def file_fingerprints(paths: Sequence[Path], cache_dir: str | os.PathLike) -> list[str]:
     """`content_digest` of each local file, remembered (see the module docstring): a file whose path, size,
     mtime and inode are unchanged since it was hashed is not read again, in this process or a later one."""
-    store = local_cache_dir(cache_dir) / MEMO_FILE
+    store = location(cache_dir) / MEMO_FILE
     saved: dict[str, list[int | str]] | None = None  # the memo file, read at the first digest this process lacks
     fresh: dict[str, list[int | str]] = {}
     last_save = time.monotonic()
@@ -129,7 +131,7 @@ def _settled(path: Path, key: MemoKey, started_ns: int) -> bool:
     return _memo_key(path) == key and key[2] < started_ns - RACY_NS
 
 
-def _load(store: Path) -> dict[str, list[int | str]]:
+def _load(store: Location) -> dict[str, list[int | str]]:
     """The remembered digests by absolute path: [size, mtime_ns, inode, digest]; none if unreadable or older."""
     try:
         data = json.loads(store.read_text(encoding="utf-8"))
@@ -141,7 +143,7 @@ def _load(store: Path) -> dict[str, list[int | str]]:
     return files if isinstance(files, dict) else {}
 
 
-def _save(store: Path, fresh: dict[str, list[int | str]]) -> None:
+def _save(store: Location, fresh: dict[str, list[int | str]]) -> None:
     """Merge `fresh` into the memo file as it is now (another command may have added to it) and replace it."""
     files = {**_load(store), **fresh}
     try:

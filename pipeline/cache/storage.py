@@ -150,15 +150,6 @@ Location = Path | RemotePath
 # --- operations that differ between a local disk and a pyarrow filesystem ---
 
 
-def make_temp_dir(parent: Location, prefix: str) -> Location:
-    """A new, empty, uniquely named directory under `parent`."""
-    if isinstance(parent, RemotePath):
-        tmp = parent / f"{prefix}{uuid.uuid4().hex}"
-        tmp.mkdir()
-        return tmp
-    return Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
-
-
 @overload
 def atomic_target(
     target: Path, directory: bool = False, keep_existing: bool = False
@@ -169,22 +160,40 @@ def atomic_target(
 ) -> contextlib.AbstractContextManager[Location]: ...
 @contextlib.contextmanager  # type: ignore[misc]  # the overloads above give the precise types
 def atomic_target(target: Location, directory: bool = False, keep_existing: bool = False) -> Iterator[Location]:
-    """A temporary sibling of `target` (a file, or a directory with `directory`) for the block to fill. When
-    the block succeeds it takes `target`'s place in one move, so readers see the old content or the new, never
-    half of it; when the block fails it is removed. A directory already at `target` is never replaced, as other
-    jobs may be reading it: with `keep_existing` (another process finished first) the new one is dropped, else
-    it is a StorageError. Failed writes become StorageError (see `writing`).
+    """Where the block writes `target` (a file, or a directory with `directory`) so that readers never take half
+    of it for the whole. When the block fails, what it wrote is removed. Failed writes become StorageError (see
+    `writing`).
+
+    Local: a temporary sibling, which takes `target`'s place in one rename when the block succeeds. A directory
+    already at `target` is never replaced, as other jobs may be reading it: with `keep_existing` (another process
+    finished first) the new one is dropped, else it is a StorageError.
+
+    Object store (a RemotePath): `target` itself, as nothing there moves in one step (S3 copies an object to
+    move it, and refuses to copy one above 5 GiB). A file is one upload, seen whole or not at all; a directory is
+    a cache entry, which readers ignore until its manifest is written, last (`manifests.write_manifest`). A
+    directory already at `target` is refused before anything is written (`keep_existing` too).
 
         with atomic_target(path / "manifest.json") as tmp:
             tmp.write_text(text)
     """
-    parent = target.parent
     with writing(target):
+        if isinstance(target, RemotePath):
+            if directory and target.exists():
+                raise StorageError(f"cannot write {target}: it exists already, and an entry is never written over")
+            (target if directory else target.parent).mkdir(parents=True, exist_ok=True)
+            try:
+                yield target
+            except BaseException:
+                rmtree(target) if directory else target.unlink(missing_ok=True)
+                raise
+            return
+        parent = target.parent
         parent.mkdir(parents=True, exist_ok=True)
-        tmp = make_temp_dir(parent, f".{target.name}-") if directory else parent / f".{target.name}.{uuid.uuid4().hex}"
+        name = f".{target.name}-"
+        tmp = Path(tempfile.mkdtemp(prefix=name, dir=parent)) if directory else parent / f"{name}{uuid.uuid4().hex}"
         try:
             yield tmp
-            if isinstance(tmp, Path) and not directory:
+            if not directory:
                 _fsync(tmp)
             if directory and target.exists():
                 if not keep_existing:
@@ -194,7 +203,7 @@ def atomic_target(target: Location, directory: bool = False, keep_existing: bool
                     )
                 rmtree(tmp)
                 return
-            replace(tmp, target)
+            os.replace(tmp, target)
         except BaseException:
             rmtree(tmp) if directory else tmp.unlink(missing_ok=True)
             raise
@@ -217,21 +226,6 @@ def rmtree(p: Location) -> None:
             p.fs.delete_dir(p.path)
     else:
         shutil.rmtree(p, ignore_errors=True)
-
-
-def replace(src: Location, dst: Location) -> None:
-    """Move a file, or a directory of files, to `dst` (which must not exist, for a directory)."""
-    if isinstance(src, Path) and isinstance(dst, Path):
-        os.replace(src, dst)
-        return
-    assert isinstance(src, RemotePath) and isinstance(dst, RemotePath)
-    if src.is_file():
-        src.fs.move(src.path, dst.path)
-        return
-    dst.mkdir()  # object stores have no directory rename: move file by file, then drop the empty source
-    for child in src.iterdir():
-        src.fs.move(child.path, (dst / child.name).path)
-    rmtree(src)
 
 
 class LocalMirror:

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.cache import manifests
-from pipeline.cache.storage import Location, write_json_atomic
+from pipeline.cache.storage import Location, rmtree, write_json_atomic
 from pipeline.config import Config
 from pipeline.data.sources import InputFile, expand_inputs, fingerprint_inputs
 from pipeline.data.tokenization import TOKENIZATION_VERSION
@@ -123,8 +123,16 @@ def reusable(
     path: Location, key: str, label: str, what: str, resumable: bool = False, verify: bool = False
 ) -> dict[str, Any] | None:
     """The manifest of a finished entry at `path`, announced as reused; None when there is nothing to reuse.
-    A directory without a manifest is refused (CacheError), unless the stage can resume it (`resumable`)."""
-    if not path.exists() or (resumable and not (path / manifests.MANIFEST).exists()):
+
+    Called while this job holds the entry's claim (`claims.found_or_claimed` looks without it only where a
+    manifest is), so a directory without a manifest was left by a builder that stopped: a stage that can resume
+    it (`resumable`) does, any other clears it and builds it again (no reader uses an entry without manifest)."""
+    if not path.exists():
+        return None
+    if not (path / manifests.MANIFEST).exists():
+        if not resumable:
+            print(f"{label}: clearing {path}, left unfinished by a job that stopped; building it again", flush=True)
+            rmtree(path)
         return None
     manifest = manifests.read_valid_manifest(path, key, "Rerun with --force to rebuild it.", verify)
     print(f"{label}: reusing cached {what} {path} ({manifest['rows']} pairs); nothing rewritten", flush=True)

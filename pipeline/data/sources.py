@@ -12,16 +12,18 @@ import gzip
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pipeline.cache.fingerprints import file_fingerprints
-from pipeline.errors import DataError
+from pipeline.errors import DataError, PipelineError
 
 FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
 BUILTIN_PREFIX = "builtin:"
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # OWNER/NAME, as the hub spells a dataset id
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,8 @@ class RawRow:
 
 
 def expand_inputs(specs: tuple[str, ...] | list[str], cache_dir: str) -> list[InputFile]:
-    """Files, globs, directories, save_to_disk directories and builtin names -> an ordered list of files."""
+    """Files, globs, directories, save_to_disk directories, one split of a directory or of a hub dataset in the
+    local Hugging Face cache (`DIR:SPLIT`, `OWNER/NAME[:SPLIT]`) and builtin names -> an ordered list of files."""
     files: list[InputFile] = []
     for spec in specs:
         files.extend(_expand_one(spec, cache_dir))
@@ -70,7 +73,7 @@ def _expand_one(spec: str, cache_dir: str) -> list[InputFile]:
             out.extend(_expand_one(m, cache_dir) if Path(m).is_dir() else [_file(Path(m))])
         return out
     if not path.exists():
-        raise DataError(f"{spec}: no such file or directory")
+        return _split_files(spec, cache_dir)
     if path.is_dir():
         if (path / "dataset_dict.json").is_file():
             splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
@@ -85,6 +88,40 @@ def _expand_one(spec: str, cache_dir: str) -> list[InputFile]:
             raise DataError(f"{spec}: directory holds no {', '.join(FILE_SUFFIXES)} files")
         return [_file(p) for p in found]
     return [_file(path)]
+
+
+def _split_files(spec: str, cache_dir: str) -> list[InputFile]:
+    """`DIR:SPLIT`, a hub dataset id `OWNER/NAME` or `OWNER/NAME:SPLIT` (its snapshot in the local Hugging Face
+    cache, as for model hub ids: nothing is downloaded): the files of one split, found by the rules `datasets`'
+    `load_dataset` uses (`data/train-00000-of-00001.parquet`, `test.jsonl`, a folder named `validation`, ...).
+    Without a split, the only one there is."""
+    name, _, split = spec.rpartition(":") if ":" in spec else (spec, "", "")
+    folder = Path(name).expanduser()
+    if not folder.is_dir():
+        if not HUB_ID.fullmatch(name) or _suffix(folder) is not None:
+            raise DataError(f"{spec}: no such file or directory")
+        from pipeline.models.loading import hub_snapshot
+
+        try:
+            folder = hub_snapshot(name, "dataset")
+        except PipelineError as e:
+            raise DataError(f"{spec}: no such file or directory, and {e}") from None
+    from datasets.data_files import DataFilesDict, get_data_patterns
+
+    try:
+        found = DataFilesDict.from_patterns(get_data_patterns(str(folder)), base_path=str(folder))
+    except FileNotFoundError:  # datasets' EmptyDatasetError and DataFilesNotFoundError: no data file at all
+        found = DataFilesDict()
+    splits = {str(k): [Path(f) for f in v if _suffix(Path(f)) is not None] for k, v in found.items()}
+    splits = {k: v for k, v in splits.items() if v}
+    if not splits:
+        raise DataError(f"{spec}: {folder} holds no {', '.join(FILE_SUFFIXES)} files of any split")
+    if not split and len(splits) > 1:
+        raise DataError(f"{spec} has the splits {', '.join(sorted(splits))}: name one, e.g. {name}:{min(splits)}")
+    split = split or next(iter(splits))
+    if split not in splits:
+        raise DataError(f"{spec}: no split {split!r} in {folder}; it has {', '.join(sorted(splits))}")
+    return [_file(f) for f in splits[split]]
 
 
 def _suffix(path: Path) -> str | None:

@@ -1,4 +1,4 @@
-"""The training table: stage 1's pairs and stage 2's scores merged in pair_id order into one file per key.
+"""The training table: stage 1's pairs and stage 2's scores merged in pair_id order into Arrow files per key.
 
     table = build_table(cfg, tokenized, reference)   # on the driver, once per key (a cache entry); reference
                                                      # None for reference-free losses: no ref_* columns
@@ -9,17 +9,25 @@ ranges, each sorted), so the merge is one streaming pass with memory bounded by 
 shuffle, nothing in Ray's object store. Rows are matched by pair_id, never by position: a pair missing on
 either side, or out of order, is a CacheError.
 
-The file is uncompressed Arrow IPC with token ids as int32 and the sequence lengths the schedule needs. Every
-worker of a node memory-maps the same file, so the page cache holds one copy per node and a worker's private
-memory does not grow with the number of pairs; a micro-batch reads only its own rows. When `cache_dir` is a
-URI, one worker per node copies the file to the node's local cache first (the others wait on a lock).
+The merge runs as Ray tasks, one per range of the pair_id hash space (as many ranges as the table needs for
+files of at most SHARD_BYTES, estimated from stage 1's files), each reading only the row groups of its range
+and writing its own files into the entry directory — in place on an object store, where the manifest, written
+last by the driver, commits the entry (S3 copies no object above 5 GiB, so nothing there is moved).
+
+The files are uncompressed Arrow IPC with token ids as int32 and the sequence lengths the schedule needs; file
+names sort in pair_id order. Every worker of a node memory-maps the same files, so the page cache holds one copy
+per node and a worker's private memory does not grow with the number of pairs; a micro-batch reads only its own
+rows. When `cache_dir` is a URI, one worker per node copies the files to the node's local cache first (the
+others wait on a lock).
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import heapq
 import io
+import math
 import time
 from collections.abc import Iterator
 from functools import partial
@@ -29,6 +37,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import ray
 
 from pipeline import schema
 from pipeline.cache import manifests, storage
@@ -40,12 +49,19 @@ from pipeline.data.entries import TABLE, ReferenceScores, TableEntry, TokenizedD
 from pipeline.data.pairs import PairTable, make_schedule
 from pipeline.errors import CacheError
 
-FILE = "pairs.arrow"
 LENGTHS = "lengths.npy"  # (n, 2) int32 sequence lengths: what the driver's token-budget schedule reads
 LENGTH_COLUMNS = (schema.CHOSEN_LEN, schema.REJECTED_LEN)
 REF_COLUMNS = [n for n in schema.TABLE_SCHEMA.names if n.startswith("ref_")]
-TABLE_VERSION = 1
-BATCH_ROWS = 4096  # rows merged and written at a time: the merge's memory bound
+TABLE_VERSION = 2  # 1: one pairs.arrow written by the driver
+BATCH_ROWS = 4096  # rows merged at a time: the merge's memory bound
+SHARD_BYTES = 1 << 30  # the largest table file (an object store copies up to 5 GiB in one request)
+ESTIMATE_MARGIN = 1.25  # ranges of equal width in the hash space hold about equal bytes, not exactly
+PAIR_ID_SPACE = 1 << 32  # ranges are cut on the first 8 hex digits of the pair_id, as reference shards are
+
+
+def shard_file(index: int, part: int) -> str:
+    """A table file's name: range `index`, its `part`-th file; the names sort in pair_id order."""
+    return f"pairs-{index:05d}-{part:03d}.arrow"
 
 
 def table_key(tokenized: TokenizedData, reference: ReferenceScores | None) -> str:
@@ -80,13 +96,14 @@ def _write_table(
     tokenized: TokenizedData, reference: ReferenceScores | None, path: Location, key: str, split: str
 ) -> TableEntry:
     start = time.time()
+    ranges = pair_id_ranges(_estimated_bytes(tokenized, reference), SHARD_BYTES)
     with storage.atomic_target(path, directory=True) as tmp:
-        lengths = []
-        with (tmp / FILE).open("wb") as sink, pa.ipc.new_file(sink, table_schema(reference is not None)) as writer:
-            for batch in merge(tokenized, reference):
-                writer.write_batch(batch)
-                lengths.append(np.stack([batch.column(c).to_numpy() for c in LENGTH_COLUMNS], axis=1))
-        all_lengths = np.concatenate(lengths) if lengths else np.zeros((0, 2), dtype=np.int32)
+        write = ray.remote(_write_range)
+        done = ray.get(
+            [write.remote(tokenized, reference, tmp, i, lo, hi, SHARD_BYTES) for i, (lo, hi) in enumerate(ranges)]
+        )
+        names = [name for files, _ in done for name in files]
+        all_lengths = np.concatenate([lengths for _, lengths in done])
         rows = len(all_lengths)
         if rows != tokenized.manifest["rows"]:
             raise CacheError(f"{tokenized.path} lists {tokenized.manifest['rows']} pairs but holds {rows}")
@@ -96,25 +113,87 @@ def _write_table(
         path,
         key,
         TABLE,
-        [FILE, LENGTHS],
+        [*names, LENGTHS],
         rows=rows,
         inputs={"tokenized": tokenized.key, "reference": None if reference is None else reference.key},
         timings={"merge_s": round(time.time() - start, 2)},
     )
-    print(f"[train] {split}: training table of {rows} pairs -> {path} in {time.time() - start:.1f}s", flush=True)
+    print(
+        f"[train] {split}: training table of {rows} pairs in {len(names)} file(s) -> {path} in "
+        f"{time.time() - start:.1f}s",
+        flush=True,
+    )
     return TableEntry(path, key, manifest)
 
 
-def merge(tokenized: TokenizedData, reference: ReferenceScores | None) -> Iterator[pa.RecordBatch]:
-    """Record batches of the training table, in pair_id order: a merge join of two sorted streams (the
-    tokenized pairs alone when `reference` is None)."""
+def pair_id_ranges(estimated_bytes: int, shard_bytes: int) -> list[tuple[str, str | None]]:
+    """[lo, hi) bounds on pair_ids (hex prefixes; hi None: no upper bound) cutting the hash space into equal
+    ranges, as many as files of `shard_bytes` need with a margin."""
+    n = max(1, math.ceil(ESTIMATE_MARGIN * estimated_bytes / shard_bytes))
+    cuts = [f"{i * PAIR_ID_SPACE // n:08x}" for i in range(n)]
+    return [(lo, hi) for lo, hi in zip(cuts, [*cuts[1:], None])]
+
+
+def _estimated_bytes(tokenized: TokenizedData, reference: ReferenceScores | None) -> int:
+    """The table's size, about: stage 1's files uncompressed (their row groups' sizes), plus the scores."""
+    fs, paths = storage.parquet_source(tokenized.files)
+    readers = [pq.ParquetFile(p if fs is None else fs.open_input_file(p)) for p in paths]
+    data = sum(r.metadata.row_group(g).total_byte_size for r in readers for g in range(r.metadata.num_row_groups))
+    return int(data + (0 if reference is None else 8 * len(REF_COLUMNS) * tokenized.manifest["rows"]))
+
+
+def _write_range(
+    tokenized: TokenizedData,
+    reference: ReferenceScores | None,
+    directory: Location,
+    index: int,
+    lo: str,
+    hi: str | None,
+    shard_bytes: int,
+) -> tuple[list[str], np.ndarray]:
+    """The table's rows with lo <= pair_id < hi, written as files of at most `shard_bytes` (a Ray task): their
+    names, and the rows' (n, 2) sequence lengths."""
+    names: list[str] = []
+    lengths = [np.zeros((0, 2), dtype=np.int32)]
+    out_schema = table_schema(reference is not None)
+    footer = 4096 + shard_bytes // 100  # kept free for the file's footer: the schema and an entry per batch
+    with contextlib.ExitStack() as files:
+        writer, sink = None, None
+        for batch in merge(tokenized, reference, lo, hi):
+            for piece in _pieces(batch, max(1, shard_bytes // 4)):
+                if sink is not None and sink.tell() + pa.ipc.get_record_batch_size(piece) + footer > shard_bytes:
+                    files.close()
+                    writer, sink = None, None
+                if writer is None:
+                    names.append(shard_file(index, len(names)))
+                    sink = files.enter_context((directory / names[-1]).open("wb"))
+                    writer = files.enter_context(pa.ipc.new_file(sink, out_schema))
+                writer.write_batch(piece)
+                lengths.append(np.stack([piece.column(c).to_numpy() for c in LENGTH_COLUMNS], axis=1))
+    return names, np.concatenate(lengths)
+
+
+def _pieces(batch: pa.RecordBatch, max_bytes: int) -> Iterator[pa.RecordBatch]:
+    """`batch` in row slices of at most about `max_bytes` each (a batch of long sequences can be gigabytes)."""
+    rows = max(1, int(batch.num_rows * max_bytes / max(batch.nbytes, 1)))
+    for start in range(0, batch.num_rows, rows):
+        yield batch.slice(start, rows)
+
+
+def merge(
+    tokenized: TokenizedData, reference: ReferenceScores | None, lo: str = "", hi: str | None = None
+) -> Iterator[pa.RecordBatch]:
+    """Record batches of the training table with lo <= pair_id < hi, in pair_id order: a merge join of two
+    sorted streams (the tokenized pairs alone when `reference` is None)."""
     out_schema = table_schema(reference is not None)
     scores = (
         None
         if reference is None
-        else _Stream(_sorted_batches(reference.files, list(schema.REFERENCE_SCHEMA.names)), schema.REFERENCE_SCHEMA)
+        else _Stream(
+            _sorted_batches(reference.files, list(schema.REFERENCE_SCHEMA.names), lo, hi), schema.REFERENCE_SCHEMA
+        )
     )
-    for tok in _sorted_batches(tokenized.files, list(schema.TOKENIZED_SCHEMA.names)):
+    for tok in _sorted_batches(tokenized.files, list(schema.TOKENIZED_SCHEMA.names), lo, hi):
         columns = {
             **{n: tok.column(n) for n in schema.TOKENIZED_SCHEMA.names if n in out_schema.names},
             schema.CHOSEN_LEN: pc.list_value_length(tok.column(schema.CHOSEN_INPUT_IDS)).cast(pa.int32()),
@@ -146,22 +225,28 @@ def training_schedule(cfg: Config, entry: TableEntry) -> Schedule:
 
 def open_table(entry: TableEntry) -> PairTable:
     """The table memory-mapped on this node (fetched once per node first when the cache is a URI)."""
-    local = entry.path / FILE if isinstance(entry.path, Path) else _node_copy(entry)
-    # the table's buffers point into the map, which stays open as long as they live
-    return PairTable(pa.ipc.open_file(pa.memory_map(str(local))).read_all())
+    names = sorted(n for n in entry.manifest["files"] if n.endswith(".arrow"))
+    local = entry.path if isinstance(entry.path, Path) else _node_copy(entry, names)
+    # the table's buffers point into the maps, which stay open as long as they live
+    parts = [pa.ipc.open_file(pa.memory_map(str(local / name))).read_all() for name in names]
+    if not parts:  # no pair at all
+        return PairTable(table_schema(entry.manifest["inputs"]["reference"] is not None).empty_table())
+    return PairTable(pa.concat_tables(parts))
 
 
-def _node_copy(entry: TableEntry) -> Path:
-    """A copy of a URI entry's file on this node's disk: the first worker to take the lock copies it, the
+def _node_copy(entry: TableEntry, names: list[str]) -> Path:
+    """A copy of a URI entry's files on this node's disk: the first worker to take the lock copies them, the
     others wait and then map the same copy."""
-    remote = entry.path / FILE
-    size = entry.manifest["files"][FILE]["bytes"]
-    local = storage.local_cache_dir(str(entry.path)) / TABLE / f"{entry.key}.arrow"
-    local.parent.mkdir(parents=True, exist_ok=True)
+    local = storage.local_cache_dir(str(entry.path)) / TABLE / entry.key
+    local.mkdir(parents=True, exist_ok=True)
     with open(local.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
-        if not (local.is_file() and local.stat().st_size == size):
-            with storage.atomic_target(local) as tmp, remote.open("rb") as src, tmp.open("wb") as dst:
+        for name in names:
+            size = entry.manifest["files"][name]["bytes"]
+            if (local / name).is_file() and (local / name).stat().st_size == size:
+                continue
+            copy = storage.atomic_target(local / name)
+            with copy as tmp, (entry.path / name).open("rb") as src, tmp.open("wb") as dst:
                 while block := src.read(1 << 24):
                     dst.write(block)
     return local
@@ -170,15 +255,21 @@ def _node_copy(entry: TableEntry) -> Path:
 # --- streaming the inputs in pair_id order ---
 
 
-def _sorted_batches(files: list[str], columns: list[str]) -> Iterator[pa.RecordBatch]:
-    """Batches of BATCH_ROWS rows from files that are each sorted by pair_id and cover disjoint ranges, in
-    pair_id order (files ordered by their first pair_id; a file out of order is a CacheError)."""
+def _sorted_batches(
+    files: list[str], columns: list[str], lo: str = "", hi: str | None = None
+) -> Iterator[pa.RecordBatch]:
+    """Batches of up to BATCH_ROWS rows with lo <= pair_id < hi from files that are each sorted by pair_id and
+    cover disjoint ranges, in pair_id order (files ordered by their first pair_id; a file out of order is a
+    CacheError). Row groups whose pair_id statistics lie outside the range are not read."""
     fs, paths = storage.parquet_source(files)
     readers = [pq.ParquetFile(p if fs is None else fs.open_input_file(p)) for p in paths]
     heads = [(_first_pair(r), i) for i, r in enumerate(readers) if r.metadata.num_rows]
     last = ""
     for _, i in heapq.nsmallest(len(heads), heads):
-        for batch in readers[i].iter_batches(batch_size=BATCH_ROWS, columns=columns):
+        groups = _groups_in_range(readers[i], lo, hi)
+        if not groups:
+            continue
+        for batch in readers[i].iter_batches(batch_size=BATCH_ROWS, columns=columns, row_groups=groups):
             ids = batch.column(schema.PAIR_ID)
             ordered = len(ids) < 2 or pc.all(pc.less(ids[:-1], ids[1:])).as_py()
             if ids[0].as_py() <= last or not ordered:
@@ -187,7 +278,24 @@ def _sorted_batches(files: list[str], columns: list[str]) -> Iterator[pa.RecordB
                     "corrupt. Rerun with --force."
                 )
             last = ids[-1].as_py()
-            yield batch
+            inside = pc.greater_equal(ids, lo)
+            if hi is not None:
+                inside = pc.and_(inside, pc.less(ids, hi))
+            batch = batch.filter(inside)
+            if batch.num_rows:
+                yield batch
+
+
+def _groups_in_range(reader: pq.ParquetFile, lo: str, hi: str | None) -> list[int]:
+    """The row groups that may hold a pair_id in [lo, hi): all of them where a group has no statistics."""
+    column = reader.schema_arrow.get_field_index(schema.PAIR_ID)
+    out = []
+    for g in range(reader.metadata.num_row_groups):
+        stats = reader.metadata.row_group(g).column(column).statistics
+        if stats is not None and stats.has_min_max and (stats.max < lo or (hi is not None and stats.min >= hi)):
+            continue
+        out.append(g)
+    return out
 
 
 def _first_pair(reader: pq.ParquetFile) -> str:

@@ -220,19 +220,21 @@ def weights_fingerprint(model: str, cache_dir: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def hub_snapshot(repo_id: str) -> Path:
-    """The local snapshot folder of a hub id: the commit its `main` ref names in the Hugging Face cache
-    (HF_HUB_CACHE). Nothing is downloaded; a hub id with no complete snapshot there is a PipelineError."""
+def hub_snapshot(repo_id: str, repo_type: str = "model") -> Path:
+    """The local snapshot folder of a hub id (a model, or with repo_type "dataset" a dataset): the commit its
+    `main` ref names in the Hugging Face cache (HF_HUB_CACHE). Nothing is downloaded; a hub id with no complete
+    snapshot there is a PipelineError."""
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
     try:
-        return Path(snapshot_download(repo_id, local_files_only=True))
+        return Path(snapshot_download(repo_id, repo_type=repo_type, local_files_only=True))
     except (LocalEntryNotFoundError, HFValidationError) as e:
+        flag = " --repo-type dataset" if repo_type == "dataset" else ""
         raise PipelineError(
-            f"model {repo_id}: no local snapshot of this hub id in the Hugging Face cache "
-            f"{constants.HF_HUB_CACHE} ({type(e).__name__}); the pipeline never downloads a model while it runs. "
-            f"Download it first (`hf download {repo_id}`) or give a local model directory."
+            f"{repo_type} {repo_id}: no local snapshot of this hub id in the Hugging Face cache "
+            f"{constants.HF_HUB_CACHE} ({type(e).__name__}); the pipeline never downloads a {repo_type} while it "
+            f"runs. Download it first (`hf download {repo_id}{flag}`) or give a local {repo_type} directory."
         ) from None
 
 
