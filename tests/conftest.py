@@ -99,6 +99,7 @@ LONGEST_FIRST = [
     "test_two_nodes.py",
     "test_report.py",  # builds the finished run; test_generate and test_console, which read it too, come last
     "test_reference_free_run.py",
+    "test_s3.py",
     "test_stage2_score_ref.py",
     "test_claims.py",
     "test_stage3_settings.py",

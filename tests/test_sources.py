@@ -180,3 +180,35 @@ def test_a_folder_takes_a_split_too(tmp_path):
     split = expand_inputs([f"{tmp_path / 'prefs'}:validation"], str(tmp_path))
     assert read_all(split) == [(1, ROWS[0], None), (2, ROWS[1], None)]
     assert len(expand_inputs([str(tmp_path / "prefs")], str(tmp_path))) == 2  # no split: every file, as before
+
+
+# --- objects on a store (file:// takes the same pyarrow filesystem path as s3:// and gs://) ---
+
+
+def test_uri_objects_prefixes_and_globs_read_and_fingerprint_as_local_files(tmp_path):
+    root = tmp_path / "bucket" / "pairs"
+    (root / "2026").mkdir(parents=True)
+    write_jsonl(root / "a.jsonl", ROWS)
+    with gzip.open(root / "2026" / "b.jsonl.gz", "wt") as fh:
+        fh.write("".join(json.dumps(r) + "\n" for r in ROWS[::-1]))
+    pq.write_table(pa.Table.from_pylist(ROWS), root / "2026" / "c.parquet")
+    (root / "notes.txt").write_text("not data")
+    uri = f"file://{root}"
+
+    one = expand_inputs([f"{uri}/a.jsonl"], str(tmp_path))
+    assert [(f.path, f.kind) for f in one] == [(f"{uri}/a.jsonl", "jsonl")]
+    prefix = expand_inputs([uri], str(tmp_path))  # every data file under it, in name order; notes.txt is not one
+    assert [f.path for f in prefix] == [f"{uri}/2026/b.jsonl.gz", f"{uri}/2026/c.parquet", f"{uri}/a.jsonl"]
+    assert [f.path for f in expand_inputs([f"{uri}/**/*.parquet"], str(tmp_path))] == [f"{uri}/2026/c.parquet"]
+    local = expand_inputs([str(root / n) for n in ("2026/b.jsonl.gz", "2026/c.parquet", "a.jsonl")], str(tmp_path))
+    rows = [(r, record) for r, record, _ in read_all(prefix)]
+    assert rows == [(r, record) for r, record, _ in read_all(local)]
+    assert [record for _, record in rows] == ROWS[::-1] + ROWS + ROWS
+    assert fingerprint_inputs(prefix, str(tmp_path / "c1")) == fingerprint_inputs(local, str(tmp_path / "c2"))
+
+    with pytest.raises(DataError, match=r"pairs/nothing: no such object, and no .* object under this prefix"):
+        expand_inputs([f"{uri}/nothing"], str(tmp_path))
+    with pytest.raises(DataError, match="no object matches this pattern"):
+        expand_inputs([f"{uri}/*.csv"], str(tmp_path))
+    with pytest.raises(DataError, match="unsupported file type"):
+        expand_inputs([f"{uri}/notes.txt"], str(tmp_path))

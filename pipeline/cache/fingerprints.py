@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from pipeline.cache.storage import Location, StorageError, location, write_json_atomic
+from pipeline.cache.storage import Location, RemotePath, StorageError, location, write_json_atomic
 from pipeline.errors import PipelineError
 
 FINGERPRINT_VERSION = 2  # 1: blake2b of the whole file, on one thread
@@ -88,9 +88,11 @@ def _chunk_digest(read: Callable[[int, int], bytes], start: int, size: int, path
     return h.digest()
 
 
-def file_fingerprints(paths: Sequence[Path], cache_dir: str | os.PathLike) -> list[str]:
-    """`content_digest` of each local file, remembered (see the module docstring): a file whose path, size,
-    mtime and inode are unchanged since it was hashed is not read again, in this process or a later one."""
+def file_fingerprints(paths: Sequence[Location], cache_dir: str | os.PathLike) -> list[str]:
+    """`content_digest` of each file, remembered (see the module docstring): a file whose path, size, mtime and
+    inode are unchanged since it was hashed is not read again, in this process or a later one. An object (a
+    RemotePath) is remembered by its URI, size and modification time (an object store's objects change only by
+    being written whole)."""
     store = location(cache_dir) / MEMO_FILE
     saved: dict[str, list[int | str]] | None = None  # the memo file, read at the first digest this process lacks
     fresh: dict[str, list[int | str]] = {}
@@ -121,12 +123,15 @@ def file_fingerprints(paths: Sequence[Path], cache_dir: str | os.PathLike) -> li
     return out
 
 
-def _memo_key(path: Path) -> MemoKey:
+def _memo_key(path: Location) -> MemoKey:
+    if isinstance(path, RemotePath):
+        info = path.stat()
+        return str(path), info.st_size, info.st_mtime_ns, 0
     st = path.stat()
     return str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino
 
 
-def _settled(path: Path, key: MemoKey, started_ns: int) -> bool:
+def _settled(path: Location, key: MemoKey, started_ns: int) -> bool:
     """Whether a digest of `path` may be remembered: unchanged while it was read, and not modified recently."""
     return _memo_key(path) == key and key[2] < started_ns - RACY_NS
 

@@ -4,7 +4,7 @@
 - `tokenization`: prompt/chosen/rejected rows to token sequences, with drop reasons.
 - `entries`: the tokenized, reference and table entries, their keys and lookups (stage 1 -> 2 -> 3).
 - `reference_build`: a reference entry while stage 2 scores it: shards written as they complete, manifest last.
-- `table`, `pairs`: the memory-mapped training table, its rows and the data schedule.
+- `merge`, `table`, `pairs`: the training table (merged in pair_id order, memory-mapped), its rows, the schedule.
 
 May use: `pipeline.models`, `pipeline.cache`, `pipeline.core` and the top-level modules below them
 (`config`, `schema`, `errors`).

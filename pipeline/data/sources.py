@@ -7,9 +7,12 @@ parallel, in the tokenization stage.
 
 from __future__ import annotations
 
+import contextlib
+import fnmatch
 import glob
 import gzip
 import hashlib
+import io
 import json
 import os
 import re
@@ -18,8 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
+
 from pipeline.cache.fingerprints import file_fingerprints
+from pipeline.cache.storage import Location, RemotePath, location
 from pipeline.errors import DataError, PipelineError
+from pipeline.uris import is_uri
 
 FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
 BUILTIN_PREFIX = "builtin:"
@@ -63,6 +70,8 @@ def _expand_one(spec: str, cache_dir: str) -> list[InputFile]:
         if size and not size.isdigit():
             raise DataError(f"{spec}: the size after the name must be a number of pairs, e.g. builtin:{name}:1000")
         return [InputFile(str(builtin_dataset_path(name, cache_dir, int(size) if size else None)), "jsonl")]
+    if is_uri(spec):
+        return _uri_files(spec)
     path = Path(spec).expanduser()
     if any(c in spec for c in "*?["):
         matches = sorted(glob.glob(str(path), recursive=True))
@@ -88,6 +97,31 @@ def _expand_one(spec: str, cache_dir: str) -> list[InputFile]:
             raise DataError(f"{spec}: directory holds no {', '.join(FILE_SUFFIXES)} files")
         return [_file(p) for p in found]
     return [_file(path)]
+
+
+def _uri_files(spec: str) -> list[InputFile]:
+    """An object (`s3://bucket/pairs.parquet`), every data file under a prefix (`s3://bucket/pairs/`), or a glob
+    (`s3://bucket/pairs/*.jsonl.gz`, `**` for any depth), in name order. Read by the stage's tasks in parallel,
+    fingerprinted from their bytes as local files are."""
+    glob_at = min((spec.index(c) for c in "*?[" if c in spec), default=None)
+    root = location(spec if glob_at is None else spec[:glob_at].rsplit("/", 1)[0])
+    if not isinstance(root, RemotePath):  # location() gives a RemotePath for every URI
+        raise DataError(f"{spec}: not a URI")
+    try:
+        if glob_at is None and root.is_file():
+            return [_file(root)]
+        found = root.fs.get_file_info(pafs.FileSelector(root.path, recursive=True, allow_not_found=True))
+    except OSError as e:
+        raise DataError(f"{spec}: cannot list it: {e}") from None
+    names = sorted(f"{root.scheme}{i.path}" for i in found if i.type == pafs.FileType.File)
+    if glob_at is not None:
+        names = [n for n in names if fnmatch.fnmatchcase(n, spec)]
+        if not names:
+            raise DataError(f"{spec}: no object matches this pattern")
+    names = [n for n in names if glob_at is not None or _suffix(Path(n)) is not None]
+    if not names:
+        raise DataError(f"{spec}: no such object, and no {', '.join(FILE_SUFFIXES)} object under this prefix")
+    return [_file(location(n)) for n in names]
 
 
 def _split_files(spec: str, cache_dir: str) -> list[InputFile]:
@@ -129,11 +163,11 @@ def _suffix(path: Path) -> str | None:
     return next((s for s in FILE_SUFFIXES if name.endswith(s)), None)
 
 
-def _file(path: Path) -> InputFile:
-    suffix = _suffix(path)
+def _file(path: Location) -> InputFile:
+    suffix = _suffix(Path(path.name))
     if suffix is None:
         raise DataError(f"{path}: unsupported file type; expected one of {', '.join(FILE_SUFFIXES)}")
-    if not os.access(path, os.R_OK):
+    if isinstance(path, Path) and not os.access(path, os.R_OK):
         raise DataError(f"{path}: file is not readable (permission denied)")
     if path.stat().st_size == 0:
         raise DataError(f"{path}: file is empty")
@@ -144,10 +178,10 @@ def _file(path: Path) -> InputFile:
 def fingerprint_inputs(files: list[InputFile], cache_dir: str | os.PathLike) -> str:
     """Content hash of every input file, in order (paths do not matter, bytes do); file digests are remembered
     under `cache_dir` (pipeline.cache.fingerprints), so unchanged inputs are not read again."""
-    labelled: list[tuple[str, Path]] = []
+    labelled: list[tuple[str, Location]] = []
     for f in files:
         paths = (
-            [Path(f.path)]
+            [location(f.path)]
             if f.kind != "arrow_dataset"
             else sorted(p for p in Path(f.path).iterdir() if p.suffix in (".arrow", ".json"))
         )
@@ -164,8 +198,11 @@ def read_rows(f: InputFile) -> Iterator[RawRow]:
     yield from readers[f.kind](f.path)
 
 
-def _open_bytes(path: str) -> Any:
-    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+@contextlib.contextmanager
+def _open_bytes(path: str) -> Iterator[Any]:
+    """A binary reader of a local file or an object (a URI), gunzipped for .gz."""
+    with io.BufferedReader(location(path).open("rb")) if is_uri(path) else open(path, "rb") as raw:
+        yield gzip.GzipFile(fileobj=raw, mode="rb") if path.endswith(".gz") else raw
 
 
 def _read_jsonl(path: str) -> Iterator[RawRow]:
@@ -212,7 +249,7 @@ def _read_parquet(path: str) -> Iterator[RawRow]:
     import pyarrow.parquet as pq
 
     try:
-        parquet = pq.ParquetFile(path)
+        parquet = pq.ParquetFile(location(path).open("rb") if is_uri(path) else path)
         row = 0
         for batch in parquet.iter_batches(batch_size=4096):
             for record in batch.to_pylist():

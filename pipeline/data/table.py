@@ -4,15 +4,12 @@
                                                      # None for reference-free losses: no ref_* columns
     pairs = open_table(table)                        # on each worker: memory-mapped, zero-copy
 
-Both inputs are already sorted by pair_id (stage 1 writes sorted files, stage 2 writes shards of pair_id
-ranges, each sorted), so the merge is one streaming pass with memory bounded by a batch: no hash join, no
-shuffle, nothing in Ray's object store. Rows are matched by pair_id, never by position: a pair missing on
-either side, or out of order, is a CacheError.
-
-The merge runs as Ray tasks, one per range of the pair_id hash space (as many ranges as the table needs for
-files of at most SHARD_BYTES, estimated from stage 1's files), each reading only the row groups of its range
-and writing its own files into the entry directory — in place on an object store, where the manifest, written
-last by the driver, commits the entry (S3 copies no object above 5 GiB, so nothing there is moved).
+The rows come from `pipeline.data.merge`: a streaming merge join of the two sorted inputs, memory bounded by a
+batch, no hash join, no shuffle, nothing in Ray's object store. The merge runs as Ray tasks, one per range of
+the pair_id hash space (as many ranges as the table needs for files of at most SHARD_BYTES, estimated from
+stage 1's files), each reading only the row groups of its range and writing its own files into the entry
+directory — in place on an object store, where the manifest, written last by the driver, commits the entry
+(S3 copies no object above 5 GiB, so nothing there is moved).
 
 The files are uncompressed Arrow IPC with token ids as int32 and the sequence lengths the schedule needs; file
 names sort in pair_id order. Every worker of a node memory-maps the same files, so the page cache holds one copy
@@ -25,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import heapq
 import io
 import math
 import time
@@ -35,7 +31,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
@@ -46,14 +41,13 @@ from pipeline.cache.storage import Location
 from pipeline.config import Config
 from pipeline.core.batching import Schedule
 from pipeline.data.entries import TABLE, ReferenceScores, TableEntry, TokenizedData, reusable
+from pipeline.data.merge import REF_COLUMNS, merge, table_schema
 from pipeline.data.pairs import PairTable, make_schedule
 from pipeline.errors import CacheError
 
 LENGTHS = "lengths.npy"  # (n, 2) int32 sequence lengths: what the driver's token-budget schedule reads
 LENGTH_COLUMNS = (schema.CHOSEN_LEN, schema.REJECTED_LEN)
-REF_COLUMNS = [n for n in schema.TABLE_SCHEMA.names if n.startswith("ref_")]
 TABLE_VERSION = 2  # 1: one pairs.arrow written by the driver
-BATCH_ROWS = 4096  # rows merged at a time: the merge's memory bound
 SHARD_BYTES = 1 << 30  # the largest table file (an object store copies up to 5 GiB in one request)
 ESTIMATE_MARGIN = 1.25  # ranges of equal width in the hash space hold about equal bytes, not exactly
 PAIR_ID_SPACE = 1 << 32  # ranges are cut on the first 8 hex digits of the pair_id, as reference shards are
@@ -68,13 +62,6 @@ def table_key(tokenized: TokenizedData, reference: ReferenceScores | None) -> st
     return manifests.cache_key(
         tokenized=tokenized.key, reference=None if reference is None else reference.key, version=TABLE_VERSION
     )
-
-
-def table_schema(with_reference: bool) -> pa.Schema:
-    """The table's columns: TABLE_SCHEMA, without the ref_* columns for a reference-free run."""
-    if with_reference:
-        return schema.TABLE_SCHEMA
-    return pa.schema([f for f in schema.TABLE_SCHEMA if f.name not in REF_COLUMNS])
 
 
 def build_table(
@@ -180,39 +167,6 @@ def _pieces(batch: pa.RecordBatch, max_bytes: int) -> Iterator[pa.RecordBatch]:
         yield batch.slice(start, rows)
 
 
-def merge(
-    tokenized: TokenizedData, reference: ReferenceScores | None, lo: str = "", hi: str | None = None
-) -> Iterator[pa.RecordBatch]:
-    """Record batches of the training table with lo <= pair_id < hi, in pair_id order: a merge join of two
-    sorted streams (the tokenized pairs alone when `reference` is None)."""
-    out_schema = table_schema(reference is not None)
-    scores = (
-        None
-        if reference is None
-        else _Stream(
-            _sorted_batches(reference.files, list(schema.REFERENCE_SCHEMA.names), lo, hi), schema.REFERENCE_SCHEMA
-        )
-    )
-    for tok in _sorted_batches(tokenized.files, list(schema.TOKENIZED_SCHEMA.names), lo, hi):
-        columns = {
-            **{n: tok.column(n) for n in schema.TOKENIZED_SCHEMA.names if n in out_schema.names},
-            schema.CHOSEN_LEN: pc.list_value_length(tok.column(schema.CHOSEN_INPUT_IDS)).cast(pa.int32()),
-            schema.REJECTED_LEN: pc.list_value_length(tok.column(schema.REJECTED_INPUT_IDS)).cast(pa.int32()),
-        }
-        if reference is not None and scores is not None:
-            ref = scores.take(tok.num_rows)
-            ids = tok.column(schema.PAIR_ID)
-            if ref.num_rows != tok.num_rows or not ref.column(schema.PAIR_ID).combine_chunks().equals(ids):
-                raise CacheError(
-                    f"reference scores in {reference.path} do not cover the tokenized pairs of {tokenized.path} "
-                    f"(first pair {ids[0]}); rerun `dpo-pipeline score-ref --force`."
-                )
-            columns.update({n: ref.column(n).combine_chunks() for n in REF_COLUMNS})
-        yield pa.RecordBatch.from_pydict(columns, schema=out_schema)
-    if reference is not None and scores is not None and scores.take(1).num_rows:
-        raise CacheError(f"reference scores in {reference.path} hold pairs that {tokenized.path} does not")
-
-
 def training_schedule(cfg: Config, entry: TableEntry) -> Schedule:
     """The run's schedule on the driver, from the entry's row count and (with a token budget) its lengths file:
     the driver never opens the table itself."""
@@ -250,72 +204,3 @@ def _node_copy(entry: TableEntry, names: list[str]) -> Path:
                 while block := src.read(1 << 24):
                     dst.write(block)
     return local
-
-
-# --- streaming the inputs in pair_id order ---
-
-
-def _sorted_batches(
-    files: list[str], columns: list[str], lo: str = "", hi: str | None = None
-) -> Iterator[pa.RecordBatch]:
-    """Batches of up to BATCH_ROWS rows with lo <= pair_id < hi from files that are each sorted by pair_id and
-    cover disjoint ranges, in pair_id order (files ordered by their first pair_id; a file out of order is a
-    CacheError). Row groups whose pair_id statistics lie outside the range are not read."""
-    fs, paths = storage.parquet_source(files)
-    readers = [pq.ParquetFile(p if fs is None else fs.open_input_file(p)) for p in paths]
-    heads = [(_first_pair(r), i) for i, r in enumerate(readers) if r.metadata.num_rows]
-    last = ""
-    for _, i in heapq.nsmallest(len(heads), heads):
-        groups = _groups_in_range(readers[i], lo, hi)
-        if not groups:
-            continue
-        for batch in readers[i].iter_batches(batch_size=BATCH_ROWS, columns=columns, row_groups=groups):
-            ids = batch.column(schema.PAIR_ID)
-            ordered = len(ids) < 2 or pc.all(pc.less(ids[:-1], ids[1:])).as_py()
-            if ids[0].as_py() <= last or not ordered:
-                raise CacheError(
-                    f"{files[i]} is not in pair_id order after the files before it; the entry is "
-                    "corrupt. Rerun with --force."
-                )
-            last = ids[-1].as_py()
-            inside = pc.greater_equal(ids, lo)
-            if hi is not None:
-                inside = pc.and_(inside, pc.less(ids, hi))
-            batch = batch.filter(inside)
-            if batch.num_rows:
-                yield batch
-
-
-def _groups_in_range(reader: pq.ParquetFile, lo: str, hi: str | None) -> list[int]:
-    """The row groups that may hold a pair_id in [lo, hi): all of them where a group has no statistics."""
-    column = reader.schema_arrow.get_field_index(schema.PAIR_ID)
-    out = []
-    for g in range(reader.metadata.num_row_groups):
-        stats = reader.metadata.row_group(g).column(column).statistics
-        if stats is not None and stats.has_min_max and (stats.max < lo or (hi is not None and stats.min >= hi)):
-            continue
-        out.append(g)
-    return out
-
-
-def _first_pair(reader: pq.ParquetFile) -> str:
-    return str(reader.read_row_group(0, columns=[schema.PAIR_ID]).column(0)[0].as_py())
-
-
-class _Stream:
-    """Take exactly n rows at a time from a stream of record batches."""
-
-    def __init__(self, batches: Iterator[pa.RecordBatch], schema: pa.Schema):
-        self.batches = batches
-        self.schema = schema
-        self.buffer: list[pa.RecordBatch] = []
-        self.buffered = 0
-
-    def take(self, n: int) -> pa.Table:
-        while self.buffered < n and (batch := next(self.batches, None)) is not None:
-            self.buffer.append(batch)
-            self.buffered += batch.num_rows
-        table = pa.Table.from_batches(self.buffer, schema=self.schema)
-        head, rest = table.slice(0, n), table.slice(n)
-        self.buffer, self.buffered = rest.to_batches(), rest.num_rows
-        return head.combine_chunks()
