@@ -126,8 +126,8 @@ class ModelConfig:
 class DataConfig:
     dataset: tuple[str, ...] = _f(
         ("builtin:demo-train",),
-        "Training preference data: .jsonl/.json/.parquet "
-        "files, globs, directories of them, one split of a directory or of a hub dataset in the local Hugging "
+        "Training preference data: .jsonl/.json/.parquet files, globs, directories of them (local, or s3:// "
+        "gs:// objects, prefixes and globs), one split of a directory or of a hub dataset in the local Hugging "
         "Face cache (DIR:SPLIT, OWNER/NAME:SPLIT), `datasets` save_to_disk directories, or "
         "builtin names (builtin:demo-train, demo-test, demo-train-text, demo-test-text; "
         "builtin:NAME:N for N pairs).",
@@ -304,6 +304,11 @@ class TrainConfig:
     precompute_ref_batch_size: int | None = _f(
         None, "Pairs per reference-scoring batch; null = per_device_train_batch_size."
     )
+    precompute_ref_max_tokens: int | None = _f(
+        None,
+        "Token budget per reference-scoring batch (chosen + rejected tokens, padding counted when padding_free is "
+        "off), at most precompute_ref_batch_size pairs; null = max_tokens_per_batch (null too: pairs alone).",
+    )
     max_tokens_per_batch: int | None = _f(
         None,
         "Token budget per micro-batch (chosen + rejected tokens, "
@@ -343,6 +348,13 @@ class TrainConfig:
                 self.max_tokens_per_batch,
                 "an integer >= 2 (one pair needs at least 2 tokens), or null",
             )
+        if self.precompute_ref_max_tokens is not None:
+            _check(
+                self.precompute_ref_max_tokens >= 2,
+                "precompute_ref_max_tokens",
+                self.precompute_ref_max_tokens,
+                "an integer >= 2 (one pair needs at least 2 tokens), or null",
+            )
         if self.precompute_ref_batch_size is not None:
             _check(
                 self.precompute_ref_batch_size >= 1,
@@ -359,6 +371,10 @@ class TrainConfig:
     @property
     def ref_batch_size(self) -> int:
         return self.precompute_ref_batch_size or self.per_device_train_batch_size
+
+    @property
+    def ref_max_tokens(self) -> int | None:
+        return self.precompute_ref_max_tokens or self.max_tokens_per_batch
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from pipeline.cache import manifests, storage
 from pipeline.cache.claims import found_or_claimed
 from pipeline.cluster import SetupErrorsOnFirstCall, cpus_each, data_context
 from pipeline.config import Config, ModelConfig
+from pipeline.core.batching import pack_by_budget
 from pipeline.data.entries import (
     REFERENCE,
     ReferenceScores,
@@ -55,7 +56,14 @@ BLOCK_BATCHES = 16  # micro-batches per block that an actor sorts by length
 
 class _ScoreRef(SetupErrorsOnFirstCall):
     def setup(
-        self, model_dir: str, model_cfg: ModelConfig, dtype: str, threads: int, micro_batch: int, gpus: int
+        self,
+        model_dir: str,
+        model_cfg: ModelConfig,
+        dtype: str,
+        threads: int,
+        micro_batch: int,
+        max_tokens: int | None,
+        gpus: int,
     ) -> None:
         import torch
 
@@ -67,7 +75,21 @@ class _ScoreRef(SetupErrorsOnFirstCall):
             print(f"[score-ref] kernels: {kernels.describe()}", flush=True)
         self.pad_id = load_tokenizer(model_dir, model_cfg.trust_remote_code).pad_token_id
         self.micro_batch = micro_batch
+        self.max_tokens = max_tokens
         self.padding_free = kernels.padding_free
+
+    def micro_batches(self, columns: dict[str, list[Any]]) -> list[np.ndarray]:
+        """The block's pairs sorted by length, cut into micro-batches of at most `micro_batch` pairs and, with a
+        token budget, at most `max_tokens` tokens (`pipeline.core.batching.pack_by_budget`, as training cuts)."""
+        lengths = np.array(
+            [(len(c), len(r)) for c, r in zip(columns[schema.CHOSEN_INPUT_IDS], columns[schema.REJECTED_INPUT_IDS])]
+        ).reshape(-1, 2)
+        order = np.argsort(lengths.max(axis=1), kind="stable")
+        by_pairs = [order[i : i + self.micro_batch] for i in range(0, len(order), self.micro_batch)]
+        if self.max_tokens is None:
+            return by_pairs
+        padded = not self.padding_free
+        return [b for group in by_pairs for b in pack_by_budget(group, lengths, self.max_tokens, padded)]
 
     def process(self, block: pa.Table) -> pa.Table:
         import torch
@@ -75,13 +97,8 @@ class _ScoreRef(SetupErrorsOnFirstCall):
         from pipeline.models.forward import collate_pairs, sequence_forward
 
         columns = block.to_pydict()
-        lengths = [
-            max(len(c), len(r)) for c, r in zip(columns[schema.CHOSEN_INPUT_IDS], columns[schema.REJECTED_INPUT_IDS])
-        ]
-        order = np.argsort(lengths, kind="stable")
         out: dict[str, list[Any]] = defaultdict(list)
-        for start in range(0, len(order), self.micro_batch):
-            idx = order[start : start + self.micro_batch]
+        for idx in self.micro_batches(columns):
             sub = {k: [v[i] for i in idx] for k, v in columns.items()}
             batch = collate_pairs(sub, self.pad_id)
             with torch.inference_mode():
@@ -223,7 +240,15 @@ def _score_missing(cfg: Config, model_dir: str, todo: list[ReferenceBuild]) -> N
     )
     scored = ds.map_batches(
         _ScoreRef,
-        fn_constructor_args=(model_dir, cfg.model, cfg.compute_dtype, cpus, micro, cfg.scale.ref_actor_gpus),
+        fn_constructor_args=(
+            model_dir,
+            cfg.model,
+            cfg.compute_dtype,
+            cpus,
+            micro,
+            cfg.train.ref_max_tokens,
+            cfg.scale.ref_actor_gpus,
+        ),
         batch_size=micro * BLOCK_BATCHES,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=actors),

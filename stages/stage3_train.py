@@ -144,6 +144,7 @@ def train_loop(config: dict[str, WorkerArgs]) -> None:
     from pipeline.data.table import open_table
     from pipeline.models.loading import load_tokenizer
     from pipeline.report.loggers import MetricsLog, open_loggers
+    from pipeline.train.checkpoint_files import rank_checkpoint
     from pipeline.train.collectives import all_reduce, all_reduce_rows
     from pipeline.train.engine import (
         build_engine,
@@ -183,7 +184,7 @@ def train_loop(config: dict[str, WorkerArgs]) -> None:
     state = TrainState(config=run_settings(cfg, args.tables["train"].key))
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        with checkpoint.as_directory() as d:
+        with rank_checkpoint(checkpoint, rank) as d:  # this rank's files only, not every rank's
             engine.load_checkpoint(d, tag=DS_TAG)
             saved = TrainState.from_json(rundir.read_json(Path(d), STATE_FILE) or {})
             state = dataclasses.replace(saved, config=state.config)  # the driver checked what may change
@@ -284,7 +285,8 @@ def train_loop(config: dict[str, WorkerArgs]) -> None:
 
 
 def _save(engine: Any, state: TrainState, rank: int) -> None:
-    """Every rank writes its DeepSpeed shards into its own folder; Ray Train gathers them in storage."""
+    """Every rank writes its own DeepSpeed files (its partitions; rank 0 the model states and state.json) into a
+    folder of its own, which Ray Train uploads into the one checkpoint in storage: no rank stages another's."""
     tmp = Path(tempfile.mkdtemp(prefix=f"ckpt-{state.step}-"))
     try:
         engine.save_checkpoint(str(tmp), tag=DS_TAG)

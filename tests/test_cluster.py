@@ -159,6 +159,37 @@ def test_cluster_config_is_on_shared_storage():
     assert cfg.scale.use_gpu and cfg.scale.ref_actors != cfg.scale.num_workers  # scaled independently
 
 
+# Llama-3.1's shapes (config.json of the 8B and 70B checkpoints): parameters, layers, hidden, MLP size
+LLAMA = {"8b": (8.03e9, 32, 4096, 14336), "70b": (70.6e9, 80, 8192, 28672)}
+VOCAB = 128256
+
+
+@pytest.mark.parametrize(("preset", "size"), [("preset-8b-1node.yaml", "8b"), ("preset-70b-8nodes.yaml", "70b")])
+def test_presets_load_and_the_guide_states_their_per_gpu_sum(preset, size):
+    """Each preset is a valid config (ZeRO-3, token budgets for training and scoring, gradient checkpointing,
+    an eval cadence), and the cluster guide's per-GPU table states what the formulas give for its values."""
+    cfg = load_config(REPO / "configs" / preset)
+    t, s = cfg.train, cfg.scale
+    assert s.zero_stage == 3 and s.use_gpu and cfg.model.gradient_checkpointing and cfg.model.dtype == "bfloat16"
+    assert t.max_tokens_per_batch and t.ref_max_tokens and t.eval_steps and cfg.data.eval_dataset
+    p, layers, h, m = LLAMA[size]
+    rows = [
+        16 * p / s.num_workers,
+        2 * s.zero3_max_live_parameters,
+        2 * layers * h * t.max_tokens_per_batch,
+        2 * t.max_tokens_per_batch * (3 * m + 6 * h),
+        10 * 1024 * VOCAB,
+    ]
+    text = (CLUSTER / "README.md").read_text()
+    column = 0 if size == "8b" else 1
+    table = text.split("| per GPU, training |")[1].split("\n\n")[0].splitlines()[2:]
+    stated = [float(line.strip("|").split("|")[2 + column].strip(" *")) for line in table]
+    assert stated == [round(r / 1e9, 1) for r in rows] + [round(sum(rows) / 1e9, 1)], stated
+    assert sum(rows) < 0.5 * 80e9  # room left on an 80 GB GPU
+    reference = 2 * p / s.ref_actor_gpus
+    assert reference < 0.85 * 80e9 and s.ref_actors * s.ref_actor_gpus <= s.num_workers
+
+
 def test_readme_documents_each_path_with_token_auth():
     text = (CLUSTER / "README.md").read_text()
     for needle in (

@@ -66,3 +66,18 @@ def test_a_key_the_config_no_longer_has_is_refused_with_its_name(tmp_path):
     checkpoint(tmp_path, "checkpoint_a", {**run_settings(config_from_dict(BASE), "t"), "sft_weight": 0.5})
     with pytest.raises(ConfigError, match=r"\n  sft_weight: 0\.5 -> \(no longer a setting\)\n"):
         check_resume(run_settings(config_from_dict(BASE), "t"), tmp_path, restart=False)
+
+
+def test_a_rank_reads_the_shared_checkpoint_files_and_its_own_partitions_only():
+    from pipeline.train.checkpoint_files import rank_needs
+
+    shared = ["mp_rank_00_model_states.pt", "state.json", "latest", ".metadata.json"]
+    own = {
+        0: ["zero_pp_rank_0_mp_rank_00_optim_states.pt", "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"],
+        1: ["zero_pp_rank_1_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt"],
+        12: ["zero_pp_rank_12_mp_rank_00_optim_states.pt"],
+    }
+    for rank in own:
+        wanted = {n for names in own.values() for n in names if rank_needs(n, rank)}
+        assert wanted == set(own[rank]), rank  # rank 1 does not take rank 12's file, nor 12 rank 1's
+        assert all(rank_needs(n, rank) for n in shared)

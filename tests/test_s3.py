@@ -2,11 +2,12 @@
 AWS_ENDPOINT_URL, as a job is pointed at S3 or an S3-compatible store.
 
 One `run` in its own process with the dataset, the eval dataset, `cache_dir`, `output_dir` and `storage_path`
-all on s3://, 2 training workers, rank 0 killed after the step-2 checkpoint (`DPO_PIPELINE_FAULT`), so the
-restarted group resumes from the checkpoint on S3. Checked: it finishes; every entry was committed by its
+all on s3://, 2 training workers at ZeRO-2, rank 0 killed after the step-2 checkpoint (`DPO_PIPELINE_FAULT`), so
+the restarted group resumes from the checkpoint on S3. Checked: it finishes; every entry was committed by its
 manifest with no leftover; the table is Arrow files; step 1's loss is ln 2 with reference scores that went
-through S3 (the policy is the reference at step 1); both ranks resumed from step 2 and the final model, the
-metrics and the report are on S3; a second `run` reuses every cache entry.
+through S3 (the policy is the reference at step 1); both ranks resumed from step 2, each fetching the shared
+files and its own optimizer partition but not the other rank's; the final model, the metrics and the report
+are on S3; a second `run` reuses every cache entry.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 import logging
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -97,7 +99,7 @@ def test_run_on_s3_resumes_after_a_killed_worker_and_reuses_its_cache(s3, tiny_m
         "logging_steps": 1,
         "eval_steps": 4,
         "learning_rate": 1e-3,
-        "zero_stage": 0,
+        "zero_stage": 2,  # each rank's optimizer partition is a file of its own
         "gradient_checkpointing": False,
         "max_failures": 1,
         "max_new_tokens": 0,
@@ -108,6 +110,11 @@ def test_run_on_s3_resumes_after_a_killed_worker_and_reuses_its_cache(s3, tiny_m
     assert (tmp_path / "killed").exists()  # the fault happened
     for rank in (0, 1):
         assert f"[train] rank {rank}: resumed from step 2" in first.stdout, first.stdout[-3000:]
+    # each rank fetched the shared files and its own partition, never the other rank's
+    fetched = re.findall(r"\[train\] rank (\d): fetched (\d+) of the checkpoint's (\d+) files", first.stdout)
+    assert sorted(int(r) for r, _, _ in fetched) == [0, 1], first.stdout[-3000:]
+    for _, got, of in fetched:
+        assert int(of) - int(got) == 1  # the other rank's optimizer partition, alone, was left on S3
 
     cache = keys(fs, "cache")
     entries = {tuple(k.split("/")[1:3]) for k in cache if k.count("/") >= 3}

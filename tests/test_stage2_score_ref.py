@@ -528,6 +528,28 @@ def test_two_actors_batches_of_four_and_one_pair_shards(ray_session, stage, expe
     assert_matches(read_scores(scored), expected)
 
 
+def test_a_token_budget_cuts_the_scoring_batches_and_changes_no_score(stage, expected, tmp_path):
+    """precompute_ref_max_tokens: micro-batches of at most 4 pairs and 60 tokens (padding-free: the pairs' own
+    tokens; padded: 2 x pairs x the longest), every pair once, the longest alone when it exceeds the budget; the
+    entry scored that way equals the independent forward."""
+    cfg, data, _, _ = stage
+    columns = pq.ParquetDataset(data.files).read().to_pydict()
+    lengths = [(len(c), len(r)) for c, r in zip(columns[schema.CHOSEN_INPUT_IDS], columns[schema.REJECTED_INPUT_IDS])]
+    scorer = stage2._ScoreRef.__new__(stage2._ScoreRef)  # its batching alone, without a model
+    for padding_free, cost in ((True, lambda b: sum(sum(lengths[i]) for i in b)),
+                               (False, lambda b: 2 * len(b) * max(max(lengths[i]) for i in b))):  # fmt: skip
+        scorer.micro_batch, scorer.max_tokens, scorer.padding_free = 4, 60, padding_free
+        batches = scorer.micro_batches(columns)
+        assert sorted(int(i) for b in batches for i in b) == list(range(len(ROWS)))
+        assert all(len(b) <= 4 and (cost(b) <= 60 or len(b) == 1) for b in batches)
+        assert len(batches) > len(ROWS) // 4  # the budget, not the pair count, cut some
+    scorer.max_tokens = None
+    assert [len(b) for b in scorer.micro_batches(columns)] == [4, 4, 4]
+
+    budget = cfg.replace(precompute_ref_batch_size=4, precompute_ref_max_tokens=60, cache_dir=str(tmp_path / "c"))
+    assert_matches(read_scores(run_score_ref(budget, data, shard_pairs=3)), expected)
+
+
 # --- 8. every split on one pool ---
 
 

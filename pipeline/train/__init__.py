@@ -6,6 +6,7 @@
 - `optim`: optimizer and learning-rate schedule from the config.
 - `collectives`: all-reduce of metric rows on the engine's device.
 - `train_state`, `resume`: what a checkpoint holds, and the settings check before resuming from it.
+- `checkpoint_files`: the part of a checkpoint one rank reads back (its own partitions, not every rank's).
 - `faults`: fault injection for the fault-tolerance tests.
 
 May use: `pipeline.report` (metric loggers), `pipeline.rundir`, `pipeline.data`, `pipeline.models`,

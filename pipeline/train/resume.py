@@ -40,7 +40,7 @@ ALLOWED_CHANGES = frozenset(
     {
         "logging_steps", "eval_steps", "save_steps", "report_to", "eval_dataset", "per_device_eval_batch_size",
         "max_failures", "cpus_per_worker", "ref_actors", "cpus_per_ref_actor", "gpus_per_ref_actor",
-        "precompute_ref_batch_size", "cache_dir", "output_dir", "storage_path", "run_name",
+        "precompute_ref_batch_size", "precompute_ref_max_tokens", "cache_dir", "output_dir", "storage_path", "run_name",
         "max_new_tokens", "num_generations", "temperature", "top_p", "report_samples", "judge",
         "zero3_max_live_parameters",
     }
