@@ -7,7 +7,7 @@ the restarted group resumes from the checkpoint on S3. Checked: it finishes; eve
 manifest with no leftover; the table is Arrow files; step 1's loss is ln 2 with reference scores that went
 through S3 (the policy is the reference at step 1); both ranks resumed from step 2, each fetching the shared
 files and its own optimizer partition but not the other rank's; the final model, the metrics and the report
-are on S3; a second `run` reuses every cache entry.
+are on S3; a second `run` reuses every cache entry. And two jobs started together on one entry build it once.
 """
 
 from __future__ import annotations
@@ -143,3 +143,31 @@ def test_run_on_s3_resumes_after_a_killed_worker_and_reuses_its_cache(s3, tiny_m
         assert f"{label}: reusing cached" in again.stdout, label
     assert again.stdout.count("reusing cached training table") == 2
     assert keys(fs, "cache") == cache  # nothing rewritten, nothing added
+
+
+def test_two_jobs_at_once_on_one_s3_entry_build_it_once(s3, tiny_model_dir, tmp_path):
+    """Two `tokenize` commands started together on the same data and cache on S3: the claim object lets one
+    build the entry while the other waits, then reuses it; one entry, one manifest, no claim left behind."""
+    env, fs = s3
+    data = put(fs, "together/pairs.jsonl", "".join(json.dumps(r) + "\n" for r in ROWS))
+    args = ["tokenize", "--model", str(tiny_model_dir), "--dataset", data,
+            "--cache_dir", f"s3://{BUCKET}/together-cache", "--output_dir", str(tmp_path / "out")]  # fmt: skip
+    code = "import sys; from stages.cli import main; sys.exit(main(sys.argv[1:]))"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, *args],
+            env={**os.environ, **env, "RAY_ADDRESS": "local"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n\n".join(o[-3000:] for o in outs)
+    built = [o for o in outs if "12 pairs kept" in o]
+    reused = [o for o in outs if "reusing cached tokenized data" in o]
+    assert len(built) == 1 and len(reused) == 1, outs
+    cache = keys(fs, "together-cache/tokenized")
+    assert len({k.split("/")[2] for k in cache}) == 1 and sum(k.endswith("manifest.json") for k in cache) == 1
+    assert not [k for k in keys(fs, "together-cache") if k.endswith(".claim")]
