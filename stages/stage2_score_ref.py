@@ -214,6 +214,9 @@ def _finder(path: storage.Location, key: str, split: str, verify: bool) -> Calla
 def _score_missing(cfg: Config, model_dir: str, todo: list[ReferenceBuild]) -> None:
     """Score the missing shards of every entry in `todo` on one actor pool; each shard is written as soon as all
     its pairs are in (`elapsed`: from the pool's start to the entry's last shard)."""
+    items = [{"path": f, "split": i} for i, e in enumerate(todo) if e.missing for f in e.tokenized.files]
+    if not items:  # resumed entries whose every shard was already written: only their manifests are missing
+        return
     if not cfg.scale.use_gpu:  # refuse a kernel choice this machine cannot run before any actor starts
         print(
             f"[score-ref] kernels: {choose_kernels(cfg.model, cuda=False, dtype=cfg.compute_dtype).describe()}",
@@ -226,7 +229,6 @@ def _score_missing(cfg: Config, model_dir: str, todo: list[ReferenceBuild]) -> N
     # one block, a single actor would score all of it and return it at the end: no spread over the pool,
     # and no shard complete before the file is.
     data_context()
-    items = [{"path": f, "split": i} for i, e in enumerate(todo) if e.missing for f in e.tokenized.files]
     start = time.time()
     ds = (
         ray.data.from_items(items)

@@ -593,3 +593,19 @@ def test_an_entry_short_of_scored_pairs_gets_no_manifest(stage, tmp_path):
     with pytest.raises(CacheError, match="eval: 11 pairs came back from the scoring pool, 12 were sent"):
         entry.commit(cfg)
     assert not path.exists()
+
+
+def test_killed_after_its_last_shard_the_entry_is_committed_without_scoring(stage, tmp_path, capsys):
+    """A job killed between its last shard and the manifest leaves plan.json and every shard: the rerun scores
+    nothing (no actor starts) and writes the manifest over the same shards."""
+    cfg, data, ref, _ = stage
+    copy = tmp_path / "cache" / "reference" / ref.key
+    shutil.copytree(ref.path, copy)
+    (copy / "manifest.json").unlink()
+    (copy / PLAN).write_text(json.dumps({"key": ref.key, "num_shards": ref.manifest["shards"]}))
+    capsys.readouterr()
+    again = run_score_ref(cfg.replace(cache_dir=str(tmp_path / "cache")), data, shard_pairs=3)
+    out = capsys.readouterr().out
+    assert "4/4 shards already scored" in out and "[score-ref] train: 0 pairs scored" in out
+    assert "kernels" not in out  # nothing was set up to score
+    assert again.manifest["files"] == ref.manifest["files"] and not (copy / PLAN).exists()
