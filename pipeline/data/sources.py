@@ -113,7 +113,8 @@ def _uri_files(spec: str) -> list[InputFile]:
         found = root.fs.get_file_info(pafs.FileSelector(root.path, recursive=True, allow_not_found=True))
     except OSError as e:
         raise DataError(f"{spec}: cannot list it: {e}") from None
-    names = sorted(f"{root.scheme}{i.path}" for i in found if i.type == pafs.FileType.File)
+    sizes = {f"{root.scheme}{i.path}": i.size for i in found if i.type == pafs.FileType.File}  # no HEAD per object
+    names = sorted(sizes)
     if glob_at is not None:
         names = [n for n in names if fnmatch.fnmatchcase(n, spec)]
         if not names:
@@ -121,7 +122,7 @@ def _uri_files(spec: str) -> list[InputFile]:
     names = [n for n in names if glob_at is not None or _suffix(Path(n)) is not None]
     if not names:
         raise DataError(f"{spec}: no such object, and no {', '.join(FILE_SUFFIXES)} object under this prefix")
-    return [_file(location(n)) for n in names]
+    return [_file(location(n), sizes[n]) for n in names]
 
 
 def _split_files(spec: str, cache_dir: str) -> list[InputFile]:
@@ -163,13 +164,14 @@ def _suffix(path: Path) -> str | None:
     return next((s for s in FILE_SUFFIXES if name.endswith(s)), None)
 
 
-def _file(path: Location) -> InputFile:
+def _file(path: Location, size: int | None = None) -> InputFile:
+    """The input file at `path` (`size`: its size when a listing gave it), refused when unusable."""
     suffix = _suffix(Path(path.name))
     if suffix is None:
         raise DataError(f"{path}: unsupported file type; expected one of {', '.join(FILE_SUFFIXES)}")
     if isinstance(path, Path) and not os.access(path, os.R_OK):
         raise DataError(f"{path}: file is not readable (permission denied)")
-    if path.stat().st_size == 0:
+    if (path.stat().st_size if size is None else size) == 0:
         raise DataError(f"{path}: file is empty")
     kind = "parquet" if suffix == ".parquet" else suffix.split(".")[1]
     return InputFile(str(path), kind)

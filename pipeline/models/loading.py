@@ -19,7 +19,7 @@ from pipeline.cache.fingerprints import file_fingerprints
 from pipeline.cache.storage import atomic_target, local_cache_dir
 from pipeline.errors import PipelineError
 
-if TYPE_CHECKING:  # torch and transformers load where used: a tokenizing worker imports neither torch nor a model
+if TYPE_CHECKING:  # loaded where used: a stage-1 read task's worker imports no torch, kernels or model code
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
