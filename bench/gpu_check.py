@@ -15,7 +15,10 @@ Rows, in the printed table:
   4  tokens/s, MFU and peak memory of one train micro-step (forward through `sequence_forward`, `dpo_loss`,
      backward; bf16 weights, no optimizer, no gradient checkpointing) on random Llamas of SmolLM2-135M's
      and Llama-3.2-1B's shapes, packed rows; padded rows too for the 135M shape, Liger too when present;
-  5  nothing imported Ray, DeepSpeed, `pipeline.config` or a stage.
+  5  nothing imported Ray, DeepSpeed, `pipeline.config` or a stage;
+  6  long context: tokens/s and peak memory of one train micro-step on ONE pair of 64k tokens (32k chosen, 32k
+     rejected, sharing an 8k prompt), Llama-3.2-1B's shape, packed row, flash-attention where installed,
+     gradient checkpointing on as the trainer runs it, sequence_parallel_size 1 (one GPU).
 MFU = model FLOPs / step time / --peak-tflops (989: H200 SXM dense bf16, NVIDIA's datasheet; 1,979 is the
 sparse figure). Model FLOPs per step, forward + backward = 3x forward, counting only real (non-pad) tokens:
   6 x body matmul params x tokens  +  6 x hidden x vocab x scored completion tokens (the only ones that reach
@@ -122,6 +125,7 @@ class Pairs:
 
 CHECK_PAIRS, CHECK_PAIRS_SMOKE = Pairs(16, (8, 384), (1, 384)), Pairs(4, (2, 20), (1, 20))
 SPEED_PAIRS, SPEED_PAIRS_SMOKE = Pairs(16, (64, 512), (32, 512)), Pairs(2, (4, 24), (4, 24))
+LONG_PAIR, LONG_PAIR_SMOKE = Pairs(1, (8192, 8192), (24576, 24576)), Pairs(1, (256, 256), (768, 768))
 
 
 @dataclass(frozen=True)
@@ -443,19 +447,34 @@ def time_train_step(
 
 
 def timed_model(
-    shape: Shape, kernels: Kernels, device: torch.device, dtype: torch.dtype, args: argparse.Namespace, smoke: bool
+    shape: Shape,
+    kernels: Kernels,
+    device: torch.device,
+    dtype: torch.dtype,
+    args: argparse.Namespace,
+    smoke: bool,
+    long: bool = False,
 ) -> Callable[[], Row]:
-    """Row 4 for one shape and kernel choice, on a fresh model freed afterwards."""
+    """Row 4 for one shape and kernel choice, on a fresh model freed afterwards; with `long`, row 6: one long pair,
+    gradient checkpointing on, one warm-up and two timed steps."""
     name = f"{shape.name} {'packed' if kernels.padding_free else 'padded'}{'+Liger' if kernels.liger else ''}"
-    warmup = args.warmup if args.warmup is not None else (1 if smoke else 3)
-    steps = args.steps if args.steps is not None else (2 if smoke else 10)
+    pairs = (LONG_PAIR_SMOKE if smoke else LONG_PAIR) if long else (SPEED_PAIRS_SMOKE if smoke else SPEED_PAIRS)
+    if long:
+        name += f" 1 pair of {sum(pairs.prompt) + sum(pairs.completion)} tokens"
+    warmup = 1 if long else args.warmup if args.warmup is not None else (1 if smoke else 3)
+    steps = 2 if long else args.steps if args.steps is not None else (2 if smoke else 10)
 
     def run() -> Row:
         model = build_model(shape, device, dtype, seed=2)
         apply_liger(model, kernels)  # a no-op unless kernels.liger
-        batch = random_pairs(SPEED_PAIRS_SMOKE if smoke else SPEED_PAIRS, shape.vocab, seed=3)
+        if long:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        batch = random_pairs(pairs, shape.vocab, seed=3)
         try:
-            return time_train_step(name, model, batch, kernels, SigmoidDPO(), warmup, steps, args.peak_tflops)
+            row = time_train_step(name, model, batch, kernels, SigmoidDPO(), warmup, steps, args.peak_tflops)
+            if long:
+                row.key, row.check = "long_context", f"6 long context {name}"
+            return row
         finally:
             del model
             release_memory()
@@ -562,6 +581,10 @@ def main() -> int:
         run_row(rows, "liger_vs_plain", "3 Liger vs plain", lambda: liger_vs_plain(model, batch, plain, logp_tol))
         run = timed_model(small, replace(packed, liger=True), device, dtype, args, args.smoke)
         run_row(rows, f"speed_{run.__name__}", f"4 train step {run.__name__}", run)
+
+    # --- row 6: one long pair on the 1B shape, as sequence_parallel_size 1 trains it on one GPU ---
+    run = timed_model(large, packed, device, dtype, args, args.smoke, long=True)
+    run_row(rows, "long_context", f"6 long context {run.__name__}", run)
 
     # --- row 5: the GPU machine has no Ray or DeepSpeed, and the core and forward must never need a stage ---
     imported = [m for m in FORBIDDEN_MODULES if m in sys.modules]

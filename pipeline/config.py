@@ -83,6 +83,11 @@ class ModelConfig:
         False, "Allow loading *.bin/*.pt (pickle) weights; only safetensors load otherwise."
     )
     gradient_checkpointing: bool = _f(True, "Recompute activations in backward to save memory (TRL default: true).")
+    tiled_mlp: bool = _f(
+        False,
+        "Run each decoder layer's MLP over tiles of ~hidden_size positions (DeepSpeed's TiledMLP): its "
+        "activations exist one tile at a time, for one more MLP forward per tile in backward. For long sequences.",
+    )
     use_peft: bool = _f(False, "Train LoRA adapters instead of all weights.")
     lora_r: int = _f(16, "LoRA rank.")
     lora_alpha: int = _f(32, "LoRA alpha (scale = lora_alpha / lora_r).")
@@ -385,6 +390,13 @@ class ScaleConfig:
         None, "CPUs per training worker (sets its torch threads); null = the machine's CPUs / num_workers."
     )
     zero_stage: Literal[0, 1, 2, 3] = _f(2, "DeepSpeed ZeRO stage: 0 (plain DDP), 1, 2 or 3.")
+    sequence_parallel_size: int = _f(
+        1,
+        "Training workers that share every sequence (DeepSpeed Ulysses): each holds 1/k of its positions and "
+        "attends with 1/k of the heads, for pairs too long for one worker. Data parallelism runs over the "
+        "num_workers / k groups: global batch = per_device_train_batch_size x num_workers / k x "
+        "gradient_accumulation_steps. 1 = off.",
+    )
     offload_optimizer: bool = _f(False, "ZeRO-Offload the optimizer state to CPU memory (stage >= 1).")
     offload_param: bool = _f(False, "ZeRO-Offload parameters to CPU memory (stage 3 only).")
     zero3_max_live_parameters: int = _f(
@@ -410,6 +422,11 @@ class ScaleConfig:
 
     def __post_init__(self) -> None:
         _check(self.num_workers >= 1, "num_workers", self.num_workers, "an integer >= 1")
+        k = self.sequence_parallel_size
+        _check(k >= 1, "sequence_parallel_size", k, "an integer >= 1")
+        _check(self.num_workers % k == 0, "sequence_parallel_size", k,
+               f"a divisor of num_workers={self.num_workers} (each group of k workers shares its sequences); "
+               f"set num_workers to a multiple of {k}")  # fmt: skip
         _check(self.ref_actors >= 1, "ref_actors", self.ref_actors, "an integer >= 1")
         _check(self.gpus_per_ref_actor >= 1, "gpus_per_ref_actor", self.gpus_per_ref_actor, "an integer >= 1")
         if self.gpus_per_ref_actor > 1:
@@ -425,6 +442,11 @@ class ScaleConfig:
                "an integer >= 1")  # fmt: skip
         if self.offload_optimizer:
             _check(self.zero_stage >= 1, "offload_optimizer", True, "false unless zero_stage >= 1")
+
+    @property
+    def data_parallel_size(self) -> int:
+        """Groups of workers that see different pairs: num_workers / sequence_parallel_size."""
+        return self.num_workers // self.sequence_parallel_size
 
     @property
     def ref_actor_gpus(self) -> int:
@@ -479,6 +501,12 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     scale: ScaleConfig = field(default_factory=ScaleConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+
+    def __post_init__(self) -> None:
+        if self.scale.sequence_parallel_size > 1:
+            _check(self.model.attn_implementation != "eager", "attn_implementation", "eager",
+                   "auto, sdpa or flash_attention_2 with sequence_parallel_size > 1 (sequence parallelism takes "
+                   "causality from positions; eager attention needs a full (T, T) mask)")  # fmt: skip
 
     @property
     def compute_dtype(self) -> str:

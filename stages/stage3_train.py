@@ -34,6 +34,7 @@ from pipeline.data.entries import TableEntry, find_reference, find_tokenized
 from pipeline.data.table import build_table, training_schedule
 from pipeline.models.kernels import choose_kernels
 from pipeline.models.loading import resolve_model
+from pipeline.models.sequence_parallel import check_model
 from pipeline.redact import redact_value
 from pipeline.report.loggers import resolve_loggers
 from pipeline.train.faults import Fault
@@ -72,6 +73,8 @@ def run_train(cfg: Config, restart: bool = False, verify: bool = False) -> dict[
     schedule = training_schedule(cfg, tables["train"])
 
     total = schedule.total_steps(t.num_train_epochs, t.max_steps)
+    model_dir = resolve_model(cfg.model.model, cfg.data.cache_dir)
+    check_model(model_dir, s.sequence_parallel_size, cfg.model.trust_remote_code)
     cpus = cpus_each(s.cpus_per_worker, s.num_workers)
     storage = s.storage_path or str(location(cfg.data.output_dir) / "ray")
     check_resume(run_settings(cfg, tables["train"].key), location(storage) / s.run_name, restart)
@@ -80,8 +83,9 @@ def run_train(cfg: Config, restart: bool = False, verify: bool = False) -> dict[
         if t.max_tokens_per_batch
         else f"global batch {t.per_device_train_batch_size * schedule.per_step}"
     )
+    groups = f" in {s.data_parallel_size} group(s) sharing each sequence" if s.sequence_parallel_size > 1 else ""
     print(
-        f"[train] {n_pairs} pairs, {batch}, {total} steps on {s.num_workers} worker(s) x {cpus} CPU, "
+        f"[train] {n_pairs} pairs, {batch}, {total} steps on {s.num_workers} worker(s) x {cpus} CPU{groups}, "
         f"ZeRO-{s.zero_stage}; checkpoints in {storage}/{s.run_name}",
         flush=True,
     )
@@ -96,7 +100,7 @@ def run_train(cfg: Config, restart: bool = False, verify: bool = False) -> dict[
         train_loop_config={
             "args": WorkerArgs(
                 cfg=cfg,
-                model_dir=resolve_model(cfg.model.model, cfg.data.cache_dir),
+                model_dir=model_dir,
                 total_steps=total,
                 cpus=cpus,
                 loggers=loggers,
@@ -146,14 +150,7 @@ def train_loop(config: dict[str, WorkerArgs]) -> None:
     from pipeline.report.loggers import MetricsLog, open_loggers
     from pipeline.train.checkpoint_files import rank_checkpoint
     from pipeline.train.collectives import all_reduce, all_reduce_rows
-    from pipeline.train.engine import (
-        build_engine,
-        build_policy,
-        gradient_norm,
-        peak_memory_bytes,
-        private_memory_bytes,
-        sharded_building,
-    )
+    from pipeline.train.engine import build_training, gradient_norm, peak_memory_bytes, private_memory_bytes
     from pipeline.train.export import export_model
     from pipeline.train.step import Evaluator, micro_step
 
@@ -162,6 +159,8 @@ def train_loop(config: dict[str, WorkerArgs]) -> None:
     torch.set_num_threads(args.cpus)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    k = cfg.scale.sequence_parallel_size
+    dp_rank, dp_world = rank // k, world // k  # a sequence-parallel group reads its pairs as one rank
     t = cfg.train
     fetch = (rundir.METRICS, rundir.TENSORBOARD) if rank == 0 else ()
     output = LocalMirror(cfg.data.output_dir, fetch=fetch)
@@ -170,16 +169,15 @@ def train_loop(config: dict[str, WorkerArgs]) -> None:
     # --- setup: data, policy, engine, resume ---
     train_pairs = open_table(args.tables["train"])  # memory-mapped: one copy per node, in the page cache
     tokenizer = load_tokenizer(args.model_dir, cfg.model.trust_remote_code)
-    with sharded_building(cfg, world):  # ZeRO-3: no rank ever holds the whole model
-        policy, kernels = build_policy(cfg, args.model_dir)
-        engine = build_engine(cfg, policy, world, total)
+    engine, kernels, group = build_training(cfg, args.model_dir, world, total)  # ZeRO-3: built partitioned
     if rank == 0:
-        print(f"[train] kernels: {kernels.describe()}", flush=True)
-    schedule = train_pairs.schedule(cfg, world)
+        split = f"; each sequence split over {k} workers (Ulysses)" if group is not None else ""
+        print(f"[train] kernels: {kernels.describe()}{split}", flush=True)
+    schedule = train_pairs.schedule(cfg, dp_world)
     evaluate = None
     if cfg.data.eval_dataset:
         eval_pairs = open_table(args.tables["eval"])
-        evaluate = Evaluator(cfg, eval_pairs, rank, world, tokenizer.pad_token_id)
+        evaluate = Evaluator(cfg, eval_pairs, dp_rank, dp_world, tokenizer.pad_token_id, group)
 
     state = TrainState(config=run_settings(cfg, args.tables["train"].key))
     checkpoint = ray.train.get_checkpoint()
@@ -208,7 +206,7 @@ def train_loop(config: dict[str, WorkerArgs]) -> None:
     private_peak = private_memory_bytes()
     while state.step < total:
         rows, own_norm = [], None
-        for idx in schedule.micro_batches(state.step, rank):
+        for idx in schedule.micro_batches(state.step, dp_rank):
             r = micro_step(
                 cfg,
                 engine,
@@ -216,6 +214,7 @@ def train_loop(config: dict[str, WorkerArgs]) -> None:
                 idx,
                 tokenizer.pad_token_id,
                 loss_scale=schedule.loss_scale(state.step, len(idx)),
+                group=group,
             )
             engine.backward(r.loss)
             if cfg.scale.zero_stage == 0 and engine.is_gradient_accumulation_boundary():
@@ -272,6 +271,7 @@ def train_loop(config: dict[str, WorkerArgs]) -> None:
             "peak_memory_bytes": peak_memory_bytes(),
             "worker_private_memory_bytes": [int(b) for b in private.tolist()],  # RssAnon peak per rank
             "num_workers": world,
+            "sequence_parallel_size": k,
             "zero_stage": cfg.scale.zero_stage,
             "final_eval": final_eval,
             "inputs": args.inputs,

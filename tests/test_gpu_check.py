@@ -92,6 +92,13 @@ def test_smoke_throughput_fields(smoke: dict[str, Any]) -> None:
         assert row["peak_mem_gib"] is None  # CPU: no CUDA allocator to ask
 
 
+def test_smoke_long_context_row(smoke: dict[str, Any]) -> None:
+    """Row 6 on CPU: one pair of 2,048 tokens (the GPU run: 65,536) through the packed path, timed."""
+    row = smoke["rows"]["long_context"]
+    assert row["status"] == "INFO" and row["pairs"] == 1 and row["padding_free"] is True
+    assert row["tokens_per_step"] == 2048 and row["tokens_per_s"] > 0 and row["shape"].startswith("tiny-wide")
+
+
 def test_smoke_imports_no_ray_or_deepspeed(smoke: dict[str, Any]) -> None:
     row = smoke["rows"]["no_forbidden_imports"]
     assert (row["status"], row["imported"]) == ("PASS", [])

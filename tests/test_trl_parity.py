@@ -16,6 +16,7 @@ import torch
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers renames, inside TRL
 
 from datasets import Dataset  # noqa: E402
+from process_group import run_ranks  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 from trl import DPOConfig, DPOTrainer  # noqa: E402
@@ -221,30 +222,34 @@ def our_step(setup, case: dict, precomputed: bool):
     return result.loss, metrics, policy
 
 
-def compare_with_trl(setup, case: dict, precomputed: bool) -> None:
+def trl_result(setup, case: dict, precomputed: bool) -> tuple[float, dict[str, float], dict[str, torch.Tensor]]:
+    """TRL's loss, logged metrics and gradients for `case` on the setup's batch."""
     trainer, model = setup.trainer, setup.model
     cfg = LossConfig(**case)
     configure(trainer, cfg, precomputed)
-
     model.zero_grad()
     inputs = {**setup.batch, **trl_precomputed(setup.cached, cfg.ld_alpha)} if precomputed else setup.batch
     trl_loss = trainer.compute_loss(model, inputs)
     trl_loss.backward()
-    trl_grads = grads(model)
-    trl_metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    return trl_loss.item(), {k: v[-1] for k, v in trainer._metrics["train"].items()}, grads(model)
 
+
+def compare_with_trl(setup, case: dict, precomputed: bool) -> None:
     loss, metrics, policy = our_step(setup, case, precomputed)
     loss.backward()
-    ours = grads(policy)
+    assert_matches(trl_result(setup, case, precomputed), (loss.item(), metrics, grads(policy)))
 
-    assert abs(loss.item() - trl_loss.item()) < 1e-5, (loss.item(), trl_loss.item())
+
+def assert_matches(trl: tuple, ours: tuple) -> None:
+    (trl_loss, trl_metrics, trl_grads), (loss, metrics, our_grads) = trl, ours
+    assert abs(loss - trl_loss) < 1e-5, (loss, trl_loss)
     assert set(metrics) == set(trl_metrics) | {"loss"}
     for name, value in trl_metrics.items():
         assert metrics[name] == pytest.approx(value, abs=1e-5), name
-    assert metrics["loss"] == pytest.approx(trl_loss.item(), abs=1e-5)
-    assert ours.keys() == trl_grads.keys()
+    assert metrics["loss"] == pytest.approx(trl_loss, abs=1e-5)
+    assert our_grads.keys() == trl_grads.keys()
     for name, g in trl_grads.items():
-        torch.testing.assert_close(ours[name], g, atol=1e-6, rtol=1e-4, msg=name)
+        torch.testing.assert_close(our_grads[name], g, atol=1e-6, rtol=1e-4, msg=name)
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
@@ -252,19 +257,71 @@ def test_loss_gradients_and_metrics_match_trl(setup, case):
     compare_with_trl(setup, case, precomputed=False)
 
 
-@pytest.mark.parametrize(
-    "case",
-    [
-        {"loss_type": ("aot",)},
-        {"loss_type": ("aot_unpaired",), "label_smoothing": 0.2},
-        {"loss_type": ("sigmoid", "sft"), "ld_alpha": 0.5},
-        {"loss_type": ("sigmoid_norm",), "use_weighting": True},
-        {"loss_type": ("discopop", "hinge"), "f_divergence_type": "js_divergence"},
-    ],
-    ids=case_id,
-)
+CACHED_CASES = [
+    {"loss_type": ("aot",)},
+    {"loss_type": ("aot_unpaired",), "label_smoothing": 0.2},
+    {"loss_type": ("sigmoid", "sft"), "ld_alpha": 0.5},
+    {"loss_type": ("sigmoid_norm",), "use_weighting": True},
+    {"loss_type": ("discopop", "hinge"), "f_divergence_type": "js_divergence"},
+]
+
+
+@pytest.mark.parametrize("case", CACHED_CASES, ids=case_id)
 def test_cached_reference_matches_trl_precompute(setup, case):
     compare_with_trl(setup, case, precomputed=True)
+
+
+def test_every_case_matches_trl_with_each_sequence_split_over_two_ranks(setup):
+    """The same production step with sequence_parallel_size 2 (two gloo processes, `tests/process_group.py`):
+    each rank runs half of every sequence's positions (packed rows for the main cases, right-padded ones for the
+    cached reference), and the group's loss, summed metric rows and rank-averaged gradients equal TRL's."""
+    runs = [(case, False) for case in CASES] + [(case, True) for case in CACHED_CASES]
+    expected = [trl_result(setup, case, precomputed) for case, precomputed in runs]
+    tables = {False: setup.pairs, True: setup.cached_pairs}
+    policy = {n: p.detach().clone() for n, p in setup.model.state_dict().items()}
+    tables_ = {k: t.rows(IDX) for k, t in tables.items()}
+    ranks = run_ranks(split_steps, 2, setup.model.config.to_dict(), policy, tables_, runs)
+    for rank in ranks:
+        for (case, precomputed), trl, ours in zip(runs, expected, rank, strict=True):
+            assert ours[0] == pytest.approx(trl[0], abs=1e-5), (case, precomputed)
+            assert_matches(trl, ours)
+
+
+def split_steps(rank: int, world: int, config: dict, weights: dict, tables: dict, runs: list) -> list[tuple]:
+    """One rank of `test_every_case_matches_trl_with_each_sequence_split_over_two_ranks`."""
+    import torch.distributed as dist
+    from transformers import LlamaConfig
+
+    from pipeline.models.sequence_parallel import enable_ulysses, sequence_group
+
+    group = sequence_group(world)
+    models = {}
+    for precomputed, attn in ((False, choose_kernels(config_from_dict({}).model, False, "float32")), (True, None)):
+        model = LlamaForCausalLM(LlamaConfig.from_dict(config))
+        model.load_state_dict(weights)
+        model.set_attn_implementation(attn.attn_implementation if attn else "sdpa")
+        enable_ulysses(model.config, model.config._attn_implementation, group)
+        models[precomputed] = model.train()
+    out = []
+    for case, precomputed in runs:
+        cfg = config_from_dict({**case, "padding_free": not precomputed})
+        policy, table = models[precomputed], rows_table(tables[precomputed])
+        policy.zero_grad()
+        result = micro_step(cfg, policy, table, IDX, PAD, group=group)
+        result.loss.backward()
+        row = result.metric_row.clone()
+        dist.all_reduce(row)  # the step's one collective over the metric rows
+        g = grads(policy)
+        for t in g.values():  # DeepSpeed's mean over the ranks
+            dist.all_reduce(t)
+            t /= world
+        out.append((result.loss.item(), finalize(row) | {"num_tokens": slot_total(row, "input_tokens")}, g))
+    return out
+
+
+def rows_table(rows: dict[str, list]) -> PairTable:
+    """The rows of a table, as a table again (what crosses into the rank processes is plain lists)."""
+    return PairTable.from_batches([pa.Table.from_pydict(rows, schema=schema.TABLE_SCHEMA)])
 
 
 def test_the_batch_exercises_the_metrics_and_the_sort(setup):

@@ -42,14 +42,20 @@ class SequenceStats:
     top1_hits: Tensor | None = None  # tokens whose label is the first argmax of the logits, int64
 
 
-def lm_head_calls(completion_mask: Tensor, chunk_size: int = 1024) -> int:
+def lm_head_calls(completion_mask: Tensor, chunk_size: int = 1024, hidden_index: Tensor | None = None) -> int:
     """How many times `sequence_stats` calls `lm_head` for this batch (at least once).
 
     Under DeepSpeed ZeRO-3 each call all-gathers the head's weights, a collective, so every rank must call
     it equally often: all-reduce this number with MAX and pass the result as `min_chunks`.
     """
-    scored = int(completion_mask[:, 1:].count_nonzero())
+    scored = int(_scored_mask(completion_mask, hidden_index).count_nonzero())
     return max(1, math.ceil(scored / chunk_size))
+
+
+def _scored_mask(completion_mask: Tensor, hidden_index: Tensor | None) -> Tensor:
+    """(N, T-1) bool: position t scores token t+1 here (a completion token, and this process holds t's state)."""
+    mask = completion_mask[:, 1:].bool()
+    return mask if hidden_index is None else mask & (hidden_index[:, :-1] >= 0)
 
 
 def sequence_stats(
@@ -61,11 +67,12 @@ def sequence_stats(
     chunk_size: int = 1024,
     with_metrics: bool = False,
     min_chunks: int = 1,
+    hidden_index: Tensor | None = None,
 ) -> SequenceStats:
     """Sum the completion tokens' log-probs (and, optionally, logging terms) per sequence.
 
     Args:
-        hidden: (N, T, H) final hidden states of the model body.
+        hidden: (N, T, H) final hidden states of the model body; with `hidden_index`, (M, H) rows of them.
         lm_head: the output-embedding module (or a callable wrapping it, e.g. with a logit soft-cap); it is
             called on (n ≤ chunk_size, H) chunks and never has its weight read, so ZeRO-3 can gather it.
         input_ids: (N, T) token ids.
@@ -74,17 +81,22 @@ def sequence_stats(
         chunk_size: tokens per LM-head call.
         with_metrics: also return wpo_logps, logits_sum, entropy_sum and top1_hits.
         min_chunks: call `lm_head` at least this often (extra calls get zero tokens); see `lm_head_calls`.
+        hidden_index: (N, T) int, the row of `hidden` that holds position t of sequence i, or -1 where this
+            process holds none: a packed row's layout, or the part of each sequence that this rank of a
+            sequence-parallel group holds. Then only the held positions are scored, every sum covers them
+            alone (a group sums its ranks' stats), and LD-DPO's shared split still counts from each
+            sequence's first completion token.
 
     The tensors must be on the device where `lm_head` computes (for a model split over devices, the last one;
     `pipeline.models.forward.sequence_forward` moves them there), and the results are on it too.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    mask = completion_mask[:, 1:].bool()
+    mask = _scored_mask(completion_mask, hidden_index)
     rows, cols = mask.nonzero(as_tuple=True)  # row-major, so each row's tokens are in order
-    selected = hidden[:, :-1][rows, cols]  # (M, H)
+    selected = hidden[:, :-1][rows, cols] if hidden_index is None else hidden[hidden_index[rows, cols]]  # (M, H)
     labels = input_ids[:, 1:][rows, cols]
-    position = mask.cumsum(dim=1)[rows, cols]  # 1-based index among the row's completion tokens
+    position = completion_mask[:, 1:].cumsum(dim=1)[rows, cols]  # 1-based index among the row's completion tokens
     in_shared = position <= shared_len.to(position.device)[rows]
 
     n_chunks = max(min_chunks, math.ceil(labels.numel() / chunk_size), 1)

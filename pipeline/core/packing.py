@@ -45,6 +45,7 @@ class PackedRow:
     position_ids: Tensor  # (1, Σ lengths), 0.. per sequence
     cu_seq_lens: Tensor  # (2B+1,) int32 sequence boundaries
     max_length: int
+    index: Tensor  # (2B, T) where position t of sequence i sits in the row; -1 on padding
 
 
 def pack(batch: PairBatch) -> PackedRow:
@@ -53,4 +54,6 @@ def pack(batch: PairBatch) -> PackedRow:
     lengths = real.sum(dim=1)
     positions = torch.arange(real.size(1)).expand_as(real)
     cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
-    return PackedRow(batch.input_ids[real].unsqueeze(0), positions[real].unsqueeze(0), cu, int(lengths.max()))
+    index = torch.full_like(batch.input_ids, -1)
+    index[real] = torch.arange(int(lengths.sum()))
+    return PackedRow(batch.input_ids[real].unsqueeze(0), positions[real].unsqueeze(0), cu, int(lengths.max()), index)

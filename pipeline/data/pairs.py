@@ -68,8 +68,9 @@ class PairTable:
 
 
 def make_schedule(cfg: Config, n_pairs: int, lengths: np.ndarray | None, num_workers: int) -> Schedule:
-    """The run's schedule over `n_pairs` pairs (`lengths`, (n, 2), needed only with a token budget);
-    ConfigError when the data cannot fill one optimizer step."""
+    """The run's schedule over `n_pairs` pairs (`lengths`, (n, 2), needed only with a token budget) for
+    `num_workers` data-parallel ranks (sequence-parallel groups count once); ConfigError when the data cannot
+    fill one optimizer step."""
     t = cfg.train
     schedule = Schedule(
         n_pairs,
@@ -82,11 +83,12 @@ def make_schedule(cfg: Config, n_pairs: int, lengths: np.ndarray | None, num_wor
         padded=not cfg.model.padding_free,
     )
     if schedule.steps_in_epoch(0) < 1:
+        workers = "num_workers" if cfg.scale.sequence_parallel_size == 1 else "num_workers / sequence_parallel_size"
         need = (
-            f"num_workers x gradient_accumulation_steps = {schedule.per_step} micro-batches of <= "
+            f"{workers} x gradient_accumulation_steps = {schedule.per_step} micro-batches of <= "
             f"{t.max_tokens_per_batch} tokens"
             if t.max_tokens_per_batch
-            else f"num_workers x per_device_train_batch_size x gradient_accumulation_steps = "
+            else f"{workers} x per_device_train_batch_size x gradient_accumulation_steps = "
             f"{schedule.per_step * t.per_device_train_batch_size} pairs"
         )
         raise ConfigError(

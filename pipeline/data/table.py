@@ -174,7 +174,7 @@ def training_schedule(cfg: Config, entry: TableEntry) -> Schedule:
     if cfg.train.max_tokens_per_batch:
         with (entry.path / LENGTHS).open("rb") as fh:
             lengths = np.load(io.BytesIO(fh.read()))
-    return make_schedule(cfg, entry.manifest["rows"], lengths, cfg.scale.num_workers)
+    return make_schedule(cfg, entry.manifest["rows"], lengths, cfg.scale.data_parallel_size)
 
 
 def open_table(entry: TableEntry) -> PairTable:

@@ -3,8 +3,9 @@
 A micro-batch of B pairs becomes ONE forward of 2B sequences, chosen rows first, then rejected rows
 (TRL's DataCollatorForPreference layout), so the reference scorer and the policy see exactly the same
 tensors and the same log-prob function. The 2B sequences run either right-padded, or padding-free: packed
-into one row with positions restarting per sequence and attention kept inside each (`pipeline.models.kernels`).
-Both give the same hidden states for every real token, so the log-prob function never knows which ran.
+into one row with positions restarting per sequence and attention kept inside each (`pipeline.models.kernels`),
+and either whole or split along their length over a sequence-parallel group (`pipeline.models.sequence_parallel`).
+Every layout gives the same hidden states for every real token, so the log-prob function never knows which ran.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import torch
 from torch import Tensor
 
 from pipeline import schema
-from pipeline.core.logprobs import SequenceStats, sequence_stats
+from pipeline.core.logprobs import SequenceStats, lm_head_calls, sequence_stats
 from pipeline.core.packing import PairBatch, pack, scored_tokens
+from pipeline.models.sequence_parallel import SequenceGroup, split_packed, split_padded
 
 
 def collate_pairs(columns: Mapping[str, Sequence[Any]], pad_token_id: int) -> PairBatch:
@@ -118,39 +120,34 @@ def sequence_forward(
     batch: PairBatch,
     chunk_size: int = 1024,
     with_metrics: bool = False,
-    min_chunks: int = 1,
+    agree_calls: Callable[[int], int] | None = None,
     padding_free: bool = False,
+    group: SequenceGroup | None = None,
 ) -> SequenceStats:
     """One forward of the model body over the 2B sequences, then the chunked log-prob function.
 
-    padding_free: run the packed row (the model must use a varlen attention, see `pipeline.models.kernels`), then
-    scatter its hidden states back to the padded layout, which only the log-prob function reads.
+    padding_free: run the packed row (the model must use a varlen attention, see `pipeline.models.kernels`); the
+    log-prob function reads each scored position's hidden state from the row through the packing's index.
+
+    agree_calls: under ZeRO-3 every rank must call the LM head equally often (each call gathers its weights):
+    this maps this rank's number of calls to the number all ranks make (`agree_max` over the ranks).
+
+    group: a sequence-parallel group (`pipeline.models.sequence_parallel`): this rank runs its window of every
+    sequence, and the stats returned are the whole group's sums.
 
     A model may be split over devices (`pipeline.models.placement`): the inputs go where the embedding computes, the
     final hidden states and the token tensors where the LM head does, and the stats come back on that device.
     """
     body, lm_head = split_lm(model)
     device = module_device(body.get_input_embeddings())
-    if padding_free:
-        row = pack(batch)
-        cu = row.cu_seq_lens.to(device)
-        packed = body(
-            input_ids=row.input_ids.to(device),
-            position_ids=row.position_ids.to(device),
-            cu_seq_lens_q=cu,
-            cu_seq_lens_k=cu,
-            max_length_q=row.max_length,
-            max_length_k=row.max_length,
-            use_cache=False,
-        ).last_hidden_state
-        real = batch.attention_mask.to(packed.device).bool()
-        hidden = packed.new_zeros(*real.shape, packed.size(-1)).masked_scatter(real.unsqueeze(-1), packed[0])
-    else:
-        hidden = body(
-            input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), use_cache=False
-        ).last_hidden_state
+    inputs, index = body_inputs(batch, padding_free, group)
+    hidden = body(**{k: v.to(device) if isinstance(v, Tensor) else v for k, v in inputs.items()}, use_cache=False)
+    hidden = hidden.last_hidden_state
+    if index is not None:
+        hidden = hidden.reshape(-1, hidden.size(-1))
     head = module_device(lm_head)
-    return sequence_stats(
+    calls = lm_head_calls(batch.completion_mask, chunk_size, index)
+    stats = sequence_stats(
         hidden.to(head),
         head_call(lm_head),
         batch.input_ids.to(head),
@@ -158,5 +155,29 @@ def sequence_forward(
         batch.shared_len.to(head),
         chunk_size=chunk_size,
         with_metrics=with_metrics,
-        min_chunks=min_chunks,
+        min_chunks=calls if agree_calls is None else agree_calls(calls),
+        hidden_index=None if index is None else index.to(head),
     )
+    return stats if group is None else group.reduce(stats)
+
+
+def body_inputs(
+    batch: PairBatch, padding_free: bool, group: SequenceGroup | None = None
+) -> tuple[dict[str, Any], Tensor | None]:
+    """The model body's keyword inputs for this layout, and the index of each (sequence, position) in its output
+    flattened to (M, H) (None: the output is the (2B, T, H) padded layout itself)."""
+    if padding_free:
+        row = pack(batch)
+        if group is not None:
+            return split_packed(row, row.index, group)
+        return {
+            "input_ids": row.input_ids,
+            "position_ids": row.position_ids,
+            "cu_seq_lens_q": row.cu_seq_lens,
+            "cu_seq_lens_k": row.cu_seq_lens,
+            "max_length_q": row.max_length,
+            "max_length_k": row.max_length,
+        }, row.index
+    if group is not None:
+        return split_padded(batch, group)
+    return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}, None

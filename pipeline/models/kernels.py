@@ -109,18 +109,27 @@ def varlen_sdpa_forward(
     dropout: float = 0.0,
     scaling: float | None = None,
     cu_seq_lens_q: Tensor | None = None,
+    position_ids: Tensor | None = None,
     **kwargs: Any,
 ) -> tuple[Tensor, None]:
-    """Causal attention within each packed sequence: query (1, heads, T, d), key/value (1, kv_heads, T, d),
-    `cu_seq_lens_q` (S+1,) the sequence boundaries. Returns (1, T, heads, d) like transformers' SDPA."""
-    if cu_seq_lens_q is None:
+    """Causal attention within each packed sequence: query (1, heads, T, d), key/value (1, kv_heads, T, d), the
+    sequence boundaries `cu_seq_lens_q` (S+1,), else where `position_ids` (1, T) restart at 0 (how a
+    sequence-parallel group passes a packed row's whole layout, see `pipeline.models.sequence_parallel`).
+    Returns (1, T, heads, d) like transformers' SDPA."""
+    if cu_seq_lens_q is not None:
+        bounds = cu_seq_lens_q.tolist()
+    elif position_ids is not None and query.size(0) == 1 and position_ids.shape == (1, query.size(2)):
+        starts = (position_ids[0] == 0).nonzero().flatten().tolist()
+        bounds = [*starts, query.size(2)] if starts and starts[0] == 0 else []
+    else:
+        bounds = []
+    if not bounds:
         raise RuntimeError(
             f"{VARLEN_SDPA} runs packed rows only: call pipeline.models.forward.sequence_forward with a "
-            "padding-free batch (cu_seq_lens_q missing)"
+            "padding-free batch (neither cu_seq_lens_q nor positions that start at 0)"
         )
     if attention_mask is not None:
         raise RuntimeError(f"{VARLEN_SDPA} got an attention mask; packed rows need none")
-    bounds = cu_seq_lens_q.tolist()
     gqa = query.size(1) != key.size(1)
     parts = [
         torch.nn.functional.scaled_dot_product_attention(

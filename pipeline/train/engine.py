@@ -13,6 +13,9 @@ import torch
 from pipeline.config import Config
 from pipeline.models.kernels import Kernels
 from pipeline.models.loading import build_model
+from pipeline.models.sequence_parallel import SequenceGroup, enable_ulysses, sequence_group
+from pipeline.models.tiling import tile_mlps
+from pipeline.train.collectives import agree_max
 from pipeline.train.optim import decay_groups, deepspeed_config, lr_lambda, warmup_steps
 
 
@@ -39,10 +42,28 @@ def sharded_building(cfg: Config, world_size: int) -> Iterator[None]:
         del live
 
 
+def build_training(
+    cfg: Config, model_dir: str, world_size: int, total: int
+) -> tuple[Any, Kernels, SequenceGroup | None]:
+    """The DeepSpeed engine around the policy (built partitioned under ZeRO-3) and this rank's sequence-parallel
+    group, None when sequence_parallel_size is 1, with the model's attention routed through it."""
+    k = cfg.scale.sequence_parallel_size
+    group = sequence_group(k) if k > 1 else None  # every rank makes every group, before the engine makes its own
+    with sharded_building(cfg, world_size):
+        policy, kernels = build_policy(cfg, model_dir)
+        engine = build_engine(cfg, policy, world_size, total)
+    if group is not None:
+        enable_ulysses(policy.config, kernels.attn_implementation, group)
+    return engine, kernels, group
+
+
 def build_policy(cfg: Config, model_dir: str) -> tuple[torch.nn.Module, Kernels]:
     """The trainable policy (`build_model`, then gradient checkpointing and LoRA as configured), in train mode.
     Call it inside `sharded_building`."""
     model, kernels = build_model(cfg.model, model_dir, cfg.compute_dtype, cfg.scale.use_gpu)
+    if cfg.model.tiled_mlp:
+        device = torch.device("cuda" if cfg.scale.use_gpu else "cpu")
+        tile_mlps(model, agree=lambda n: agree_max(n, device))
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.model.use_peft:

@@ -10,12 +10,13 @@ import torch
 
 from pipeline import schema
 from pipeline.config import Config
-from pipeline.core.logprobs import SequenceStats, ld_logps, lm_head_calls
+from pipeline.core.logprobs import SequenceStats, ld_logps
 from pipeline.core.losses import PreferenceInputs, dpo_loss
 from pipeline.core.metrics import batch_metric_sums, finalize
 from pipeline.core.packing import PairBatch
 from pipeline.data.pairs import PairTable
 from pipeline.models.forward import collate_pairs, sequence_forward
+from pipeline.models.sequence_parallel import SequenceGroup
 from pipeline.train.collectives import agree_max, all_reduce_rows
 
 REF_COLUMNS = (
@@ -40,20 +41,26 @@ def micro_step(
     pad_id: int,
     weight: float = 1.0,
     loss_scale: float = 1.0,
+    group: SequenceGroup | None = None,
 ) -> MicroResult:
     """ONE forward of 2B sequences, then the combined loss times `loss_scale` (the micro-batch's share of the
-    step's pairs, `Schedule.loss_scale`); `weight` 0 marks a filler batch (eval)."""
+    step's pairs, `Schedule.loss_scale`); `weight` 0 marks a filler batch (eval). With a sequence-parallel
+    `group` every rank of it passes the same pairs and returns the same loss."""
     rows = pairs.rows(idx)
     batch = collate_pairs(rows, pad_id)
-    # Under ZeRO-3 each LM-head call gathers the head's weights, a collective: every rank makes as many calls
-    # as the busiest one.
-    min_chunks = agree_max(lm_head_calls(batch.completion_mask), engine.device)
     stats = sequence_forward(
-        engine, batch, with_metrics=True, min_chunks=min_chunks, padding_free=cfg.model.padding_free
+        engine,
+        batch,
+        with_metrics=True,
+        agree_calls=lambda calls: agree_max(calls, engine.device),  # ZeRO-3 gathers the head's weights per call
+        padding_free=cfg.model.padding_free,
+        group=group,
     )
     x = preference_inputs(cfg, stats, rows, batch)
     out = dpo_loss(cfg.loss, x)
     row = batch_metric_sums(out, stats, input_tokens=batch.num_tokens, loss_scale=loss_scale)
+    if group is not None and group.rank != 0:
+        weight = 0.0  # every rank of a group has the group's row: count it once
     return MicroResult(out.loss * loss_scale, row * weight)
 
 
@@ -96,8 +103,11 @@ class Evaluator:
     pairs makes the eval loss the exact mean over pairs.
     """
 
-    def __init__(self, cfg: Config, pairs: PairTable, rank: int, world: int, pad_id: int):
-        self.cfg, self.pairs, self.rank, self.pad_id = cfg, pairs, rank, pad_id
+    def __init__(
+        self, cfg: Config, pairs: PairTable, rank: int, world: int, pad_id: int, group: SequenceGroup | None = None
+    ):
+        """rank, world: this rank's data-parallel rank and their number (a sequence-parallel group counts once)."""
+        self.cfg, self.pairs, self.rank, self.pad_id, self.group = cfg, pairs, rank, pad_id, group
         plan = [pairs.eval_batches(cfg, r, world) for r in range(world)]
         self.batches = plan[rank]
         self.real_batches = sum(len(b) > 0 for batches in plan for b in batches)
@@ -116,6 +126,7 @@ class Evaluator:
                     self.pad_id,
                     weight=0.0 if filler else 1.0,
                     loss_scale=len(idx) * self.real_batches / len(self.pairs),
+                    group=self.group,
                 )
                 rows.append(result.metric_row)
         engine.train()
