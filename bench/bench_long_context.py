@@ -166,7 +166,8 @@ def main() -> None:
         )
 
     rows = []
-    print(f"{'k':>2} {'pair tokens':>11} {'growth MiB/worker':>18} {'peak RSS MiB':>13} {'step s':>7} {'loss':>8}")
+    if args.lengths:
+        print(f"{'k':>2} {'pair tokens':>11} {'growth MiB/worker':>18} {'peak RSS MiB':>13} {'step s':>7} {'loss':>8}")
     for k in args.k:
         for length in args.lengths:
             ranks = run_ranks(one_step, k, length, args.hidden, args.layers, args.vocab, args.tiled_mlp, timeout=3600)
@@ -178,7 +179,7 @@ def main() -> None:
                 f"{max(r['seconds'] for r in ranks):>7.1f} {worst['loss']:>8.5f}",
                 flush=True,
             )
-    for k in args.k:
+    for k in args.k if rows else ():
         fits = [r["length"] for r in rows if r["k"] == k and r["growth_mb"] <= args.budget_mb]
         print(f"k={k}: longest pair within {args.budget_mb:.0f} MiB of activations per worker: {max(fits, default=0)}")
     for length in args.lengths:

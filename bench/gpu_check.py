@@ -18,7 +18,10 @@ Rows, in the printed table:
   5  nothing imported Ray, DeepSpeed, `pipeline.config` or a stage;
   6  long context: tokens/s and peak memory of one train micro-step on ONE pair of 64k tokens (32k chosen, 32k
      rejected, sharing an 8k prompt), Llama-3.2-1B's shape, packed row, flash-attention where installed,
-     gradient checkpointing on as the trainer runs it, sequence_parallel_size 1 (one GPU).
+     gradient checkpointing on as the trainer runs it, sequence_parallel_size 1 (one GPU);
+  7  the same with activation_offloading: the saved tensors (the activation checkpoints) in pinned host memory
+     (`pipeline.train.step.saved_for_backward_in_host_memory`, re-implemented here: this script imports no train
+     module): its peak memory and tokens/s beside row 6's.
 MFU = model FLOPs / step time / --peak-tflops (989: H200 SXM dense bf16, NVIDIA's datasheet; 1,979 is the
 sparse figure). Model FLOPs per step, forward + backward = 3x forward, counting only real (non-pad) tokens:
   6 x body matmul params x tokens  +  6 x hidden x vocab x scored completion tokens (the only ones that reach
@@ -32,6 +35,7 @@ keeps this script from rotting (tests/test_gpu_check.py). Exit status: 0 all row
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import importlib
@@ -389,15 +393,19 @@ def time_train_step(
     warmup: int,
     steps: int,
     peak_tflops: float,
+    offload: bool = False,
 ) -> Row:
-    """Row 4: `warmup` untimed steps, then `steps` timed ones, each ended by a device sync; the median counts."""
+    """Row 4: `warmup` untimed steps, then `steps` timed ones, each ended by a device sync; the median counts.
+    offload: the forward's saved tensors wait for backward in pinned host memory (row 7; CUDA only: on the CPU of
+    --smoke they are in host memory already, and pinning needs CUDA)."""
     row = Row(f"speed_{name}", f"4 train step {name}")
     cuda = next(model.parameters()).device.type == "cuda"
     ref = logps(model, batch, kernels).logps.detach()  # DPO's step 1: the reference is the policy
     model.train()  # dropout is 0 in these configs, as the trainer sets it
 
     def step() -> None:  # the attention was set by `logps` above; the timed loop calls the library directly
-        policy = sequence_forward(model, batch, padding_free=kernels.padding_free)
+        with torch.autograd.graph.save_on_cpu(pin_memory=True) if offload and cuda else contextlib.nullcontext():
+            policy = sequence_forward(model, batch, padding_free=kernels.padding_free)
         dpo_loss(settings, preference_inputs(policy, ref)).loss.backward()
         model.zero_grad(set_to_none=True)  # what the optimizer step would do; no AdamW state is needed here
 
@@ -421,6 +429,7 @@ def time_train_step(
         "shape": name,
         "params": sum(p.numel() for p in model.parameters()),
         "padding_free": kernels.padding_free,
+        "offloaded": offload and cuda,
         "attn_implementation": kernels.attn_implementation,
         "liger": kernels.liger,
         "pairs": batch.num_pairs,
@@ -454,9 +463,10 @@ def timed_model(
     args: argparse.Namespace,
     smoke: bool,
     long: bool = False,
+    offload: bool = False,
 ) -> Callable[[], Row]:
     """Row 4 for one shape and kernel choice, on a fresh model freed afterwards; with `long`, row 6: one long pair,
-    gradient checkpointing on, one warm-up and two timed steps."""
+    gradient checkpointing on, one warm-up and two timed steps; with `offload` too, row 7."""
     name = f"{shape.name} {'packed' if kernels.padding_free else 'padded'}{'+Liger' if kernels.liger else ''}"
     pairs = (LONG_PAIR_SMOKE if smoke else LONG_PAIR) if long else (SPEED_PAIRS_SMOKE if smoke else SPEED_PAIRS)
     if long:
@@ -471,9 +481,10 @@ def timed_model(
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         batch = random_pairs(pairs, shape.vocab, seed=3)
         try:
-            row = time_train_step(name, model, batch, kernels, SigmoidDPO(), warmup, steps, args.peak_tflops)
+            row = time_train_step(name, model, batch, kernels, SigmoidDPO(), warmup, steps, args.peak_tflops, offload)
             if long:
-                row.key, row.check = "long_context", f"6 long context {name}"
+                row.key = "long_context_offloaded" if offload else "long_context"
+                row.check = f"{'7' if offload else '6'} long context {name}{', offloaded' if offload else ''}"
             return row
         finally:
             del model
@@ -585,6 +596,8 @@ def main() -> int:
     # --- row 6: one long pair on the 1B shape, as sequence_parallel_size 1 trains it on one GPU ---
     run = timed_model(large, packed, device, dtype, args, args.smoke, long=True)
     run_row(rows, "long_context", f"6 long context {run.__name__}", run)
+    run = timed_model(large, packed, device, dtype, args, args.smoke, long=True, offload=True)
+    run_row(rows, "long_context_offloaded", f"7 long context {run.__name__}, offloaded", run)
 
     # --- row 5: the GPU machine has no Ray or DeepSpeed, and the core and forward must never need a stage ---
     imported = [m for m in FORBIDDEN_MODULES if m in sys.modules]

@@ -83,6 +83,12 @@ class ModelConfig:
         False, "Allow loading *.bin/*.pt (pickle) weights; only safetensors load otherwise."
     )
     gradient_checkpointing: bool = _f(True, "Recompute activations in backward to save memory (TRL default: true).")
+    activation_offloading: bool = _f(
+        False,
+        "Keep what backward needs from the forward (with gradient checkpointing: each layer's input, the activation "
+        "checkpoints) in pinned host memory until backward, not on the GPU (TRL's activation_offloading; "
+        "use_gpu only).",
+    )
     tiled_mlp: bool = _f(
         False,
         "Run each decoder layer's MLP over tiles of ~hidden_size positions (DeepSpeed's TiledMLP): its "
@@ -503,6 +509,9 @@ class Config:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
 
     def __post_init__(self) -> None:
+        if self.model.activation_offloading:
+            _check(self.scale.use_gpu, "activation_offloading", True,
+                   "false unless use_gpu is true (a CPU worker's activations are in host memory already)")  # fmt: skip
         if self.scale.sequence_parallel_size > 1:
             _check(self.model.attn_implementation != "eager", "attn_implementation", "eager",
                    "auto, sdpa or flash_attention_2 with sequence_parallel_size > 1 (sequence parallelism takes "

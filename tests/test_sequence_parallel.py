@@ -139,6 +139,7 @@ def test_the_driver_refuses_a_model_that_cannot_split_before_any_worker_starts(t
             {"num_workers": 2, "sequence_parallel_size": 2, "attn_implementation": "eager", "padding_free": False},
             r"attn_implementation='eager' .* sequence_parallel_size > 1",
         ),
+        ({"activation_offloading": True}, r"activation_offloading=True .* unless use_gpu is true"),
     ],
 )
 def test_configs_that_cannot_split_are_refused(values, match):
@@ -170,3 +171,25 @@ def test_tiled_mlp_runs_in_tiles_and_changes_no_number():
 
     with pytest.raises(ConfigError, match=r"tiled_mlp=true: NoMLP has no `\*\.mlp` modules"):
         tile_mlps(NoMLP())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_activation_offloading_keeps_checkpoints_in_host_memory_and_changes_no_number():
+    """activation_offloading on a GPU: with the checkpointed model's saved tensors in pinned host memory, the
+    log-probs and gradients are exactly the on-device run's (the memory it saves: bench/gpu_check.py row 7)."""
+    from pipeline.train.step import saved_for_backward_in_host_memory
+
+    model = _llama("sdpa").cuda()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    batch = collate_pairs(_pairs(), 0)
+    results = []
+    for on in (False, True):
+        model.zero_grad()
+        with saved_for_backward_in_host_memory(on):
+            stats = sequence_forward(model, batch)
+        _loss(stats).backward()
+        results.append((stats.logps.detach().cpu(), {n: p.grad.cpu() for n, p in model.named_parameters()}))
+    torch.testing.assert_close(results[1][0], results[0][0], atol=0, rtol=0)
+    for name, g in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], g, atol=0, rtol=0, msg=name)

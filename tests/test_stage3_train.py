@@ -187,17 +187,18 @@ def test_two_workers_match_one_worker(prepared, baseline, shared_run, name):
     assert_same_trajectory(lines, baseline, prepared, name)
 
 
-@pytest.mark.parametrize(
-    "name,overrides",
-    [("sp2z0", {"zero_stage": 0}), ("sp2z3", {"zero_stage": 3, "padding_free": False, "gradient_checkpointing": True})],
-)
-def test_sequences_split_over_two_workers_match_one_worker(prepared, baseline, name, overrides):
-    """sequence_parallel_size 2 on 2 workers: one group, so the global batch is the baseline's 8 pairs, each of
-    its sequences split in two halves (packed rows at ZeRO-0; right-padded rows, recomputed in backward, at
-    ZeRO-3). Every step's loss, margin, log-probs and gradient norm equal the one-worker run's to 1e-5."""
+@pytest.mark.parametrize("name", ["sp2z0", "sp2z3-lora"])
+def test_sequences_split_over_two_workers_match_one_worker(prepared, baseline, lora_baseline, name):
+    """sequence_parallel_size 2 on 2 workers: one group, so the global batch is the 1-worker run's 8 pairs, each of
+    its sequences split in two halves: full training on packed rows at ZeRO-0 against the baseline; LoRA on
+    right-padded rows, recomputed in backward, at ZeRO-3 against the LoRA baseline. Every step's loss, margin,
+    log-probs and gradient norm, and every eval, equal the one-worker run's to 1e-5."""
+    lora = name.endswith("lora")
+    overrides = {"zero_stage": 3, "padding_free": False, "gradient_checkpointing": True, **LORA} if lora else {}
+    reference = lora_baseline if lora else baseline
     _, summary, lines = train(prepared, name, num_workers=2, sequence_parallel_size=2, **overrides)
     assert_reference_start(lines)
-    ours, theirs = ([x for x in run if "loss" in x] for run in (lines, baseline[2]))
+    ours, theirs = ([x for x in run if "loss" in x] for run in (lines, reference[2]))
     assert len(ours) == len(theirs) == STEPS
     for a, b in zip(ours, theirs, strict=True):
         for key in ("loss", "rewards/margins", "rewards/chosen", "logps/chosen", "logps/rejected", "entropy"):
@@ -205,7 +206,7 @@ def test_sequences_split_over_two_workers_match_one_worker(prepared, baseline, n
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5, abs=1e-6), a["step"]
         assert a["num_tokens"] == b["num_tokens"]  # each group's pairs counted once, not once per rank
     evals, base_evals = ([x[k] for x in run if "eval_loss" in x for k in ("eval_loss", "eval_logps/chosen")]
-                         for run in (lines, baseline[2]))  # fmt: skip
+                         for run in (lines, reference[2]))  # fmt: skip
     assert len(evals) == len(base_evals) >= 2 * (STEPS + 1) and evals == pytest.approx(base_evals, abs=1e-5)
     assert (summary["num_workers"], summary["sequence_parallel_size"]) == (2, 2)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,20 +49,29 @@ def micro_step(
     `group` every rank of it passes the same pairs and returns the same loss."""
     rows = pairs.rows(idx)
     batch = collate_pairs(rows, pad_id)
-    stats = sequence_forward(
-        engine,
-        batch,
-        with_metrics=True,
-        agree_calls=lambda calls: agree_max(calls, engine.device),  # ZeRO-3 gathers the head's weights per call
-        padding_free=cfg.model.padding_free,
-        group=group,
-    )
+    with saved_for_backward_in_host_memory(cfg.model.activation_offloading and engine.device.type == "cuda"):
+        stats = sequence_forward(
+            engine,
+            batch,
+            with_metrics=True,
+            agree_calls=lambda calls: agree_max(calls, engine.device),  # ZeRO-3 gathers the head's weights per call
+            padding_free=cfg.model.padding_free,
+            group=group,
+        )
     x = preference_inputs(cfg, stats, rows, batch)
     out = dpo_loss(cfg.loss, x)
     row = batch_metric_sums(out, stats, input_tokens=batch.num_tokens, loss_scale=loss_scale)
     if group is not None and group.rank != 0:
         weight = 0.0  # every rank of a group has the group's row: count it once
     return MicroResult(out.loss * loss_scale, row * weight)
+
+
+def saved_for_backward_in_host_memory(on: bool) -> contextlib.AbstractContextManager[Any]:
+    """activation_offloading: every tensor the forward saves for backward waits in pinned host memory and is
+    copied back when backward needs it. Under gradient checkpointing those are each layer's input (checkpoint
+    saves them through autograd, outside its own hooks) and the LM-head chunks' inputs; a layer's inner
+    activations are recomputed on the GPU in backward as before."""
+    return torch.autograd.graph.save_on_cpu(pin_memory=True) if on else contextlib.nullcontext()
 
 
 def preference_inputs(
