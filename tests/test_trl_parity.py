@@ -277,13 +277,10 @@ def test_every_case_matches_trl_with_each_sequence_split_over_two_ranks(setup):
     cached reference), and the group's loss, summed metric rows and rank-averaged gradients equal TRL's."""
     runs = [(case, False) for case in CASES] + [(case, True) for case in CACHED_CASES]
     expected = [trl_result(setup, case, precomputed) for case, precomputed in runs]
-    tables = {False: setup.pairs, True: setup.cached_pairs}
-    policy = {n: p.detach().clone() for n, p in setup.model.state_dict().items()}
-    tables_ = {k: t.rows(IDX) for k, t in tables.items()}
-    ranks = run_ranks(split_steps, 2, setup.model.config.to_dict(), policy, tables_, runs)
-    for rank in ranks:
-        for (case, precomputed), trl, ours in zip(runs, expected, rank, strict=True):
-            assert ours[0] == pytest.approx(trl[0], abs=1e-5), (case, precomputed)
+    rows = {precomputed: t.rows(IDX) for precomputed, t in ((False, setup.pairs), (True, setup.cached_pairs))}
+    weights = {n: p.detach().clone() for n, p in setup.model.state_dict().items()}
+    for rank in run_ranks(split_steps, 2, setup.model.config.to_dict(), weights, rows, runs):
+        for trl, ours in zip(expected, rank, strict=True):
             assert_matches(trl, ours)
 
 
