@@ -211,6 +211,17 @@ def test_sequences_split_over_two_workers_match_one_worker(prepared, baseline, l
     assert (summary["num_workers"], summary["sequence_parallel_size"]) == (2, 2)
 
 
+def test_tiled_mlp_under_deepspeed_changes_no_number(prepared, baseline):
+    """tiled_mlp at ZeRO-2: each step's one packed row of 8 pairs is longer than twice the tiny model's hidden size
+    (64), so every MLP runs in at least 3 tiles, each recomputed in backward, with DeepSpeed's gradient hooks told
+    when a tile's gradient is partial; the trajectory is the untiled one."""
+    _, _, lines = train(prepared, "tiled", tiled_mlp=True, zero_stage=2)
+    ours, theirs = ([x for x in run if "loss" in x] for run in (lines, baseline[2]))
+    assert ours[0]["num_tokens"] > 2 * 64  # the first step's row: more than two tiles
+    assert [x["loss"] for x in ours] == pytest.approx([x["loss"] for x in theirs], abs=1e-5)
+    assert [x["grad_norm"] for x in ours] == pytest.approx([x["grad_norm"] for x in theirs], rel=1e-5)
+
+
 def test_gradient_accumulation_matches_larger_batch(prepared, baseline):
     _, _, lines = train(prepared, "ga4x2", per_device_train_batch_size=2, gradient_accumulation_steps=4)
     assert_same_trajectory(lines, baseline, prepared, "ga4x2")
