@@ -31,12 +31,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from bench_model_size import MALLOC_ENV
+from bench_train_memory import current_rss_mb
 from process_group import run_ranks
-
-
-def current_rss_mb() -> float:
-    with open("/proc/self/status") as fh:
-        return next(int(line.split()[1]) for line in fh if line.startswith("VmRSS")) / 1024
 
 
 def pair_columns(length: int, vocab: int) -> dict[str, list]:

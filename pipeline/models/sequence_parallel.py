@@ -101,11 +101,16 @@ def check_model(model: str, size: int, trust_remote_code: bool = False) -> None:
         check_heads(AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code), size)
 
 
-def check_heads(model_config: Any, size: int) -> None:
-    """Refuse a model whose attention heads the Ulysses all-to-all cannot split over `size` ranks."""
+def _attention_config(model_config: Any) -> tuple[Any, int, int]:
+    """(the text model's config, its attention heads, its key/value heads)."""
     text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
     heads = text.num_attention_heads
-    kv = getattr(text, "num_key_value_heads", None) or heads
+    return text, heads, getattr(text, "num_key_value_heads", None) or heads
+
+
+def check_heads(model_config: Any, size: int) -> None:
+    """Refuse a model whose attention heads the Ulysses all-to-all cannot split over `size` ranks."""
+    _, heads, kv = _attention_config(model_config)
     if heads % size:
         raise ConfigError(
             f"sequence_parallel_size={size} is not allowed for this model: its {heads} attention heads do not "
@@ -130,7 +135,7 @@ def enable_ulysses(model_config: Any, attn_implementation: str, group: SequenceG
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     check_heads(model_config, group.size)
-    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    text, heads, kv = _attention_config(model_config)
 
     class AnyBatchUlysses(UlyssesSPAttentionHF):
         """DeepSpeed's module fixes the batch size at construction; micro-batches here vary in size."""
@@ -147,9 +152,9 @@ def enable_ulysses(model_config: Any, attn_implementation: str, group: SequenceG
     ulysses = AnyBatchUlysses(
         attn=ALL_ATTENTION_FUNCTIONS[attn_implementation],
         batch_size=1,
-        attn_head_count=text.num_attention_heads,
-        attn_head_size=getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
-        kv_head_count=getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
+        attn_head_count=heads,
+        attn_head_size=getattr(text, "head_dim", None) or text.hidden_size // heads,
+        kv_head_count=kv,
         num_hidden_layers=text.num_hidden_layers,
         process_group=group.group,
         seq_length_is_variable=True,

@@ -61,9 +61,10 @@ def build_policy(cfg: Config, model_dir: str) -> tuple[torch.nn.Module, Kernels]
     """The trainable policy (`build_model`, then gradient checkpointing and LoRA as configured), in train mode.
     Call it inside `sharded_building`."""
     model, kernels = build_model(cfg.model, model_dir, cfg.compute_dtype, cfg.scale.use_gpu)
-    if cfg.model.tiled_mlp:
+    if cfg.model.tiled_mlp:  # under ZeRO-3 each tile gathers the MLP's weights: every rank runs as many tiles
         device = torch.device("cuda" if cfg.scale.use_gpu else "cpu")
-        tile_mlps(model, agree=lambda n: agree_max(n, device))
+        zero3 = cfg.scale.zero_stage == 3
+        tile_mlps(model, agree=(lambda n: agree_max(n, device)) if zero3 else (lambda n: n))
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.model.use_peft:
