@@ -4,8 +4,10 @@ the report, console and generation tests read."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # /tmp/ray (another xdist worker's `ray.cluster_utils.Cluster`, a developer's `ray start`). Tests that join a
 # cluster name its address themselves.
 os.environ["RAY_ADDRESS"] = "local"
+# Ray Train V2 starts an actor per training run to watch for cloud preemptions; there is no cloud here, and its
+# process start-up costs ~1.7 CPU-s of each of the suite's ~40 training runs. Every Ray a test starts inherits it.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 @pytest.fixture(scope="session")
@@ -54,13 +59,35 @@ def tiny_model_dir(test_cache: Path, tokenizer) -> Path:
     return make_tiny_model(test_cache / "tiny-llama", tokenizer, seed=0)
 
 
+# Idle worker processes outlive a test (Ray's default kills those above the CPU count after 1 s): the next stage
+# run's Ray Data tasks, actors and Ray Train's helpers start on processes that have imported the stack already,
+# as a command's own Ray keeps them for a minute (pipeline.cluster.IDLE_WORKER_KEEP_MS). A test file calls the
+# stages a dozen times; this takes a quarter off its CPU time.
+SESSION_IDLE_WORKER_KEEP_MS = 600_000
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+        _system_config={"idle_worker_killing_time_threshold_ms": SESSION_IDLE_WORKER_KEEP_MS},
+    )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def collect_failed_executions(request: pytest.FixtureRequest) -> None:
+    """Before each test on the session's Ray: a Ray Data execution that raised keeps its actor pool, and the CPUs it
+    holds, until Python's cycle collector frees the exception's frames (which pytest's log capture holds until the
+    test that raised is torn down); this test's tasks would wait for those CPUs."""
+    if "ray_session" in request.fixturenames and "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        gc.collect()
 
 
 # --- one finished `run`, read by the report, console and generation tests (tests/finished_run.py) ---

@@ -32,8 +32,8 @@ def memo(path: str, cache_dir: str) -> dict[str, Any]:
 def keys(config: str, mode: str) -> dict[str, Any]:
     """What `run` asks on cached stages, per split, train and eval: stages 1 and 2 compute their keys and reuse
     their entries, stage 3 looks both up again. The first run writes stand-ins for the two entries first.
-    `tokenizer`: what loading the tokenizer reads by itself, as often as tokenized_key loads it (stages 1 and 3,
-    per split); a constant, whatever the size of the weights."""
+    `tokenizer`: what loading the tokenizer reads by itself, as often as tokenized_key loads it (once per process:
+    `model_tokenizer_fingerprint`); a constant, whatever the size of the weights."""
     from pipeline.cache import manifests
     from pipeline.config import config_from_dict
     from pipeline.data.entries import (
@@ -61,8 +61,7 @@ def keys(config: str, mode: str) -> dict[str, Any]:
 
     load_tokenizer(cfg.model.model)  # the imports that loading a tokenizer makes, before counting
     start = rchar()
-    for _ in range(2 * len(splits)):
-        load_tokenizer(cfg.model.model)
+    load_tokenizer(cfg.model.model)
     tokenizer = rchar() - start
 
     start = rchar()

@@ -46,13 +46,14 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 6
 
 def _rank_main(fn: Callable[..., Any], rank: int, world: int, port: int, args: tuple, results: Any) -> None:
     try:
-        import deepspeed
         import torch
         import torch.distributed as dist
 
+        from pipeline.train.engine import init_deepspeed_comm
+
         torch.set_num_threads(1)
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-        deepspeed.init_distributed(dist_backend="gloo", dist_init_required=False)
+        init_deepspeed_comm(dist_backend="gloo", dist_init_required=False)
         value = fn(rank, world, *args)
         dist.barrier()
         dist.destroy_process_group()

@@ -155,6 +155,24 @@ def test_in_process_memo_computes_once_for_four_calls(weights_dir, tmp_path, has
     assert len(fps) == 1 and sorted(hashed) == weight_files  # each weight file read once
 
 
+def test_tokenizer_is_loaded_once_per_process_until_its_files_change(tiny_model_dir, tmp_path, monkeypatch):
+    """Every stage looks up its tokenized entry per split, each time with the tokenizer's fingerprint: one load while
+    the model directory's files are unchanged; a changed chat template is a new load and a new fingerprint."""
+    from pipeline.models import loading
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    loads: list[str] = []
+    real = loading.load_tokenizer
+    monkeypatch.setattr(loading, "load_tokenizer", lambda d, trust=False: loads.append(d) or real(d, trust))
+    first = {loading.model_tokenizer_fingerprint(str(model)) for _ in range(4)}
+    assert len(first) == 1 and loads == [str(model)]
+    assert first == {loading.tokenizer_fingerprint(real(str(model)))}
+    (model / "chat_template.jinja").write_text("{{ messages }}")
+    changed = loading.model_tokenizer_fingerprint(str(model))
+    assert changed not in first and loads == [str(model)] * 2
+
+
 # --- the tree hash ---
 
 

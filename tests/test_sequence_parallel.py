@@ -193,3 +193,19 @@ def test_activation_offloading_keeps_checkpoints_in_host_memory_and_changes_no_n
     torch.testing.assert_close(results[1][0], results[0][0], atol=0, rtol=0)
     for name, g in results[0][1].items():
         torch.testing.assert_close(results[1][1][name], g, atol=0, rtol=0, msg=name)
+
+
+def _communicator(rank: int, world: int) -> tuple[bool, bool, float]:
+    from deepspeed.comm import comm
+
+    total = torch.tensor([float(rank + 1)])
+    comm.all_reduce(total)
+    return comm.is_initialized(), comm.cdb.shm_comm_op is None, total.item()
+
+
+def test_deepspeed_communicator_on_cpu_compiles_no_shared_memory_op(tmp_path, monkeypatch):
+    """The harness makes DeepSpeed's communicator as the engine does (`init_deepspeed_comm`): on CPU without the
+    shared-memory all-reduce op, whose JIT build would leave its files in TORCH_EXTENSIONS_DIR; all-reduce works."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "torch_extensions"))
+    assert run_ranks(_communicator, 2) == [(True, True, 3.0)] * 2
+    assert not (tmp_path / "torch_extensions").exists()

@@ -25,8 +25,7 @@ SCRIPT = textwrap.dedent(
     # Default node address: a driver given 127.0.0.1 rewrites it to the host's IP (resolve_ip_for_localhost)
     # and then waits forever for a GCS that listens on the loopback only.
     # The dashboard serves the state API (list_actors) that reports where each actor ran.
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2 if nodes == 1 else 1,
-                      "include_dashboard": True})
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": True})
     for _ in range(nodes - 1):
         cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
@@ -43,33 +42,38 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def run_on(nodes: int, root: Path, tiny_model_dir: Path) -> tuple[dict, list[dict]]:
+def run_args(nodes: int, root: Path, tiny_model_dir: Path) -> list[str]:
     data = root / "train.jsonl"
-    out = root / f"out-{nodes}"
     words = ["red", "blue", "green", "gold", "black", "white"]
     rows = [{"prompt": f"Colour {i}?", "chosen": f" {words[i % 6]} {i}", "rejected": f" no {i + 1}"} for i in range(24)]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     # no stage 4 (--max_new_tokens 0): what is compared is scoring and training
-    args = [
+    return [
         "run", "--model", str(tiny_model_dir), "--dataset", str(data), "--eval_dataset", str(data),
-        "--cache_dir", str(root / f"cache-{nodes}"), "--output_dir", str(out), "--max_steps", "3",
+        "--cache_dir", str(root / f"cache-{nodes}"), "--output_dir", str(root / f"out-{nodes}"), "--max_steps", "3",
         "--per_device_train_batch_size", "4", "--logging_steps", "1", "--learning_rate", "1e-3",
         "--num_workers", "2", "--cpus_per_worker", "1", "--ref_actors", "2", "--cpus_per_ref_actor", "1",
         "--zero_stage", "2", "--gradient_checkpointing", "false", "--max_new_tokens", "0",
     ]  # fmt: skip
-    done = subprocess.run([sys.executable, "-c", SCRIPT, str(nodes), *args], capture_output=True, text=True,
-                          timeout=900, cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+
+
+def metrics_of(root: Path, nodes: int) -> list[dict]:
+    return [json.loads(x) for x in (root / f"out-{nodes}" / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_nodes_match_one_node(ray_session, tmp_path, tiny_model_dir):
+    """The two-node run in its own process and cluster; the same run on one node of 2 CPUs is this session's Ray."""
+    from stages.cli import main
+
+    argv = [sys.executable, "-c", SCRIPT, "2", *run_args(2, tmp_path, tiny_model_dir)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=900, cwd=Path(__file__).resolve().parents[1])
     line = next((x for x in done.stdout.splitlines() if x.startswith("PLACED ")), None)
     assert done.returncode == 0 and line, done.stdout[-3000:] + done.stderr[-3000:]
-    placed = json.loads(line[len("PLACED ") :])
-    assert placed["rc"] == 0 and placed["nodes"] == nodes
-    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    return placed, metrics
-
-
-def test_two_nodes_match_one_node(tmp_path, tiny_model_dir):
-    two, metrics_two = run_on(2, tmp_path, tiny_model_dir)
-    _, metrics_one = run_on(1, tmp_path, tiny_model_dir)
+    two = json.loads(line[len("PLACED ") :])
+    assert two["rc"] == 0 and two["nodes"] == 2
+    assert ray_session.cluster_resources()["CPU"] == 2 and len(ray_session.nodes()) == 1
+    assert main(run_args(1, tmp_path, tiny_model_dir)) == 0
+    metrics_two, metrics_one = metrics_of(tmp_path, 2), metrics_of(tmp_path, 1)
 
     def nodes_of(actors: list, name: str) -> set:
         return {node for cls, node in actors if name in cls}

@@ -16,14 +16,12 @@ from pathlib import Path
 def main(rank: int, world: int, port: str, config_json: str, out: str) -> None:
     env = {"RANK": rank, "LOCAL_RANK": rank, "WORLD_SIZE": world, "LOCAL_WORLD_SIZE": world}
     os.environ.update({k: str(v) for k, v in env.items()} | {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
-    import deepspeed
-
     from pipeline.config import config_from_dict
     from pipeline.models.loading import load_tokenizer
-    from pipeline.train.engine import build_policy, sharded_building
+    from pipeline.train.engine import build_policy, init_deepspeed_comm, sharded_building
     from pipeline.train.export import export_model
 
-    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    init_deepspeed_comm(dist_backend="gloo", auto_mpi_discovery=False)
     cfg = config_from_dict(json.loads(Path(config_json).read_text()))
     with sharded_building(cfg, world):
         policy, _ = build_policy(cfg, cfg.model.model)

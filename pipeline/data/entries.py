@@ -25,7 +25,7 @@ from pipeline.config import Config
 from pipeline.data.sources import InputFile, expand_inputs, fingerprint_inputs
 from pipeline.data.tokenization import TOKENIZATION_VERSION
 from pipeline.errors import CacheError
-from pipeline.models.loading import load_tokenizer, resolve_model, tokenizer_fingerprint, weights_fingerprint
+from pipeline.models.loading import model_tokenizer_fingerprint, resolve_model, weights_fingerprint
 
 TOKENIZED = "tokenized"
 REFERENCE = "reference"
@@ -71,11 +71,11 @@ def shard_name(i: int) -> str:
 def tokenized_key(cfg: Config, specs: tuple[str, ...]) -> tuple[str, list[InputFile], str, dict[str, Any]]:
     """(key, input files, resolved model directory, the key's parts): everything that changes the token ids."""
     model_dir = resolve_model(cfg.model.model, cfg.data.cache_dir)
-    tokenizer = load_tokenizer(model_dir, cfg.model.trust_remote_code)
+    tokenizer = model_tokenizer_fingerprint(model_dir, cfg.model.trust_remote_code)
     files = expand_inputs(specs, cfg.data.cache_dir)
     parts = {
         "inputs": fingerprint_inputs(files, cfg.data.cache_dir),
-        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "tokenizer": tokenizer,
         "max_length": cfg.data.max_length,
         "truncation_mode": cfg.data.truncation_mode,
         "version": TOKENIZATION_VERSION,

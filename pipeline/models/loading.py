@@ -8,6 +8,7 @@ The builtin `smollm2-135m` is SmolLM2-135M-Instruct as shipped in GGUF form by t
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -236,6 +237,19 @@ def hub_snapshot(repo_id: str, repo_type: str = "model") -> Path:
             f"{constants.HF_HUB_CACHE} ({type(e).__name__}); the pipeline never downloads a {repo_type} while it "
             f"runs. Download it first (`hf download {repo_id}{flag}`) or give a local {repo_type} directory."
         ) from None
+
+
+def model_tokenizer_fingerprint(model_dir: str, trust_remote_code: bool = False) -> str:
+    """`tokenizer_fingerprint` of a resolved model's tokenizer, loaded once per process while the directory's files
+    are unchanged: a command looks up its tokenized entry per split and per stage, and each load takes ~1 s."""
+    path = Path(model_dir)
+    files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in path.iterdir()) if path.is_dir() else []
+    return _tokenizer_fingerprint_of(model_dir, trust_remote_code, tuple(files))
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer_fingerprint_of(model_dir: str, trust_remote_code: bool, files: tuple) -> str:
+    return tokenizer_fingerprint(load_tokenizer(model_dir, trust_remote_code))
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:

@@ -18,6 +18,20 @@ from pipeline.models.tiling import tile_mlps
 from pipeline.train.collectives import agree_max
 from pipeline.train.optim import decay_groups, deepspeed_config, lr_lambda, warmup_steps
 
+SHM_COMM_OP = "deepspeed_shm_comm"  # DeepSpeed's CPU shared-memory all-reduce (ShareMemCommBuilder.NAME)
+
+
+def init_deepspeed_comm(**kwargs: Any) -> None:
+    """`deepspeed.init_distributed(**kwargs)`; on a machine without CUDA, without DeepSpeed's shared-memory
+    all-reduce op. DeepSpeed compiles that op with the machine's C++ compiler when its communicator is made (about a
+    minute of CPU, again for each new environment), for the all-reduce of inference tensor parallelism alone
+    (`inference_all_reduce`), which training never calls; ZeRO's collectives are torch.distributed's either way."""
+    import deepspeed
+
+    if not torch.cuda.is_available():
+        deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False  # read by deepspeed.comm.torch.build_shm_op
+    deepspeed.init_distributed(**kwargs)
+
 
 @contextlib.contextmanager
 def sharded_building(cfg: Config, world_size: int) -> Iterator[None]:
@@ -29,12 +43,11 @@ def sharded_building(cfg: Config, world_size: int) -> Iterator[None]:
     if cfg.scale.zero_stage != 3:
         yield
         return
-    import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
 
     # zero.Init reads the world size from DeepSpeed's communicator: wrap the process group Ray Train made, as
     # deepspeed.initialize(dist_init_required=False) would
-    deepspeed.init_distributed(dist_init_required=False)
+    init_deepspeed_comm(dist_init_required=False)
     live = HfDeepSpeedConfig(deepspeed_config(cfg, world_size))  # transformers holds only a weak reference
     try:
         yield
@@ -101,6 +114,7 @@ def build_engine(cfg: Config, model: torch.nn.Module, world_size: int, total: in
     def scheduler(opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
         return torch.optim.lr_scheduler.LambdaLR(opt, schedule)
 
+    init_deepspeed_comm(dist_init_required=False)  # the communicator deepspeed.initialize would make
     engine, *_ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
