@@ -21,18 +21,16 @@ SCRIPT = textwrap.dedent(
     import ray
     from ray.cluster_utils import Cluster
 
-    nodes, argv = int(sys.argv[1]), sys.argv[2:]
     # Default node address: a driver given 127.0.0.1 rewrites it to the host's IP (resolve_ip_for_localhost)
     # and then waits forever for a GCS that listens on the loopback only.
     # The dashboard serves the state API (list_actors) that reports where each actor ran.
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": True})
-    for _ in range(nodes - 1):
-        cluster.add_node(num_cpus=1)
+    cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
     os.environ["RAY_ADDRESS"] = cluster.address
     ray.init(address=cluster.address)  # this driver's own connection: the command leaves it open (pipeline.console)
     from stages.cli import main
-    rc = main(argv)
+    rc = main(sys.argv[1:])
     from ray.util.state import list_actors
     placed = [(a.class_name, a.node_id) for a in list_actors(limit=1000, raise_on_missing_output=False)]
     print("PLACED " + json.dumps({"rc": rc, "actors": placed, "nodes": len(ray.nodes())}))
@@ -65,7 +63,7 @@ def test_two_nodes_match_one_node(ray_session, tmp_path, tiny_model_dir):
     """The two-node run in its own process and cluster; the same run on one node of 2 CPUs is this session's Ray."""
     from stages.cli import main
 
-    argv = [sys.executable, "-c", SCRIPT, "2", *run_args(2, tmp_path, tiny_model_dir)]
+    argv = [sys.executable, "-c", SCRIPT, *run_args(2, tmp_path, tiny_model_dir)]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=900, cwd=Path(__file__).resolve().parents[1])
     line = next((x for x in done.stdout.splitlines() if x.startswith("PLACED ")), None)
     assert done.returncode == 0 and line, done.stdout[-3000:] + done.stderr[-3000:]

@@ -99,7 +99,7 @@ def file_fingerprints(paths: Sequence[Location], cache_dir: str | os.PathLike) -
     last_save = time.monotonic()
     out = []
     for path in paths:
-        key = _memo_key(path)
+        key = file_key(path)
         digest = _memo.get(key)
         if digest is None:
             saved = _load(store) if saved is None else saved
@@ -123,7 +123,8 @@ def file_fingerprints(paths: Sequence[Location], cache_dir: str | os.PathLike) -
     return out
 
 
-def _memo_key(path: Location) -> MemoKey:
+def file_key(path: Location) -> MemoKey:
+    """(path, size, mtime, inode): what says a file is unchanged since it was last read."""
     if isinstance(path, RemotePath):
         info = path.stat()
         return str(path), info.st_size, info.st_mtime_ns, 0
@@ -133,7 +134,7 @@ def _memo_key(path: Location) -> MemoKey:
 
 def _settled(path: Location, key: MemoKey, started_ns: int) -> bool:
     """Whether a digest of `path` may be remembered: unchanged while it was read, and not modified recently."""
-    return _memo_key(path) == key and key[2] < started_ns - RACY_NS
+    return file_key(path) == key and key[2] < started_ns - RACY_NS
 
 
 def _load(store: Location) -> dict[str, list[int | str]]:

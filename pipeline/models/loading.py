@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.cache.fingerprints import file_fingerprints
+from pipeline.cache.fingerprints import file_fingerprints, file_key
 from pipeline.cache.storage import atomic_target, local_cache_dir
 from pipeline.errors import PipelineError
 
@@ -243,8 +243,8 @@ def model_tokenizer_fingerprint(model_dir: str, trust_remote_code: bool = False)
     """`tokenizer_fingerprint` of a resolved model's tokenizer, loaded once per process while the directory's files
     are unchanged: a command looks up its tokenized entry per split and per stage, and each load takes ~1 s."""
     path = Path(model_dir)
-    files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in path.iterdir()) if path.is_dir() else []
-    return _tokenizer_fingerprint_of(model_dir, trust_remote_code, tuple(files))
+    files = tuple(file_key(p) for p in sorted(path.iterdir())) if path.is_dir() else ()
+    return _tokenizer_fingerprint_of(model_dir, trust_remote_code, files)
 
 
 @functools.lru_cache(maxsize=8)

@@ -39,15 +39,13 @@ def sharded_building(cfg: Config, world_size: int) -> Iterator[None]:
     lives, transformers' `from_pretrained` creates the model under `deepspeed.zero.Init` (each rank allocates only
     its partition of every weight) and copies the checkpoint in one module at a time (rank 0 reads the
     memory-mapped files, the module's weights are gathered for that copy and partitioned again). Build the
-    engine inside the block too. Other stages: nothing changes."""
+    engine inside the block too. Other stages: nothing changes. zero.Init reads the world size from DeepSpeed's
+    communicator: make it first (`init_deepspeed_comm`)."""
     if cfg.scale.zero_stage != 3:
         yield
         return
     from transformers.integrations import HfDeepSpeedConfig
 
-    # zero.Init reads the world size from DeepSpeed's communicator: wrap the process group Ray Train made, as
-    # deepspeed.initialize(dist_init_required=False) would
-    init_deepspeed_comm(dist_init_required=False)
     live = HfDeepSpeedConfig(deepspeed_config(cfg, world_size))  # transformers holds only a weak reference
     try:
         yield
@@ -62,6 +60,8 @@ def build_training(
     group, None when sequence_parallel_size is 1, with the model's attention routed through it."""
     k = cfg.scale.sequence_parallel_size
     group = sequence_group(k) if k > 1 else None  # every rank makes every group, before the engine makes its own
+    # DeepSpeed's communicator around the process group Ray Train made, for zero.Init and deepspeed.initialize
+    init_deepspeed_comm(dist_init_required=False)
     with sharded_building(cfg, world_size):
         policy, kernels = build_policy(cfg, model_dir)
         engine = build_engine(cfg, policy, world_size, total)
@@ -114,7 +114,6 @@ def build_engine(cfg: Config, model: torch.nn.Module, world_size: int, total: in
     def scheduler(opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
         return torch.optim.lr_scheduler.LambdaLR(opt, schedule)
 
-    init_deepspeed_comm(dist_init_required=False)  # the communicator deepspeed.initialize would make
     engine, *_ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
