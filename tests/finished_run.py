@@ -12,12 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from colour_pairs import TRAIN_ROWS
 
 RUN_STEPS = 6
 RUN_EVAL_STEPS = 2
 RUN_NEW_TOKENS = 6  # max_new_tokens
 RUN_EVAL_PROMPTS = 12
-COLOURS = ["red", "blue", "green", "gold", "black", "white", "pink", "grey"]
 JUDGES = '''
 def shorter_wins(prompt: str, reference: str, policy: str) -> float:
     """1 when the policy's answer is shorter, 0 when longer, 0.5 on a tie."""
@@ -43,15 +43,8 @@ class FinishedRun:
 def run_once(root: Path, model_dir: Path) -> None:
     root.mkdir(parents=True, exist_ok=True)
     (root / "judges.py").write_text(textwrap.dedent(JUDGES))
-    train = [
-        {
-            "prompt": f"Name colour number {i}:",
-            "chosen": f" {COLOURS[i % 8]} {i}",
-            "rejected": f" {COLOURS[(i + 3) % 8]} {COLOURS[i % 5]} {i + 1}",
-        }
-        for i in range(32)
-    ]
-    train += [train[0], {"prompt": "Say it:", "chosen": " same", "rejected": " same"}]  # dropped: duplicate, identical
+    # the stage-3 tests' 32 pairs, and two that are dropped: a duplicate, and identical completions
+    train = [*TRAIN_ROWS, TRAIN_ROWS[0], {"prompt": "Say it:", "chosen": " same", "rejected": " same"}]
     (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train))
     cfg = {
         "model": str(model_dir),

@@ -1,8 +1,9 @@
 """The layout's rules: import-linter's contracts (pyproject.toml) hold, each one fails on the import it exists
-to stop, every wing says what it owns, and modules stay small."""
+to stop, every wing says what it owns, and modules stay small; and DeepSpeed is imported through one helper."""
 
 from __future__ import annotations
 
+import ast
 import re
 import shutil
 import subprocess
@@ -96,3 +97,56 @@ def test_modules_stay_small():
             rel = str(f.relative_to(ROOT))
             lines = len(f.read_text().splitlines())
             assert lines <= MAX_LINES or rel in LONG_FILES, f"{rel} has {lines} lines (> {MAX_LINES}): split it by job"
+
+
+# --- DeepSpeed's import ---
+
+
+def test_deepspeed_is_imported_without_mlflow_which_imports_fine_after():
+    """A fresh process: DeepSpeed's autotuner records MLflow as absent (MLflow is installed, a dev dependency), no
+    MLflow module is loaded by the import, and the run's MLflow logger can still import it."""
+    code = (
+        "import sys\n"
+        "from pipeline.models.deepspeed_import import import_deepspeed\n"
+        "import_deepspeed()\n"
+        "from deepspeed.autotuning import autotuner\n"
+        "print('mlflow' in sys.modules, autotuner.has_mlflow)\n"
+        "import mlflow\n"
+        "print(mlflow.__name__)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines()[-2:] == ["False False", "mlflow"], done.stdout  # after DeepSpeed's own lines
+
+
+def _imports_deepspeed(node: ast.AST) -> bool:
+    if isinstance(node, ast.ImportFrom):
+        return (node.module or "").split(".")[0] == "deepspeed"
+    return isinstance(node, ast.Import) and any(a.name.split(".")[0] == "deepspeed" for a in node.names)
+
+
+def test_every_deepspeed_import_goes_through_import_deepspeed():
+    """The first import of DeepSpeed in a process decides whether MLflow comes with it, so every function of the
+    library that imports from DeepSpeed calls `import_deepspeed()` before (the helper module alone imports it), and
+    no module imports it at its top."""
+    unguarded = set()
+    for path in (ROOT / "pipeline").rglob("*.py"):
+        if path.name == "deepspeed_import.py":
+            continue
+        tree = ast.parse(path.read_text())
+        where = str(path.relative_to(ROOT))
+        unguarded |= {f"{where}:{s.lineno}" for s in tree.body if _imports_deepspeed(s)}
+        for func in ast.walk(tree):
+            if not isinstance(func, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            calls = [
+                n.lineno
+                for n in ast.walk(func)
+                if isinstance(n, ast.Call) and ast.unparse(n.func) == "import_deepspeed"
+            ]
+            unguarded |= {
+                f"{where}:{n.lineno}"
+                for n in ast.walk(func)
+                if _imports_deepspeed(n) and not any(line < n.lineno for line in calls)
+            }
+    assert sorted(unguarded) == []

@@ -330,10 +330,12 @@ def test_ctrl_c_stops_every_process_and_a_rerun_resumes(setup, tmp_path):
         time.sleep(0.5)
     assert started_by(marker) == [], [p.cmdline()[:3] for p in started_by(marker)]  # no orphans
 
-    rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    # the rerun saves only at the end: a change that does not alter the run (one checkpoint instead of ~19)
+    rerun = subprocess.run([*cmd, "--save_steps", "40"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     text = rerun.stdout + rerun.stderr
     assert rerun.returncode == 0, text[-3000:]
     assert "reusing cached tokenized data" in text and "reusing cached reference scores" in text
+    assert "resuming with changed settings that do not alter the run: save_steps 2 -> 40" in text
     resumed = int(text.split("resumed from step ")[1].split()[0])
     assert resumed >= 2 and resumed % 2 == 0
     lines = [json.loads(x) for x in metrics.read_text().splitlines()]

@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import torch
+from colour_pairs import EVAL_PAIRS
 from test_stage3_train import train  # the same run-and-read-metrics helper
 
 from pipeline import schema
@@ -28,34 +30,23 @@ from stages.stage2_score_ref import run_score_ref
 pytestmark = pytest.mark.slow
 
 LN2 = math.log(2.0)
-WORDS = ["red", "blue", "green", "gold", "black", "white", "pink", "grey"]
 PEAK_LR = 1e-3
 WEIGHT_DECAY = 1.0
 STEPS = 6
-EVAL_PAIRS = [(f"Which colour is {i}?", f" {WORDS[i % 8]}", f" not {WORDS[i % 8]}") for i in range(6)]
 WARMUP = 2  # warmup_ratio 0.25 of 6 steps, rounded up as transformers does: ceil(1.5)
 
 
 @pytest.fixture(scope="module")
-def prepared(ray_session, tiny_model_dir, tmp_path_factory):
-    """Tokenized train (32 pairs) and eval (6 pairs) data, scored in float32 by `model`, in one cache."""
+def prepared(colour_pairs, tiny_model_dir, tmp_path_factory):
+    """Tokenized train (32 pairs) and eval (6 pairs) data, scored in float32 by `model`, in this module's copy of the
+    cache."""
     root = tmp_path_factory.mktemp("settings")
-    train = [
-        {
-            "prompt": f"Name colour number {i}:",
-            "chosen": f" {WORDS[i % 8]} {i}",
-            "rejected": f" {WORDS[(i + 3) % 8]} {WORDS[i % 5]} {i + 1}",
-        }
-        for i in range(32)
-    ]
-    evals = [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in EVAL_PAIRS]
-    for name, rows in (("train.jsonl", train), ("eval.jsonl", evals)):
-        (root / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    shutil.copytree(colour_pairs.cache, root / "cache")
     base = {
         "model": str(tiny_model_dir),
         "cache_dir": str(root / "cache"),
-        "dataset": [str(root / "train.jsonl")],
-        "eval_dataset": [str(root / "eval.jsonl")],
+        "dataset": [str(colour_pairs.train)],
+        "eval_dataset": [str(colour_pairs.eval)],
         "max_steps": STEPS,
         "learning_rate": PEAK_LR,
         "per_device_train_batch_size": 8,
@@ -67,7 +58,6 @@ def prepared(ray_session, tiny_model_dir, tmp_path_factory):
         "weight_decay": WEIGHT_DECAY,
         "max_grad_norm": 1.0,
     }
-    score((root, base))
     return root, base
 
 

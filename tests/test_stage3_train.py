@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from colour_pairs import EVAL_PAIRS
 
 from pipeline.config import config_from_dict
 from pipeline.errors import CacheError, ConfigError
@@ -32,29 +31,15 @@ STEPS = 4
 
 
 @pytest.fixture(scope="module")
-def prepared(ray_session, tiny_model_dir, tmp_path_factory):
-    """Tokenized and reference-scored train (32 pairs) and eval (6 pairs) data in one cache."""
+def prepared(colour_pairs, tiny_model_dir, tmp_path_factory):
+    """Tokenized and reference-scored train (32 pairs) and eval (6 pairs) data in this module's copy of the cache."""
     root = tmp_path_factory.mktemp("train")
-    words = ["red", "blue", "green", "gold", "black", "white", "pink", "grey"]
-    train = [
-        {
-            "prompt": f"Name colour number {i}:",
-            "chosen": f" {words[i % 8]} {i}",
-            "rejected": f" {words[(i + 3) % 8]} {words[i % 5]} {i + 1}",
-        }
-        for i in range(32)
-    ]
-    evals = [
-        {"prompt": f"Which colour is {i}?", "chosen": f" {words[i % 8]}", "rejected": f" not {words[i % 8]}"}
-        for i in range(6)
-    ]
-    for name, rows in (("train.jsonl", train), ("eval.jsonl", evals)):
-        (root / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    shutil.copytree(colour_pairs.cache, root / "cache")
     base = {
         "model": str(tiny_model_dir),
         "cache_dir": str(root / "cache"),
-        "dataset": [str(root / "train.jsonl")],
-        "eval_dataset": [str(root / "eval.jsonl")],
+        "dataset": [str(colour_pairs.train)],
+        "eval_dataset": [str(colour_pairs.eval)],
         "max_steps": STEPS,
         "learning_rate": 1e-3,
         "per_device_train_batch_size": 8,
@@ -66,9 +51,6 @@ def prepared(ray_session, tiny_model_dir, tmp_path_factory):
         "warmup_steps": 1,
         "max_grad_norm": 1.0,
     }
-    cfg = config_from_dict({**base, "output_dir": str(root / "prep")})
-    for split, specs in (("train", cfg.data.dataset), ("eval", cfg.data.eval_dataset)):
-        run_score_ref(cfg, run_tokenize(cfg, specs, split), split)
     return root, base
 
 
@@ -140,11 +122,10 @@ def test_one_worker_zero0_outputs(baseline, prepared, tiny_model_dir):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tok_dir)
-    words = ["red", "blue", "green", "gold", "black", "white", "pink", "grey"]
     total = 0.0
-    for i in range(6):
-        prompt = tok(f"Which colour is {i}?")["input_ids"]
-        ids = tok(f"Which colour is {i}? {words[i % 8]}{tok.eos_token}")["input_ids"]
+    for text, chosen, _ in EVAL_PAIRS:
+        prompt = tok(text)["input_ids"]
+        ids = tok(f"{text}{chosen}{tok.eos_token}")["input_ids"]
         with torch.no_grad():
             logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
         total += sum(logp[t - 1, ids[t]].item() for t in range(len(prompt), len(ids)))
@@ -265,10 +246,8 @@ def test_two_worker_eval_matches_an_independent_computation(shared_run, tiny_mod
     policy = AutoModelForCausalLM.from_pretrained(final).eval()
     reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     tok = AutoTokenizer.from_pretrained(final)
-    words = ["red", "blue", "green", "gold", "black", "white", "pink", "grey"]
     margins, chosen = [], []
-    for i in range(6):
-        prompt, c, r = f"Which colour is {i}?", f" {words[i % 8]}", f" not {words[i % 8]}"
+    for prompt, c, r in EVAL_PAIRS:
         pc, pr = sequence_logp(policy, tok, prompt, c), sequence_logp(policy, tok, prompt, r)
         rc, rr = sequence_logp(reference, tok, prompt, c), sequence_logp(reference, tok, prompt, r)
         margins.append(0.1 * ((pc - rc) - (pr - rr)))
@@ -282,24 +261,13 @@ def test_two_worker_eval_matches_an_independent_computation(shared_run, tiny_mod
     assert m.abs().max() > 1e-3  # the policy moved: the test can tell weightings apart
 
 
-def test_killed_worker_is_survived_and_resume_matches(prepared, baseline, tmp_path):
+def test_killed_worker_is_survived_and_resume_matches(prepared, baseline, tmp_path, monkeypatch):
     """The rank-0 worker is SIGKILLed after step 3; Ray Train restarts the group from the step-2 checkpoint."""
     root, base = prepared
-    out = root / "killed"
-    cfg = {**base, "output_dir": str(out), "run_name": "killed", "max_failures": 1}
-    (tmp_path / "c.yaml").write_text(json.dumps(cfg))
-    env = {**os.environ, FAULT_ENV: f"kill:3:{tmp_path / 'marker'}", "RAY_ADDRESS": "local"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "pipeline", "train", "--config", str(tmp_path / "c.yaml")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    monkeypatch.setenv(FAULT_ENV, f"kill:3:{tmp_path / 'marker'}")
+    _, summary, lines = train(prepared, "killed", max_failures=1)
     assert (tmp_path / "marker").exists()  # the fault really happened
-    assert "rank 0: resumed from step 2" in proc.stdout  # from the checkpoint, not from scratch
-    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert summary["steps_this_run"] == 2  # the restarted group resumed from the checkpoint, not from scratch
     train_steps = [x["step"] for x in lines if "loss" in x]
     assert train_steps == [1, 2, 3, 4]  # every step exactly once
     assert losses(lines) == pytest.approx(losses(baseline[2]), abs=1e-6)
@@ -308,7 +276,7 @@ def test_killed_worker_is_survived_and_resume_matches(prepared, baseline, tmp_pa
     # weights by ~1e-3.
     from safetensors.torch import load_file
 
-    got = load_file(out / "final" / "model.safetensors")
+    got = load_file(root / "killed" / "final" / "model.safetensors")
     want = load_file(root / "baseline" / "final" / "model.safetensors")
     assert got.keys() == want.keys() and all(t.dtype == torch.float32 for t in got.values())
     worst = max((got[k] - want[k]).abs().max().item() for k in got)
@@ -317,21 +285,15 @@ def test_killed_worker_is_survived_and_resume_matches(prepared, baseline, tmp_pa
     assert max((got[k] - start[k]).abs().max().item() for k in got) > 1e-4  # and training did move them
 
 
-def test_rerun_with_same_name_resumes(prepared, baseline, tmp_path):
-    root, base = prepared
-    out = root / "rerun"
-    cfg = {**base, "output_dir": str(out), "run_name": "rerun", "max_failures": 0}
-    (tmp_path / "c.yaml").write_text(json.dumps(cfg))
-    cmd = [sys.executable, "-m", "pipeline", "train", "--config", str(tmp_path / "c.yaml")]
-    env = {**os.environ, "RAY_ADDRESS": "local"}
-    failed = subprocess.run(
-        cmd, env={**env, FAULT_ENV: f"raise:3:{tmp_path / 'marker'}"}, capture_output=True, text=True, timeout=600
-    )
-    assert failed.returncode != 0
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "resumed from step 2" in done.stdout + done.stderr
-    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+def test_rerun_with_same_name_resumes(prepared, baseline, tmp_path, monkeypatch):
+    """A run that fails after step 3 (max_failures 0), rerun with the same run_name: it resumes from the step-2
+    checkpoint and ends where the uninterrupted run does."""
+    monkeypatch.setenv(FAULT_ENV, f"raise:3:{tmp_path / 'marker'}")
+    with pytest.raises(Exception, match="injected failure after step 3"):
+        train(prepared, "rerun", max_failures=0)
+    monkeypatch.delenv(FAULT_ENV)
+    _, summary, lines = train(prepared, "rerun", max_failures=0)
+    assert summary["steps_this_run"] == 2  # steps 3 and 4: resumed from step 2
     assert [x["step"] for x in lines if "loss" in x] == [1, 2, 3, 4]
     assert losses(lines) == pytest.approx(losses(baseline[2]), abs=1e-6)
 

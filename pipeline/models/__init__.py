@@ -7,6 +7,7 @@
 - `forward`: one forward of chosen ‖ rejected sequences into per-sequence log-prob statistics.
 - `sequence_parallel`: sequences split over a group of ranks (DeepSpeed Ulysses), their sums gathered.
 - `tiling`: each MLP run over tiles of a long sequence (DeepSpeed's TiledMLP).
+- `deepspeed_import`: DeepSpeed imported without the MLflow its autotuner would import.
 
 May use: `pipeline.cache`, `pipeline.core`, `pipeline.config`, `pipeline.schema`, `pipeline.errors`.
 """

@@ -19,6 +19,7 @@ from torch import Tensor
 from pipeline import schema
 from pipeline.core.logprobs import SequenceStats, lm_head_calls, sequence_stats
 from pipeline.core.packing import PairBatch, pack, scored_tokens
+from pipeline.models.deepspeed_import import import_deepspeed
 from pipeline.models.sequence_parallel import SequenceGroup, split_packed, split_padded
 
 
@@ -73,8 +74,7 @@ def gathered_frozen_head(head: torch.nn.Module) -> Callable[[Tensor], Tensor]:
     until this chunk's backward has used them. A trainable weight needs none of this: the checkpoint saves it
     detached already, and ZeRO's hooks gather it again for its gradient.
     """
-    import deepspeed
-
+    deepspeed = import_deepspeed()
     if not isinstance(head, torch.nn.Linear):
         from pipeline.errors import PipelineError
 

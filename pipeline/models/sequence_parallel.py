@@ -31,6 +31,7 @@ from torch import Tensor
 from pipeline.core.logprobs import SequenceStats
 from pipeline.core.packing import PackedRow, PairBatch
 from pipeline.errors import ConfigError
+from pipeline.models.deepspeed_import import import_deepspeed
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,7 @@ def enable_ulysses(model_config: Any, attn_implementation: str, group: SequenceG
     Like DeepSpeed's own `register_with_transformers`, the wrapper replaces the implementation's entry in
     transformers' attention table (so the model's other code paths for it still run), drops the local mask
     (causality comes from the gathered positions) and lets each call carry its own batch size."""
+    import_deepspeed()
     from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 

@@ -18,11 +18,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from pipeline.models.deepspeed_import import import_deepspeed
+
 
 def tile_mlps(model: torch.nn.Module, agree: Callable[[int], int] = lambda n: n) -> int:
     """Tile every module named `*.mlp` (the decoder layers' feed-forward blocks of Llama-style models); returns
     how many there were. A call runs ceil(T / hidden_size) tiles; under ZeRO-3 each tile gathers the MLP's
     weights, a collective, so `agree` maps this rank's count to the one every rank uses (`agree_max`)."""
+    import_deepspeed()
     from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledMLP
 
     hidden = model.config.get_text_config().hidden_size  # type: ignore[union-attr,operator]

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from pipeline.config import Config
+from pipeline.models.deepspeed_import import import_deepspeed
 from pipeline.models.kernels import Kernels
 from pipeline.models.loading import build_model
 from pipeline.models.sequence_parallel import SequenceGroup, enable_ulysses, sequence_group
@@ -26,8 +27,7 @@ def init_deepspeed_comm(**kwargs: Any) -> None:
     all-reduce op. DeepSpeed compiles that op with the machine's C++ compiler when its communicator is made (about a
     minute of CPU, again for each new environment), for the all-reduce of inference tensor parallelism alone
     (`inference_all_reduce`), which training never calls; ZeRO's collectives are torch.distributed's either way."""
-    import deepspeed
-
+    deepspeed = import_deepspeed()
     if not torch.cuda.is_available():
         deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False  # read by deepspeed.comm.torch.build_shm_op
     deepspeed.init_distributed(**kwargs)
@@ -101,8 +101,7 @@ def build_policy(cfg: Config, model_dir: str) -> tuple[torch.nn.Module, Kernels]
 
 
 def build_engine(cfg: Config, model: torch.nn.Module, world_size: int, total: int) -> Any:
-    import deepspeed
-
+    deepspeed = import_deepspeed()
     ds_config = deepspeed_config(cfg, world_size)
     ds_config["zero_allow_untested_optimizer"] = True
     optimizer = None

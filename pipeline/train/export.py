@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from pipeline.models.deepspeed_import import import_deepspeed
 from pipeline.models.safetensors_files import INDEX, WEIGHTS, write_header, write_tensor
 
 SHARD_BYTES = 5 * 2**30  # the hub's usual shard size: small enough to stream, few enough files for a 70B model
@@ -192,8 +193,7 @@ def _host_value(t: Saved) -> torch.Tensor:
 def _gathering(params: tuple[torch.Tensor, ...]) -> contextlib.AbstractContextManager[Any]:
     if not any(hasattr(p, "ds_id") for p in params):
         return contextlib.nullcontext()
-    import deepspeed
-
+    deepspeed = import_deepspeed()
     gather: contextlib.AbstractContextManager[Any] = deepspeed.zero.GatheredParameters(list(params), modifier_rank=None)
     return gather
 

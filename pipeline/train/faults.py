@@ -18,10 +18,11 @@ from pathlib import Path
 
 FAULT_ENV = "DPO_PIPELINE_FAULT"
 # Ray Train's controller collects a worker's reports when it polls the group, every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S
-# (2 s by default): a worker killed before that poll loses the checkpoint it had just reported, and the group
-# restarts from the one before (or from scratch). A kill waits out two polls first, so that the restart resumes
-# from the latest checkpoint, which is what the tests check.
-KILL_AFTER_S = 5.0
+# (2 s by default; the tests poll every 0.5 s): a worker killed before that poll loses the checkpoint it had just
+# reported, and the group restarts from the one before (or from scratch). A kill waits out two polls and a half
+# first, so that the restart resumes from the latest checkpoint, which is what the tests check. The interval is
+# read on the driver, whose environment Ray Train gives its controller.
+POLLS_BEFORE_KILL = 2.5
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,7 @@ class Fault:
     kind: str  # "kill" or "raise"
     step: int
     marker: str
+    kill_after_s: float  # the poll interval the run's controller uses, POLLS_BEFORE_KILL times
 
     @classmethod
     def from_env(cls) -> Fault | None:
@@ -38,13 +40,14 @@ class Fault:
         kind, step, marker = spec.split(":", 2)
         if kind not in ("kill", "raise"):
             raise ValueError(f"{FAULT_ENV}={spec}: expected kill|raise:<step>:<marker file>")
-        return cls(kind, int(step), marker)
+        poll_s = float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2"))
+        return cls(kind, int(step), marker, POLLS_BEFORE_KILL * poll_s)
 
     def __call__(self, step: int, rank: int) -> None:
         if rank != 0 or step != self.step or Path(self.marker).exists():
             return
         Path(self.marker).touch()
         if self.kind == "kill":
-            time.sleep(KILL_AFTER_S)
+            time.sleep(self.kill_after_s)
             os.kill(os.getpid(), signal.SIGKILL)
         raise RuntimeError(f"{FAULT_ENV}: injected failure after step {step}")
