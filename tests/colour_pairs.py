@@ -8,6 +8,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pipeline.config import Config
 
 COLOURS = ["red", "blue", "green", "gold", "black", "white", "pink", "grey"]
 TRAIN_ROWS = [
@@ -39,11 +43,18 @@ class ColourPairs:
         return self.root / "cache"
 
 
+def tokenize_and_score(cfg: Config) -> None:
+    """Stages 1 and 2 on both splits of `cfg` (an entry already in its cache is reused)."""
+    from stages.stage1_tokenize import run_tokenize
+    from stages.stage2_score_ref import run_score_ref
+
+    for split, specs in (("train", cfg.data.dataset), ("eval", cfg.data.eval_dataset)):
+        run_score_ref(cfg, run_tokenize(cfg, specs, split), split)
+
+
 def build_colour_pairs(pairs: ColourPairs, model_dir: Path) -> None:
     """Write the data and run stages 1 and 2 on both splits into `pairs.cache`."""
     from pipeline.config import config_from_dict
-    from stages.stage1_tokenize import run_tokenize
-    from stages.stage2_score_ref import run_score_ref
 
     evals = [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in EVAL_PAIRS]
     for path, rows in ((pairs.train, TRAIN_ROWS), (pairs.eval, evals)):
@@ -57,5 +68,4 @@ def build_colour_pairs(pairs: ColourPairs, model_dir: Path) -> None:
             "eval_dataset": [str(pairs.eval)],
         }
     )
-    for split, specs in (("train", cfg.data.dataset), ("eval", cfg.data.eval_dataset)):
-        run_score_ref(cfg, run_tokenize(cfg, specs, split), split)
+    tokenize_and_score(cfg)

@@ -17,15 +17,13 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
-from colour_pairs import EVAL_PAIRS
+from colour_pairs import EVAL_PAIRS, tokenize_and_score
 from test_stage3_train import train  # the same run-and-read-metrics helper
 
 from pipeline import schema
 from pipeline.config import config_from_dict
 from pipeline.data.entries import find_tokenized
 from pipeline.errors import CacheError
-from stages.stage1_tokenize import run_tokenize
-from stages.stage2_score_ref import run_score_ref
 
 pytestmark = pytest.mark.slow
 
@@ -64,9 +62,7 @@ def prepared(colour_pairs, tiny_model_dir, tmp_path_factory):
 def score(prepared, **overrides) -> None:
     """Stage 1 (reused once made) and stage 2 for both splits under `overrides` (dtype, ref_model)."""
     root, base = prepared
-    cfg = config_from_dict({**base, "output_dir": str(root / "prep"), **overrides})
-    for split, specs in (("train", cfg.data.dataset), ("eval", cfg.data.eval_dataset)):
-        run_score_ref(cfg, run_tokenize(cfg, specs, split), split)
+    tokenize_and_score(config_from_dict({**base, "output_dir": str(root / "prep"), **overrides}))
 
 
 def train_lines(lines):

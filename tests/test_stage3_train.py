@@ -17,13 +17,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from colour_pairs import EVAL_PAIRS
+from colour_pairs import EVAL_PAIRS, tokenize_and_score
 
 from pipeline.config import config_from_dict
 from pipeline.errors import CacheError, ConfigError
 from pipeline.train.faults import FAULT_ENV
-from stages.stage1_tokenize import run_tokenize
-from stages.stage2_score_ref import run_score_ref
 from stages.stage3_train import run_train
 
 LN2 = math.log(2.0)
@@ -397,9 +395,7 @@ def tied_model(prepared, tokenizer):
 
     root, base = prepared
     model = make_tiny_model(root / "tied-llama", tokenizer, seed=0, tie_word_embeddings=True)
-    cfg = config_from_dict({**base, "model": str(model), "output_dir": str(root / "prep-tied")})
-    for split, specs in (("train", cfg.data.dataset), ("eval", cfg.data.eval_dataset)):
-        run_score_ref(cfg, run_tokenize(cfg, specs, split), split)
+    tokenize_and_score(config_from_dict({**base, "model": str(model), "output_dir": str(root / "prep-tied")}))
     return model
 
 
