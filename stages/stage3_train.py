@@ -142,8 +142,9 @@ def _fit(trainer: TorchTrainer) -> None:
 
 
 def train_loop(config: dict[str, WorkerArgs]) -> None:
-    import deepspeed  # noqa: F401  (imported before the engine to register the CPU accelerator)
+    from pipeline.models.deepspeed_import import import_deepspeed
 
+    import_deepspeed()  # before the engine, to register the CPU accelerator; without MLflow
     from pipeline.core.metrics import finalize, slot_total
     from pipeline.data.table import open_table
     from pipeline.models.loading import load_tokenizer

@@ -127,10 +127,10 @@ def _imports_deepspeed(node: ast.AST) -> bool:
 
 def test_every_deepspeed_import_goes_through_import_deepspeed():
     """The first import of DeepSpeed in a process decides whether MLflow comes with it, so every function of the
-    library that imports from DeepSpeed calls `import_deepspeed()` before (the helper module alone imports it), and
-    no module imports it at its top."""
+    library or the stages that imports from DeepSpeed calls `import_deepspeed()` before (the helper module alone
+    imports it), and no module imports it at its top."""
     unguarded = set()
-    for path in (ROOT / "pipeline").rglob("*.py"):
+    for path in [*(ROOT / "pipeline").rglob("*.py"), *(ROOT / "stages").rglob("*.py")]:
         if path.name == "deepspeed_import.py":
             continue
         tree = ast.parse(path.read_text())

@@ -283,36 +283,43 @@ def test_killed_worker_is_survived_and_resume_matches(prepared, baseline, tmp_pa
     assert max((got[k] - start[k]).abs().max().item() for k in got) > 1e-4  # and training did move them
 
 
-def test_rerun_with_same_name_resumes(prepared, baseline, tmp_path, monkeypatch):
-    """A run that fails after step 3 (max_failures 0), rerun with the same run_name: it resumes from the step-2
-    checkpoint and ends where the uninterrupted run does."""
-    monkeypatch.setenv(FAULT_ENV, f"raise:3:{tmp_path / 'marker'}")
-    with pytest.raises(Exception, match="injected failure after step 3"):
-        train(prepared, "rerun", max_failures=0)
-    monkeypatch.delenv(FAULT_ENV)
+@pytest.fixture(scope="module")
+def rerun(prepared, tmp_path_factory):
+    """A run that fails after step 3 (max_failures 0), rerun with the same run_name: (summary, metrics lines) of the
+    rerun, which finished. test_resume_checks_settings_and_restart_starts_over then reruns it once more."""
+    marker = tmp_path_factory.mktemp("rerun") / "marker"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(FAULT_ENV, f"raise:3:{marker}")
+        with pytest.raises(Exception, match="injected failure after step 3"):
+            train(prepared, "rerun", max_failures=0)
     _, summary, lines = train(prepared, "rerun", max_failures=0)
+    return summary, lines
+
+
+def test_rerun_with_same_name_resumes(rerun, baseline):
+    """The rerun resumes from the step-2 checkpoint and ends where the uninterrupted run does."""
+    summary, lines = rerun
     assert summary["steps_this_run"] == 2  # steps 3 and 4: resumed from step 2
     assert [x["step"] for x in lines if "loss" in x] == [1, 2, 3, 4]
     assert losses(lines) == pytest.approx(losses(baseline[2]), abs=1e-6)
 
 
-def test_resume_checks_settings_and_restart_starts_over(prepared, capsys):
-    """A finished 2-step run, rerun with the same run_name: beta and max_steps changed is refused with both keys
-    and the ways out; only logging_steps changed resumes (nothing left to do) and says so; --restart starts
+def test_resume_checks_settings_and_restart_starts_over(prepared, rerun, capsys):
+    """The finished 4-step run above, rerun with the same run_name: beta and max_steps changed is refused with both
+    keys and the ways out; only logging_steps changed resumes (nothing left to do) and says so; --restart starts
     over with the new settings."""
     root, base = prepared
-    _, summary, _ = train(prepared, "checked", max_steps=2)
-    assert summary["train_steps"] == 2
-    with pytest.raises(ConfigError, match=r"beta: 0.1 -> 0.5\n  max_steps: 2 -> 4\n.*--restart"):
-        train(prepared, "checked", max_steps=4, beta=0.5)
+    assert rerun[0]["train_steps"] == 4
+    with pytest.raises(ConfigError, match=r"beta: 0.1 -> 0.5\n  max_steps: 4 -> 2\n.*--restart"):
+        train(prepared, "rerun", max_failures=0, max_steps=2, beta=0.5)
     capsys.readouterr()
-    _, again, _ = train(prepared, "checked", max_steps=2, logging_steps=2)
+    _, again, _ = train(prepared, "rerun", max_failures=0, logging_steps=2)
     assert again["steps_this_run"] == 0 and "changed settings that do not alter the run: logging_steps 1 -> 2" in (
         capsys.readouterr().out
     )
-    over = run_train(config_from_dict({**base, "output_dir": str(root / "checked"), "run_name": "checked",
-                                       "max_steps": 3, "beta": 0.5}), restart=True)  # fmt: skip
-    lines = [json.loads(x) for x in (root / "checked" / "metrics.jsonl").read_text().splitlines()]
+    over = run_train(config_from_dict({**base, "output_dir": str(root / "rerun"), "run_name": "rerun",
+                                       "max_failures": 0, "max_steps": 3, "beta": 0.5}), restart=True)  # fmt: skip
+    lines = [json.loads(x) for x in (root / "rerun" / "metrics.jsonl").read_text().splitlines()]
     assert over["train_steps"] == over["steps_this_run"] == 3 and over["config"]["beta"] == 0.5
     assert [x["step"] for x in lines if "loss" in x] == [1, 2, 3]
 
