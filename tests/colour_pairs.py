@@ -52,10 +52,12 @@ def tokenize_and_score(cfg: Config) -> None:
         run_score_ref(cfg, run_tokenize(cfg, specs, split), split)
 
 
-def build_colour_pairs(pairs: ColourPairs, model_dir: Path) -> None:
-    """Write the data and run stages 1 and 2 on both splits into `pairs.cache`."""
+def build_colour_pairs(root: Path, model_dir: Path) -> None:
+    """Write the data into `root` and run stages 1 and 2 on both splits into `ColourPairs(root).cache`."""
     from pipeline.config import config_from_dict
 
+    pairs = ColourPairs(root)
+    root.mkdir(parents=True, exist_ok=True)
     evals = [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in EVAL_PAIRS]
     for path, rows in ((pairs.train, TRAIN_ROWS), (pairs.eval, evals)):
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -8,6 +8,7 @@ import gc
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -25,17 +26,24 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # cluster name its address themselves.
 os.environ["RAY_ADDRESS"] = "local"
 # Ray Train V2 starts an actor per training run to watch for cloud preemptions; there is no cloud here, and its
-# process start-up costs ~1.7 CPU-s of each of the suite's ~40 training runs. Every Ray a test starts inherits it.
+# process start-up costs ~1.7 CPU-s of each of the suite's ~35 training runs. Every Ray a test starts inherits it.
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 # Ray Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default) and learns only
 # then that a group has started, reported or finished: a 4-step training waited ~6 s on polls, of 30-40 s in all.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
-def session_shared_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The test session's temp dir, which every pytest-xdist worker sees (above the workers' own)."""
+def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], object]) -> Path:
+    """`<session temp dir>/<name>`, made by `build(path)` once per test session: the session's temp dir is the one
+    every pytest-xdist worker sees (above the workers' own), and the first worker to get here builds under the file
+    lock `<name>.lock` until `<name>.done` says it is built; a worker that waited reads what it built."""
     base = tmp_path_factory.getbasetemp()
-    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    with FileLock(str(shared / f"{name}.lock")):
+        if not (shared / f"{name}.done").exists():
+            build(shared / name)
+            (shared / f"{name}.done").touch()
+    return shared / name
 
 
 @pytest.fixture(scope="session")
@@ -51,14 +59,11 @@ def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     from pipeline.models.loading import builtin_gguf
 
-    shared = session_shared_dir(tmp_path_factory)
-    out = shared / "smollm2-tokenizer"
-    with FileLock(str(shared / "smollm2-tokenizer.lock")):
-        if not (shared / "smollm2-tokenizer.done").exists():
-            source, gguf_file = builtin_gguf("smollm2-135m")
-            AutoTokenizer.from_pretrained(source, gguf_file=gguf_file).save_pretrained(out)
-            (shared / "smollm2-tokenizer.done").touch()
-    return out
+    def convert(out: Path) -> None:
+        source, gguf_file = builtin_gguf("smollm2-135m")
+        AutoTokenizer.from_pretrained(source, gguf_file=gguf_file).save_pretrained(out)
+
+    return built_once(tmp_path_factory, "smollm2-tokenizer", convert)
 
 
 @pytest.fixture(scope="session")
@@ -110,14 +115,9 @@ def collect_failed_executions(request: pytest.FixtureRequest) -> None:
 def colour_pairs(ray_session, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> ColourPairs:
     """The stage-3 tests' data, tokenized and scored once per test session (tests/colour_pairs.py): a module copies
     `.cache` into its own directory and reuses every entry."""
-    shared = session_shared_dir(tmp_path_factory)
-    pairs = ColourPairs(shared / "colour-pairs")
-    with FileLock(str(shared / "colour-pairs.lock")):
-        if not (pairs.root / "built").exists():
-            pairs.root.mkdir(exist_ok=True)
-            build_colour_pairs(pairs, tiny_model_dir)
-            (pairs.root / "built").touch()
-    return pairs
+    return ColourPairs(
+        built_once(tmp_path_factory, "colour-pairs", lambda root: build_colour_pairs(root, tiny_model_dir))
+    )
 
 
 # --- one finished `run`, read by the report, console and generation tests (tests/finished_run.py) ---
@@ -129,11 +129,7 @@ def finished_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory)
     of which 2 are dropped (a duplicate, identical completions), 12 builtin held-out questions, 6 steps with eval
     every 2, MLflow, stage 4 with a judge. Under pytest-xdist the first worker to need it builds it under a file
     lock and the other reads it. Tests that write into a run (report, generate) work on a copy."""
-    shared = session_shared_dir(tmp_path_factory)
-    root = shared / "finished-run"
-    with FileLock(str(shared / "finished-run.lock")):
-        if not (root / "finished.json").exists():
-            run_once(root, tiny_model_dir)
+    root = built_once(tmp_path_factory, "finished-run", lambda root: run_once(root, tiny_model_dir))
     done = json.loads((root / "finished.json").read_text())
     cfg = yaml.safe_load((root / "config.yaml").read_text())
     return FinishedRun(root, root / "config.yaml", cfg, Path(cfg["output_dir"]), **done)
